@@ -1,0 +1,3 @@
+from minifd.cli import main
+
+main()

@@ -1,0 +1,46 @@
+"""Array-module selection: the model is written once against `xp`, which is numpy or cupy."""
+
+import numpy as np
+
+from minifd.errors import MinifdError
+
+
+def cupy_or_none():
+    """CuPy if it imports and sees at least one GPU, else None."""
+    try:
+        import cupy
+    except Exception:
+        return None
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+    except Exception:
+        return None
+    return cupy
+
+
+def array_module(device):
+    """device: 'auto' | 'cpu' | 'cuda' -> numpy or cupy."""
+    if device == "cpu":
+        return np
+    if device not in ("auto", "cuda"):
+        raise MinifdError(f"--device must be auto, cpu or cuda, not {device!r}")
+    cupy = cupy_or_none()
+    if cupy is not None:
+        return cupy
+    if device == "cuda":
+        try:
+            import cupy  # noqa: F401
+        except Exception:
+            raise MinifdError("--device cuda: CuPy is not installed (pip install 'minifd[cuda12]' or 'minifd[cuda13]')") from None
+        raise MinifdError("--device cuda: CuPy is installed but sees no usable GPU")
+    return np
+
+
+def is_gpu(xp):
+    return xp is not np
+
+
+def to_numpy(array):
+    """Any xp array -> numpy array (a device-to-host copy on GPU)."""
+    return array.get() if hasattr(array, "get") else np.asarray(array)
