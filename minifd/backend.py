@@ -44,3 +44,12 @@ def is_gpu(xp):
 def to_numpy(array):
     """Any xp array -> numpy array (a device-to-host copy on GPU)."""
     return array.get() if hasattr(array, "get") else np.asarray(array)
+
+
+def module_of(array):
+    """-> numpy or cupy, whichever module `array` belongs to."""
+    if isinstance(array, (np.ndarray, np.generic, int, float)):
+        return np
+    import cupy
+
+    return cupy

@@ -1,6 +1,7 @@
 """The `minifd` command line: run, and the tools around it."""
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -13,6 +14,77 @@ from minifd.errors import MinifdError
 def main_group(ctx, debug):
     """minifd: a small, readable FlashDecoding++ inference engine for Llama-family models."""
     ctx.obj = {"debug": debug}
+
+
+@main_group.command()
+@click.argument("prompts", nargs=-1)
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Hugging Face Llama directory (default: the prepared SmolLM2 fixture).")
+@click.option("--prompts-file", type=click.File("r", encoding="utf-8"), default=None,
+              help="Read prompts from a file, one per line (blank lines skipped).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no limit.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = no limit.")
+@click.option("--seed", type=int, default=None, help="Same seed, same text.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
+@click.option("--max-context", type=int, default=None, help="Cap on prompt + new tokens (default: the model's).")
+def run(prompts, weights, prompts_file, device, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
+        max_context):
+    """Generate continuations of PROMPTS.
+
+    stdout carries only the generated text, streamed as it is produced; with several prompts each
+    continuation is one line, in prompt order (newlines inside it written as \\n). A summary goes to stderr.
+    """
+    import minifd
+    from minifd.engine import check_sampling
+
+    prompts = list(prompts)
+    if prompts_file is not None:
+        prompts += [line.rstrip("\n") for line in prompts_file if line.strip()]
+    if not prompts:
+        raise MinifdError("no prompt given (pass PROMPT arguments or --prompts-file)")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    engine = minifd.load(resolve_weights(weights), device=device, max_context=max_context)
+    writer = StreamWriter(len(prompts))
+    result = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, seed=seed, ignore_eos=ignore_eos, on_text=writer.write)
+    writer.finish()
+    click.echo(f"[minifd] {engine.device}: {result.stats.summary()}", err=True)
+
+
+def resolve_weights(weights):
+    """--weights as given, else the SmolLM2 fixture when it has been prepared."""
+    from minifd.fixture import fixture_dir, fixture_ready
+
+    if weights is not None:
+        return weights
+    if fixture_ready():
+        return fixture_dir()
+    raise MinifdError("no --weights given and the SmolLM2 fixture is not prepared "
+                      "(run: python scripts/prepare_smollm2.py)")
+
+
+class StreamWriter:
+    """Streams one prompt's text as it comes; several prompts become one line each, in order."""
+
+    def __init__(self, n_prompts):
+        self.pieces = [[] for _ in range(n_prompts)]
+
+    def write(self, index, text):
+        if len(self.pieces) == 1:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            self.pieces[index].append(text.replace("\\", "\\\\").replace("\n", "\\n"))
+
+    def finish(self):
+        if len(self.pieces) == 1:
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write("".join("".join(p) + "\n" for p in self.pieces))
+        sys.stdout.flush()
 
 
 # Subcommands register here, one line each.

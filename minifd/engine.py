@@ -1,0 +1,174 @@
+"""The engine: load a model directory once, then generate text for batches of prompts."""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from minifd.backend import array_module, is_gpu, to_numpy
+from minifd.errors import MinifdError
+from minifd.kernels.attention import load_softmax_ranges
+from minifd.model.config import LlamaConfig
+from minifd.model.llama import KVCache, Llama
+from minifd.model.loader import Checkpoint
+from minifd.model.tokenizer import IncrementalDecoder, Tokenizer
+from minifd.model.weights import load_weights
+from minifd.sampling import SamplingParams, sample, uniform_source
+
+
+@dataclass
+class Completion:
+    prompt_token_ids: list
+    token_ids: list  # generated tokens, the EOS that ended it excluded
+    text: str
+    finish_reason: str  # "eos" or "length"
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0  # time to first token: every prompt prefilled and first tokens chosen
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    bytes_read: int = 0  # weights + KV cache read over all decode steps
+    first_tokens: int = 0  # tokens chosen from the prefill logits (not decode steps)
+
+    @property
+    def decode_tokens_per_second(self):
+        decoded = self.generated_tokens - self.first_tokens
+        return decoded / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def achieved_gb_per_second(self):
+        return self.bytes_read / self.decode_seconds / 1e9 if self.decode_seconds > 0 else 0.0
+
+    def summary(self):
+        return (f"prompt tokens: {self.prompt_tokens}, generated tokens: {self.generated_tokens}, "
+                f"time to first token: {self.prefill_seconds * 1000:.0f} ms, "
+                f"decode: {self.decode_tokens_per_second:.1f} tokens/s, {self.achieved_gb_per_second:.1f} GB/s")
+
+
+@dataclass
+class GenerationResult:
+    completions: list
+    stats: Stats = field(default_factory=Stats)
+
+
+class Engine:
+    def __init__(self, weights_dir, config, tokenizer, model, xp):
+        self.weights_dir, self.config, self.tokenizer, self.model, self.xp = weights_dir, config, tokenizer, model, xp
+
+    @classmethod
+    def load(cls, weights_dir, device="auto", max_context=None, progress=None):
+        """weights_dir: a Hugging Face Llama directory (config.json, tokenizer.json, *.safetensors)."""
+        weights_dir = Path(weights_dir)
+        if not weights_dir.exists():
+            raise MinifdError(f"--weights {weights_dir}: no such directory")
+        if not weights_dir.is_dir():
+            raise MinifdError(f"--weights {weights_dir}: not a directory")
+        xp = array_module(device)
+        config = LlamaConfig.from_dir(weights_dir)
+        tokenizer = Tokenizer.from_dir(weights_dir, config)
+        dtype = np.float16 if is_gpu(xp) else np.float32
+        weights = load_weights(Checkpoint(weights_dir), config, xp, dtype, progress=progress)
+        max_seq = min(max_context or config.max_position_embeddings, config.max_position_embeddings)
+        model = Llama(config, weights, xp, load_softmax_ranges(weights_dir, config.n_layers), max_seq)
+        return cls(weights_dir, config, tokenizer, model, xp)
+
+    @property
+    def device(self):
+        return "cuda" if is_gpu(self.xp) else "cpu"
+
+    def generate(self, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+                 ignore_eos=False, on_text=None):
+        """Generate continuations of several prompts together.
+
+        prompts: list of str; on_text(prompt_index, text): called with each new piece of text as
+        it is produced. -> GenerationResult with one Completion per prompt, in order.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        params = check_sampling(max_new_tokens, temperature, top_k, top_p)
+        prompt_ids = [self._encode(i, p, max_new_tokens) for i, p in enumerate(prompts)]
+        batch = len(prompt_ids)
+        max_seq = max(len(ids) for ids in prompt_ids) + max_new_tokens
+        cache = KVCache.allocate(self.config, batch, max_seq, self.xp, self.model.dtype)
+        uniforms = uniform_source(seed)
+        decoders = [IncrementalDecoder(self.tokenizer, ids) for ids in prompt_ids]
+        generated = [[] for _ in range(batch)]
+        finish = ["length"] * batch
+        stats = Stats(prompt_tokens=sum(len(ids) for ids in prompt_ids))
+
+        def accept(tokens):
+            """Record one token per unfinished sequence; -> whether any sequence still runs."""
+            for b, token in enumerate(tokens):
+                if finish[b] == "eos" or len(generated[b]) >= max_new_tokens:
+                    continue
+                if token in self.tokenizer.eos_ids and not ignore_eos:
+                    finish[b] = "eos"
+                    continue
+                generated[b].append(token)
+                stats.generated_tokens += 1
+                text = decoders[b].push(token)
+                if text and on_text is not None:
+                    on_text(b, text)
+            return any(finish[b] != "eos" and len(generated[b]) < max_new_tokens for b in range(batch))
+
+        start = time.perf_counter()
+        if max_new_tokens == 0:
+            running = False
+        else:
+            logits = self.xp.stack([self.model.prefill(cache, b, ids) for b, ids in enumerate(prompt_ids)])
+            tokens = self._choose(logits, params, uniforms)
+            running = accept(tokens)
+            stats.first_tokens = stats.generated_tokens
+        stats.prefill_seconds = time.perf_counter() - start
+
+        lengths = np.array([len(ids) for ids in prompt_ids], dtype=np.int32)
+        weight_bytes = self.model.weights.nbytes_streamed_per_step()
+        start = time.perf_counter()
+        while running:
+            logits = self.model.decode(cache, np.array(tokens, dtype=np.int64), lengths)
+            stats.bytes_read += weight_bytes + int((lengths + 1).sum()) * cache.nbytes_per_position()
+            lengths += 1
+            tokens = self._choose(logits, params, uniforms)
+            stats.decode_steps += 1
+            running = accept(tokens)
+        stats.decode_seconds = time.perf_counter() - start
+
+        completions = [Completion(ids, gen, self.tokenizer.decode(gen), reason)
+                       for ids, gen, reason in zip(prompt_ids, generated, finish)]
+        return GenerationResult(completions, stats)
+
+    def _encode(self, index, prompt, max_new_tokens):
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise MinifdError(f"prompt {index + 1} is empty")
+        limit = self.model.max_seq
+        if len(ids) + max_new_tokens > limit:
+            raise MinifdError(
+                f"prompt {index + 1} has {len(ids)} tokens; with --max-new-tokens {max_new_tokens} that is "
+                f"{len(ids) + max_new_tokens}, over the context of {limit} tokens"
+            )
+        return ids
+
+    def _choose(self, logits, params, uniforms):
+        # logits: [batch, vocab] -> list of batch token ids
+        if not bool(self.xp.isfinite(logits).all()):
+            raise MinifdError("the model produced NaN or Inf logits; the weights may be corrupt")
+        return [int(t) for t in to_numpy(sample(logits, params, uniforms.random(logits.shape[0])))]
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p):
+    """Validate the generation settings -> SamplingParams."""
+    if max_new_tokens < 0:
+        raise MinifdError(f"--max-new-tokens must be >= 0, not {max_new_tokens}")
+    if temperature < 0:
+        raise MinifdError(f"--temperature must be >= 0, not {temperature}")
+    if top_k < 0:
+        raise MinifdError(f"--top-k must be >= 0, not {top_k}")
+    if not 0 < top_p <= 1:
+        raise MinifdError(f"--top-p must be in (0, 1], not {top_p}")
+    return SamplingParams(temperature, top_k, top_p)

@@ -1,0 +1,1 @@
+"""The Llama-family model: config, checkpoint loading, tokenizer and the decoder itself."""

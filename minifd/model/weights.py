@@ -1,0 +1,131 @@
+"""The decoder's weights, arranged for inference: fused projections, on the compute device.
+
+From the checkpoint's per-projection matrices we build, per layer, one QKV matrix and one gate+up
+matrix, so a decode step runs two large products instead of five small ones. Tensors are converted
+one at a time and moved to the device straight away: peak host memory stays near one tensor.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from minifd.errors import MinifdError
+from minifd.progress import ProgressBar
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: object  # [hidden]
+    wqkv: object  # [(n_heads + 2 * n_kv_heads) * head_dim, hidden]
+    wo: object  # [hidden, n_heads * head_dim]
+    mlp_norm: object  # [hidden]
+    w_gate_up: object  # [2 * intermediate, hidden]: gate rows first, then up rows
+    w_down: object  # [hidden, intermediate]
+
+
+@dataclass
+class Weights:
+    embed: object  # [vocab, hidden]
+    layers: list
+    norm: object  # [hidden]
+    lm_head: object  # [vocab, hidden]; the embedding itself when tied
+
+    def nbytes_streamed_per_step(self):
+        """Bytes a decode step reads from weights: everything but the embedding table (one row per token)."""
+        total = sum(w.nbytes for layer in self.layers for w in vars(layer).values())
+        return total + self.norm.nbytes + self.lm_head.nbytes
+
+
+def expected_shapes(config):
+    """-> {HF tensor name: shape} for every tensor the decoder needs."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    q_rows, kv_rows = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden), "model.norm.weight": (hidden,)}
+    for i in range(config.n_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (q_rows, hidden),
+            p + "self_attn.k_proj.weight": (kv_rows, hidden),
+            p + "self_attn.v_proj.weight": (kv_rows, hidden),
+            p + "self_attn.o_proj.weight": (hidden, q_rows),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "mlp.gate_proj.weight": (inner, hidden),
+            p + "mlp.up_proj.weight": (inner, hidden),
+            p + "mlp.down_proj.weight": (hidden, inner),
+        })
+    return shapes
+
+
+def lm_head_name(checkpoint, config):
+    """The LM head is `lm_head.weight` unless the embeddings are tied (or the files simply omit it)."""
+    if not config.tie_word_embeddings and "lm_head.weight" in checkpoint:
+        return "lm_head.weight"
+    return "model.embed_tokens.weight"
+
+
+def check_checkpoint(checkpoint, config):
+    """Every needed tensor is present with the shape the config implies."""
+    shapes = expected_shapes(config)
+    if lm_head_name(checkpoint, config) == "lm_head.weight":
+        shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    for name, shape in shapes.items():
+        if name not in checkpoint:
+            raise MinifdError(f"{checkpoint.dir}: no safetensors file has the tensor {name!r}")
+        found = checkpoint.entries[name].shape
+        if tuple(found) != shape:
+            raise MinifdError(
+                f"{checkpoint.entries[name].path}: tensor {name!r} has shape {list(found)}, config.json implies {list(shape)}"
+            )
+
+
+def load_weights(checkpoint, config, xp, dtype, progress=None):
+    """checkpoint: minifd.model.loader.Checkpoint -> Weights as `dtype` arrays of module `xp`."""
+    check_checkpoint(checkpoint, config)
+    names = list(expected_shapes(config))
+    head = lm_head_name(checkpoint, config)
+    if head != "model.embed_tokens.weight":
+        names.append(head)
+    bar = ProgressBar("Loading weights", sum(checkpoint.nbytes(n) for n in names), 2**20, "MiB", enabled=progress)
+
+    def fetch(*tensor_names):
+        """-> the named tensors stacked along rows, converted to dtype, on the device."""
+        parts = []
+        for name in tensor_names:
+            parts.append(_to_dtype(checkpoint, name, dtype))
+            bar.advance(checkpoint.nbytes(name))
+        host = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        return xp.asarray(host)
+
+    embed = fetch("model.embed_tokens.weight")
+    layers = []
+    for i in range(config.n_layers):
+        p = f"model.layers.{i}."
+        layers.append(LayerWeights(
+            attn_norm=fetch(p + "input_layernorm.weight"),
+            wqkv=fetch(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"),
+            wo=fetch(p + "self_attn.o_proj.weight"),
+            mlp_norm=fetch(p + "post_attention_layernorm.weight"),
+            w_gate_up=fetch(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+            w_down=fetch(p + "mlp.down_proj.weight"),
+        ))
+    norm = fetch("model.norm.weight")
+    lm_head = embed if head == "model.embed_tokens.weight" else fetch(head)
+    bar.close()
+    return Weights(embed, layers, norm, lm_head)
+
+
+def _to_dtype(checkpoint, name, dtype):
+    """One tensor as a host array of `dtype`; a no-copy view when the file already stores it so."""
+    tensor = checkpoint[name]
+    if tensor.dtype == dtype:
+        return tensor
+    if dtype == np.float16:
+        converted = tensor.astype(np.float16)
+        if np.count_nonzero(np.isinf(converted)) > np.count_nonzero(np.isinf(tensor)):
+            raise MinifdError(
+                f"{checkpoint.entries[name].path}: tensor {name!r} has values beyond float16's range (65504); "
+                "run on the CPU (float32) instead"
+            )
+        return converted
+    return tensor.astype(dtype)
