@@ -49,8 +49,8 @@ def run(prompts, weights, prompts_file, device, max_new_tokens, temperature, top
     engine = minifd.load(resolve_weights(weights), device=device, max_context=max_context)
     writer = StreamWriter(len(prompts))
     result = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                             top_p=top_p, seed=seed, ignore_eos=ignore_eos, on_text=writer.write)
-    writer.finish()
+                             top_p=top_p, seed=seed, ignore_eos=ignore_eos, on_text=writer.write,
+                             on_finish=writer.finish)
     click.echo(f"[minifd] {engine.device}: {result.stats.summary()}", err=True)
 
 
@@ -67,10 +67,13 @@ def resolve_weights(weights):
 
 
 class StreamWriter:
-    """Streams one prompt's text as it comes; several prompts become one line each, in order."""
+    """Streams one prompt's text as it comes. Several prompts become one line each, in prompt order:
+    a line is written once its prompt and every earlier one have finished."""
 
     def __init__(self, n_prompts):
         self.pieces = [[] for _ in range(n_prompts)]
+        self.finished = [False] * n_prompts
+        self.next_line = 0
 
     def write(self, index, text):
         if len(self.pieces) == 1:
@@ -79,11 +82,14 @@ class StreamWriter:
         else:
             self.pieces[index].append(text.replace("\\", "\\\\").replace("\n", "\\n"))
 
-    def finish(self):
+    def finish(self, index):
+        self.finished[index] = True
         if len(self.pieces) == 1:
             sys.stdout.write("\n")
-        else:
-            sys.stdout.write("".join("".join(p) + "\n" for p in self.pieces))
+        while self.next_line < len(self.pieces) and self.finished[self.next_line]:
+            if len(self.pieces) > 1:
+                sys.stdout.write("".join(self.pieces[self.next_line]) + "\n")
+            self.next_line += 1
         sys.stdout.flush()
 
 

@@ -82,11 +82,12 @@ class Engine:
         return "cuda" if is_gpu(self.xp) else "cpu"
 
     def generate(self, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None,
-                 ignore_eos=False, on_text=None):
+                 ignore_eos=False, on_text=None, on_finish=None):
         """Generate continuations of several prompts together.
 
         prompts: list of str; on_text(prompt_index, text): called with each new piece of text as
-        it is produced. -> GenerationResult with one Completion per prompt, in order.
+        it is produced; on_finish(prompt_index): called once a prompt's continuation is complete.
+        -> GenerationResult with one Completion per prompt, in order.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -101,41 +102,53 @@ class Engine:
         finish = ["length"] * batch
         stats = Stats(prompt_tokens=sum(len(ids) for ids in prompt_ids))
 
+        running = [True] * batch
+
+        def emit(b, text):
+            if text and on_text is not None:
+                on_text(b, text)
+
         def accept(tokens):
             """Record one token per unfinished sequence; -> whether any sequence still runs."""
             for b, token in enumerate(tokens):
-                if finish[b] == "eos" or len(generated[b]) >= max_new_tokens:
+                if not running[b]:
                     continue
                 if token in self.tokenizer.eos_ids and not ignore_eos:
                     finish[b] = "eos"
-                    continue
-                generated[b].append(token)
-                stats.generated_tokens += 1
-                text = decoders[b].push(token)
-                if text and on_text is not None:
-                    on_text(b, text)
-            return any(finish[b] != "eos" and len(generated[b]) < max_new_tokens for b in range(batch))
+                else:
+                    generated[b].append(token)
+                    stats.generated_tokens += 1
+                    emit(b, decoders[b].push(token))
+                if finish[b] == "eos" or len(generated[b]) >= max_new_tokens:
+                    running[b] = False
+                    emit(b, decoders[b].flush())
+                    if on_finish is not None:
+                        on_finish(b)
+            return any(running)
 
         start = time.perf_counter()
         if max_new_tokens == 0:
-            running = False
+            any_running = False
+            for b in range(batch):
+                if on_finish is not None:
+                    on_finish(b)
         else:
             logits = self.xp.stack([self.model.prefill(cache, b, ids) for b, ids in enumerate(prompt_ids)])
             tokens = self._choose(logits, params, uniforms)
-            running = accept(tokens)
+            any_running = accept(tokens)
             stats.first_tokens = stats.generated_tokens
         stats.prefill_seconds = time.perf_counter() - start
 
         lengths = np.array([len(ids) for ids in prompt_ids], dtype=np.int32)
         weight_bytes = self.model.weights.nbytes_streamed_per_step()
         start = time.perf_counter()
-        while running:
+        while any_running:
             logits = self.model.decode(cache, np.array(tokens, dtype=np.int64), lengths)
             stats.bytes_read += weight_bytes + int((lengths + 1).sum()) * cache.nbytes_per_position()
             lengths += 1
             tokens = self._choose(logits, params, uniforms)
             stats.decode_steps += 1
-            running = accept(tokens)
+            any_running = accept(tokens)
         stats.decode_seconds = time.perf_counter() - start
 
         completions = [Completion(ids, gen, self.tokenizer.decode(gen), reason)

@@ -90,8 +90,13 @@ def _save(path, tensors, dtype):
     if dtype == "BF16":  # safetensors.numpy writes uint16 as U16: relabel the header entries as BF16
         raw = path.read_bytes()
         length = int.from_bytes(raw[:8], "little")
-        header = raw[8:8 + length].replace(b'"U16"', b'"BF16"')
-        path.write_bytes(raw[:8] + header + raw[8 + length:])
+        header = json.loads(raw[8:8 + length])
+        for name, entry in header.items():
+            if name != "__metadata__":
+                entry["dtype"] = "BF16"
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length:])
 
 
 def tiny_model(directory, dtype="F32", shards=1, tie=False, seed=0, **config_overrides):

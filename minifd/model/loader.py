@@ -107,6 +107,37 @@ class Checkpoint:
         entry = self.entries[name]
         return entry.end - entry.begin
 
+    def shape(self, name):
+        return self.entries[name].shape
+
+    def location(self, name):
+        """Where a tensor lives, for error messages."""
+        return str(self.entries[name].path) if name in self.entries else str(self.dir)
+
+
+class InMemoryCheckpoint:
+    """The Checkpoint interface over a dict of arrays: random models in tests and benchmarks."""
+
+    def __init__(self, tensors, label="<in-memory>"):
+        self.tensors, self.dir = tensors, label
+
+    def __contains__(self, name):
+        return name in self.tensors
+
+    def __getitem__(self, name):
+        if name not in self.tensors:
+            raise MinifdError(f"{self.dir}: no tensor {name!r}")
+        return self.tensors[name]
+
+    def nbytes(self, name):
+        return self.tensors[name].nbytes
+
+    def shape(self, name):
+        return tuple(self.tensors[name].shape)
+
+    def location(self, name):
+        return str(self.dir)
+
 
 def _safetensors_files(weights_dir):
     """The shard list from model.safetensors.index.json, else every *.safetensors in the directory."""

@@ -81,6 +81,13 @@ class IncrementalDecoder:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return text[len(seen) :]
 
+    def flush(self):
+        """-> whatever push() still holds back (an incomplete character decodes as U+FFFD)."""
+        seen = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(seen) :]
+
 
 def _read_json(path):
     if not path.is_file():

@@ -72,15 +72,15 @@ def check_checkpoint(checkpoint, config):
     for name, shape in shapes.items():
         if name not in checkpoint:
             raise MinifdError(f"{checkpoint.dir}: no safetensors file has the tensor {name!r}")
-        found = checkpoint.entries[name].shape
+        found = checkpoint.shape(name)
         if tuple(found) != shape:
             raise MinifdError(
-                f"{checkpoint.entries[name].path}: tensor {name!r} has shape {list(found)}, config.json implies {list(shape)}"
+                f"{checkpoint.location(name)}: tensor {name!r} has shape {list(found)}, config.json implies {list(shape)}"
             )
 
 
 def load_weights(checkpoint, config, xp, dtype, progress=None):
-    """checkpoint: minifd.model.loader.Checkpoint -> Weights as `dtype` arrays of module `xp`."""
+    """checkpoint: a minifd.model.loader Checkpoint or InMemoryCheckpoint -> Weights as `dtype` arrays of module `xp`."""
     check_checkpoint(checkpoint, config)
     names = list(expected_shapes(config))
     head = lm_head_name(checkpoint, config)
@@ -124,7 +124,7 @@ def _to_dtype(checkpoint, name, dtype):
         converted = tensor.astype(np.float16)
         if np.count_nonzero(np.isinf(converted)) > np.count_nonzero(np.isinf(tensor)):
             raise MinifdError(
-                f"{checkpoint.entries[name].path}: tensor {name!r} has values beyond float16's range (65504); "
+                f"{checkpoint.location(name)}: tensor {name!r} has values beyond float16's range (65504); "
                 "run on the CPU (float32) instead"
             )
         return converted
