@@ -53,3 +53,18 @@ def module_of(array):
     import cupy
 
     return cupy
+
+
+def out_of_memory_errors(xp):
+    """The exception types that mean 'the device ran out of memory' for this array module."""
+    if xp is np:
+        return (MemoryError,)
+    return (MemoryError, xp.cuda.memory.OutOfMemoryError)
+
+
+def free_memory_text(xp):
+    """e.g. '12.3 GiB free of 79.1 GiB' for the current GPU, or '' on the CPU."""
+    if xp is np:
+        return ""
+    free, total = xp.cuda.runtime.memGetInfo()
+    return f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB"

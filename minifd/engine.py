@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from minifd.backend import array_module, is_gpu, to_numpy
+from minifd.backend import array_module, free_memory_text, is_gpu, out_of_memory_errors, to_numpy
 from minifd.errors import MinifdError
 from minifd.kernels.attention import load_softmax_ranges
 from minifd.model.config import LlamaConfig
 from minifd.model.llama import KVCache, Llama
 from minifd.model.loader import Checkpoint
 from minifd.model.tokenizer import IncrementalDecoder, Tokenizer
-from minifd.model.weights import load_weights
+from minifd.model.weights import expected_shapes, load_weights
 from minifd.sampling import SamplingParams, sample, uniform_source
 
 
@@ -72,7 +72,14 @@ class Engine:
         config = LlamaConfig.from_dir(weights_dir)
         tokenizer = Tokenizer.from_dir(weights_dir, config)
         dtype = np.float16 if is_gpu(xp) else np.float32
-        weights = load_weights(Checkpoint(weights_dir), config, xp, dtype, progress=progress)
+        checkpoint = Checkpoint(weights_dir)
+        try:
+            weights = load_weights(checkpoint, config, xp, dtype, progress=progress)
+        except out_of_memory_errors(xp):
+            needed = sum(np.prod(shape) for shape in expected_shapes(config).values()) * np.dtype(dtype).itemsize
+            raise MinifdError(f"out of memory loading the weights: they need {needed / 2**30:.1f} GiB as "
+                              f"{np.dtype(dtype).name} ({free_memory_text(xp) or 'host memory'}); "
+                              "use a smaller model or another device") from None
         max_seq = min(max_context or config.max_position_embeddings, config.max_position_embeddings)
         model = Llama(config, weights, xp, load_softmax_ranges(weights_dir, config.n_layers), max_seq)
         return cls(weights_dir, config, tokenizer, model, xp)
@@ -95,7 +102,14 @@ class Engine:
         prompt_ids = [self._encode(i, p, max_new_tokens) for i, p in enumerate(prompts)]
         batch = len(prompt_ids)
         max_seq = max(len(ids) for ids in prompt_ids) + max_new_tokens
-        cache = KVCache.allocate(self.config, batch, max_seq, self.xp, self.model.dtype)
+        try:
+            cache = KVCache.allocate(self.config, batch, max_seq, self.xp, self.model.dtype)
+        except out_of_memory_errors(self.xp):
+            c = self.config
+            needed = 2 * c.n_layers * batch * c.n_kv_heads * max_seq * c.head_dim * np.dtype(self.model.dtype).itemsize
+            raise MinifdError(f"out of memory for the KV cache: {batch} sequence(s) x {max_seq} positions need "
+                              f"{needed / 2**30:.2f} GiB ({free_memory_text(self.xp) or 'host memory'}); "
+                              "lower --max-new-tokens, the prompt count or the prompt lengths") from None
         uniforms = uniform_source(seed)
         decoders = [IncrementalDecoder(self.tokenizer, ids) for ids in prompt_ids]
         generated = [[] for _ in range(batch)]
@@ -134,7 +148,7 @@ class Engine:
                     on_finish(b)
         else:
             logits = self.xp.stack([self.model.prefill(cache, b, ids) for b, ids in enumerate(prompt_ids)])
-            tokens = self._choose(logits, params, uniforms)
+            tokens = self._choose(logits, params, uniforms, step=0)
             any_running = accept(tokens)
             stats.first_tokens = stats.generated_tokens
         stats.prefill_seconds = time.perf_counter() - start
@@ -146,8 +160,8 @@ class Engine:
             logits = self.model.decode(cache, np.array(tokens, dtype=np.int64), lengths)
             stats.bytes_read += weight_bytes + int((lengths + 1).sum()) * cache.nbytes_per_position()
             lengths += 1
-            tokens = self._choose(logits, params, uniforms)
             stats.decode_steps += 1
+            tokens = self._choose(logits, params, uniforms, step=stats.decode_steps)
             any_running = accept(tokens)
         stats.decode_seconds = time.perf_counter() - start
 
@@ -156,9 +170,9 @@ class Engine:
         return GenerationResult(completions, stats)
 
     def _encode(self, index, prompt, max_new_tokens):
-        ids = self.tokenizer.encode(prompt)
-        if not ids:
+        if not prompt:
             raise MinifdError(f"prompt {index + 1} is empty")
+        ids = self.tokenizer.encode(prompt)
         limit = self.model.max_seq
         if len(ids) + max_new_tokens > limit:
             raise MinifdError(
@@ -167,10 +181,14 @@ class Engine:
             )
         return ids
 
-    def _choose(self, logits, params, uniforms):
-        # logits: [batch, vocab] -> list of batch token ids
-        if not bool(self.xp.isfinite(logits).all()):
-            raise MinifdError("the model produced NaN or Inf logits; the weights may be corrupt")
+    def _choose(self, logits, params, uniforms, step):
+        # logits: [batch, vocab] -> list of batch token ids; step 0 is the prefill
+        finite = self.xp.isfinite(logits).all(axis=-1)
+        if not bool(finite.all()):
+            bad = [b + 1 for b, ok in enumerate(to_numpy(finite)) if not ok]
+            where = "the prefill" if step == 0 else f"decode step {step}"
+            raise MinifdError(f"NaN or Inf logits at {where} for prompt(s) {bad}; the weights may be corrupt "
+                              "or overflow float16")
         return [int(t) for t in to_numpy(sample(logits, params, uniforms.random(logits.shape[0])))]
 
 
