@@ -14,6 +14,7 @@ from minifd.model.llama import KVCache, Llama
 from minifd.model.loader import Checkpoint
 from minifd.model.tokenizer import IncrementalDecoder, Tokenizer
 from minifd.model.weights import expected_shapes, load_weights
+from minifd.decode_step import NON_FINITE, DecodeStep
 from minifd.sampling import SamplingParams, sample, uniform_source
 
 
@@ -57,11 +58,12 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, weights_dir, config, tokenizer, model, xp):
+    def __init__(self, weights_dir, config, tokenizer, model, xp, use_graph=True):
         self.weights_dir, self.config, self.tokenizer, self.model, self.xp = weights_dir, config, tokenizer, model, xp
+        self.use_graph = use_graph  # capture the GPU decode step as a CUDA graph
 
     @classmethod
-    def load(cls, weights_dir, device="auto", max_context=None, progress=None):
+    def load(cls, weights_dir, device="auto", max_context=None, progress=None, use_graph=True):
         """weights_dir: a Hugging Face Llama directory (config.json, tokenizer.json, *.safetensors)."""
         weights_dir = Path(weights_dir)
         if not weights_dir.exists():
@@ -82,7 +84,7 @@ class Engine:
                               "use a smaller model or another device") from None
         max_seq = min(max_context or config.max_position_embeddings, config.max_position_embeddings)
         model = Llama(config, weights, xp, load_softmax_ranges(weights_dir, config.n_layers), max_seq)
-        return cls(weights_dir, config, tokenizer, model, xp)
+        return cls(weights_dir, config, tokenizer, model, xp, use_graph)
 
     @property
     def device(self):
@@ -148,7 +150,9 @@ class Engine:
                     on_finish(b)
         else:
             logits = self.xp.stack([self.model.prefill(cache, b, ids) for b, ids in enumerate(prompt_ids)])
-            tokens = self._choose(logits, params, uniforms, step=0)
+            tokens = self._choose(logits, params, uniforms)
+            if NON_FINITE in tokens:
+                raise_non_finite(tokens, 0)
             any_running = accept(tokens)
             stats.first_tokens = stats.generated_tokens
         stats.prefill_seconds = time.perf_counter() - start
@@ -156,12 +160,15 @@ class Engine:
         lengths = np.array([len(ids) for ids in prompt_ids], dtype=np.int32)
         weight_bytes = self.model.weights.nbytes_streamed_per_step()
         start = time.perf_counter()
+        if any_running:
+            step = DecodeStep(self.model, cache, params, tokens, lengths, use_graph=self.use_graph)
         while any_running:
-            logits = self.model.decode(cache, np.array(tokens, dtype=np.int64), lengths)
+            tokens = [int(t) for t in step(uniforms.random(batch))]
             stats.bytes_read += weight_bytes + int((lengths + 1).sum()) * cache.nbytes_per_position()
             lengths += 1
             stats.decode_steps += 1
-            tokens = self._choose(logits, params, uniforms, step=stats.decode_steps)
+            if NON_FINITE in tokens:
+                raise_non_finite(tokens, stats.decode_steps)
             any_running = accept(tokens)
         stats.decode_seconds = time.perf_counter() - start
 
@@ -181,15 +188,18 @@ class Engine:
             )
         return ids
 
-    def _choose(self, logits, params, uniforms, step):
-        # logits: [batch, vocab] -> list of batch token ids; step 0 is the prefill
+    def _choose(self, logits, params, uniforms):
+        # logits: [batch, vocab] -> list of batch token ids (NON_FINITE where a row's logits are not finite)
         finite = self.xp.isfinite(logits).all(axis=-1)
-        if not bool(finite.all()):
-            bad = [b + 1 for b, ok in enumerate(to_numpy(finite)) if not ok]
-            where = "the prefill" if step == 0 else f"decode step {step}"
-            raise MinifdError(f"NaN or Inf logits at {where} for prompt(s) {bad}; the weights may be corrupt "
-                              "or overflow float16")
-        return [int(t) for t in to_numpy(sample(logits, params, uniforms.random(logits.shape[0])))]
+        chosen = self.xp.where(finite, sample(logits, params, uniforms.random(logits.shape[0])), NON_FINITE)
+        return [int(t) for t in to_numpy(chosen)]
+
+
+def raise_non_finite(tokens, step):
+    bad = [b + 1 for b, token in enumerate(tokens) if token == NON_FINITE]
+    where = "the prefill" if step == 0 else f"decode step {step}"
+    raise MinifdError(f"NaN or Inf logits at {where} for prompt(s) {bad}; the weights may be corrupt "
+                      "or overflow float16")
 
 
 def check_sampling(max_new_tokens, temperature, top_k, top_p):

@@ -1,0 +1,63 @@
+"""One decode step of the whole batch as a function of fixed device buffers.
+
+Everything a step reads (the newest token of each sequence, its position, the sampling draws) and
+writes (the chosen tokens) lives in buffers allocated once, and the step advances its own inputs
+on the device. So on a GPU the step can be captured once as a CUDA graph and replayed per token:
+the host only uploads the draws and fetches the chosen tokens to print.
+"""
+
+import numpy as np
+
+from minifd.backend import is_gpu, to_numpy
+from minifd.sampling import sample
+
+NON_FINITE = -1  # the token a row reports when its logits hold NaN or Inf
+
+
+class DecodeStep:
+    def __init__(self, model, cache, params, first_tokens, positions, use_graph=True):
+        """first_tokens: [batch] the tokens chosen from the prefill; positions: [batch] where they go."""
+        xp = model.xp
+        self.model, self.cache, self.params, self.xp = model, cache, params, xp
+        self.tokens = xp.array(np.asarray(first_tokens, dtype=np.int64))  # [batch], a copy: the step advances it
+        self.positions = xp.array(np.asarray(positions, dtype=np.int32))  # [batch], a copy likewise
+        self.uniforms = xp.zeros(self.tokens.shape, dtype=xp.float32)  # [batch]
+        self.chosen = None  # [batch] int64, written by each step
+        self.use_graph = use_graph and is_gpu(xp)
+        self.stream = xp.cuda.Stream(non_blocking=True) if is_gpu(xp) else None
+        self.graph = None
+        self.steps = 0
+
+    def _step(self):
+        xp = self.xp
+        logits = self.model.decode(self.cache, self.tokens, self.positions)  # [batch, vocab]
+        finite = xp.isfinite(logits).all(axis=-1)
+        chosen = xp.where(finite, sample(logits, self.params, self.uniforms), NON_FINITE)
+        if self.chosen is None:
+            self.chosen = chosen
+        else:
+            self.chosen[...] = chosen
+        self.tokens[...] = xp.maximum(chosen, 0)
+        self.positions += 1
+
+    def __call__(self, uniforms):
+        """uniforms: [batch] host floats in [0, 1) -> [batch] host token ids (NON_FINITE marks bad logits)."""
+        self.steps += 1
+        if self.stream is None:
+            self.uniforms[...] = uniforms
+            self._step()
+            return self.chosen.copy()
+        with self.stream:
+            self.uniforms.set(np.asarray(uniforms, dtype=np.float32), stream=self.stream)
+            if self.graph is not None:
+                self.graph.launch(stream=self.stream)
+            elif self.use_graph and self.steps >= 2:
+                # The first step ran eagerly: kernels are compiled and the memory pool holds blocks of
+                # every size the step needs, so capturing allocates nothing new.
+                self.stream.begin_capture()
+                self._step()
+                self.graph = self.stream.end_capture()
+                self.graph.launch(stream=self.stream)
+            else:
+                self._step()
+            return to_numpy(self.chosen)
