@@ -30,8 +30,9 @@ def main_group(ctx, debug):
 @click.option("--seed", type=int, default=None, help="Same seed, same text.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
 @click.option("--max-context", type=int, default=None, help="Cap on prompt + new tokens (default: the model's).")
+@click.option("--no-graph", is_flag=True, help="Launch the GPU decode step kernel by kernel, without a CUDA graph.")
 def run(prompts, weights, prompts_file, device, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
-        max_context):
+        max_context, no_graph):
     """Generate continuations of PROMPTS.
 
     stdout carries only the generated text, streamed as it is produced; with several prompts each
@@ -46,7 +47,7 @@ def run(prompts, weights, prompts_file, device, max_new_tokens, temperature, top
     if not prompts:
         raise MinifdError("no prompt given (pass PROMPT arguments or --prompts-file)")
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    engine = minifd.load(resolve_weights(weights), device=device, max_context=max_context)
+    engine = minifd.load(resolve_weights(weights), device=device, max_context=max_context, use_graph=not no_graph)
     writer = StreamWriter(len(prompts))
     result = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, seed=seed, ignore_eos=ignore_eos, on_text=writer.write,
