@@ -94,7 +94,39 @@ class StreamWriter:
         sys.stdout.flush()
 
 
+def comma_ints(text):
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise MinifdError(f"expected comma-separated integers, not {text!r}") from None
+    if not values or min(values) < 1:
+        raise MinifdError(f"expected positive comma-separated integers, not {text!r}")
+    return values
+
+
+@main_group.command()
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Benchmark this checkpoint instead of random weights of the Llama-2-7B shape.")
+@click.option("--prompts", "prompt_lengths", default="16,1024,4096", show_default=True, help="Prompt lengths.")
+@click.option("--batches", default="1,2,4,8", show_default=True, help="Batch sizes.")
+@click.option("--decode-steps", type=int, default=64, show_default=True)
+@click.option("--no-hf", is_flag=True, help="Skip the Hugging Face transformers comparison.")
+@click.option("--no-graph", is_flag=True, help="Decode without a CUDA graph.")
+@click.option("--json", "out_json", type=click.Path(path_type=Path), default=Path("minifd-bench.json"), show_default=True)
+@click.option("--png", "out_png", type=click.Path(path_type=Path), default=Path("minifd-bench.png"), show_default=True)
+def bench(weights, prompt_lengths, batches, decode_steps, no_hf, no_graph, out_json, out_png):
+    """Prefill and decode speed on the GPU against the bandwidth roofline (and HF transformers)."""
+    from minifd.bench import run_bench
+
+    if decode_steps < 1:
+        raise MinifdError(f"--decode-steps must be >= 1, not {decode_steps}")
+    run_bench(comma_ints(prompt_lengths), comma_ints(batches), decode_steps, with_hf=not no_hf,
+              use_graph=not no_graph, weights_dir=weights, out_json=out_json, out_png=out_png,
+              log=lambda line: click.echo(line, err=False))
+
+
 # Subcommands register here, one line each.
+from minifd.tuning import tune_command; main_group.add_command(tune_command)  # noqa: E402,E702
 
 
 def main(argv=None):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import minifd
+import minifd.engine
 from minifd.cli import main
 from minifd.errors import MinifdError
 from minifd.model.loader import Checkpoint

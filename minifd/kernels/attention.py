@@ -3,7 +3,7 @@
 import math
 
 
-def decode_attention(q, k_cache, v_cache, lengths):
+def decode_attention(q, k_cache, v_cache, lengths, softmax_range=None):
     """Attention of one new query token per sequence over that sequence's cached keys and values.
 
     q: [batch, n_heads, head_dim]; k_cache, v_cache: [batch, n_kv_heads, max_seq, head_dim];
@@ -23,7 +23,7 @@ def decode_attention(q, k_cache, v_cache, lengths):
     return out
 
 
-def prefill_attention(q, k, v):
+def prefill_attention(q, k, v, softmax_range=None):
     """Causal self-attention over a whole prompt.
 
     q: [seq, n_heads, head_dim]; k, v: [seq, n_kv_heads, head_dim] -> [seq, n_heads, head_dim]
@@ -39,6 +39,11 @@ def prefill_attention(q, k, v):
     p = xp.exp(scores - scores.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
     return xp.einsum("hst,thd->shd", p, v).astype(q.dtype)
+
+
+def load_softmax_ranges(weights_dir, n_layers):
+    """Per-layer unified-max settings; none yet: the running-max softmax above needs none."""
+    return [None] * n_layers
 
 
 def _xp(array):
