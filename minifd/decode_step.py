@@ -24,7 +24,11 @@ class DecodeStep:
         self.uniforms = xp.zeros(self.tokens.shape, dtype=xp.float32)  # [batch]
         self.chosen = None  # [batch] int64, written by each step
         self.use_graph = use_graph and is_gpu(xp)
-        self.stream = xp.cuda.Stream(non_blocking=True) if is_gpu(xp) else None
+        self.stream = None
+        if is_gpu(xp):
+            # Steps run on their own stream (capture needs one); it starts after the prefill's work.
+            self.stream = xp.cuda.Stream(non_blocking=True)
+            self.stream.wait_event(xp.cuda.get_current_stream().record())
         self.graph = None
         self.steps = 0
 
