@@ -126,7 +126,6 @@ def bench(weights, prompt_lengths, batches, decode_steps, no_hf, no_graph, out_j
 
 
 # Subcommands register here, one line each.
-from minifd.tuning import tune_command; main_group.add_command(tune_command)  # noqa: E402,E702
 
 
 def main(argv=None):
