@@ -125,6 +125,74 @@ def bench(weights, prompt_lengths, batches, decode_steps, no_hf, no_graph, out_j
               log=lambda line: click.echo(line, err=False))
 
 
+@main_group.command()
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Also report the calibration table this checkpoint would use.")
+def info(weights):
+    """Backend, GPU, library versions, kernel compile status, tuning and calibration tables in use."""
+    import numpy
+
+    from minifd.backend import cupy_or_none
+    from minifd.kernels import dispatch
+    from minifd.kernels.softmax_range import load_softmax_ranges, softmax_ranges_path
+
+    click.echo(f"minifd {minifd_version()}, numpy {numpy.__version__}")
+    cupy = cupy_or_none()
+    if cupy is None:
+        click.echo("backend: numpy (CPU, float32): CuPy is not installed or sees no GPU")
+    else:
+        runtime = cupy.cuda.runtime
+        platform = "ROCm/HIP" if getattr(runtime, "is_hip", False) else "CUDA"
+        click.echo(f"backend: cupy {cupy.__version__} ({platform} runtime {runtime.runtimeGetVersion()}, "
+                   f"driver {runtime.driverGetVersion()})")
+        gpu = dispatch.gpu_properties()
+        free, total = runtime.memGetInfo()
+        click.echo(f"GPU: {gpu.name}, {gpu.multiprocessors} multiprocessors, warp {gpu.warp_size}, "
+                   f"L2 {gpu.l2_bytes / 2**20:.0f} MiB, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
+        for source, error in compile_every_kernel():
+            click.echo(f"kernel {source}: " + ("compiles" if error is None else f"FAILED: {error}"))
+    table = dispatch.read_table(dispatch.table_path())
+    device = "cpu" if cupy is None else dispatch.gpu_properties().name
+    entries = table.get(device, {})
+    if entries:
+        shapes = ", ".join(f"[{key}]: M1={v['m1']} M2={v['m2']}" for key, v in sorted(entries.items()))
+        click.echo(f"dispatch table: {dispatch.table_path()} ({device}: {shapes})")
+    else:
+        m1, m2 = dispatch.DEFAULT_THRESHOLDS
+        click.echo(f"dispatch table: none for {device} (defaults: GEMV for M < {m1}, flat GEMM for M < {m2}, "
+                   "library beyond; run `minifd tune`)")
+    if weights is not None:
+        from minifd.model.config import LlamaConfig
+
+        config = LlamaConfig.from_dir(weights)
+        path = softmax_ranges_path(weights)
+        ranges = load_softmax_ranges(weights, config.n_layers)
+        phis = [r.phi for r in ranges]
+        source = str(path) if path.is_file() else "none (default range)"
+        click.echo(f"calibration: {source}; phi from {min(phis):.2f} to {max(phis):.2f} over {len(ranges)} layers")
+
+
+def minifd_version():
+    from minifd import __version__
+
+    return __version__
+
+
+def compile_every_kernel():
+    """-> [(source name, None or the compiler's first error line)] for every kernel source, via NVRTC/HIPRTC."""
+    from minifd.kernels.compile import KERNELS_DIR, load_module
+
+    results = []
+    for path in sorted(KERNELS_DIR.glob("*.cu")):
+        try:
+            load_module(path.name).compile()
+            results.append((path.name, None))
+        except Exception as error:
+            lines = [line for line in str(error).splitlines() if "error" in line.lower()] or [str(error)]
+            results.append((path.name, lines[0].strip()))
+    return results
+
+
 # Subcommands register here, one line each.
 
 

@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from minifd import oracle
 from minifd.model.config import LlamaConfig, rope_inverse_frequencies
-from minifd.model.llama import KVCache, Llama, apply_rope, rms_norm, rope_tables
+from minifd.kernels.rope import rope_and_cache
+from minifd.model.llama import KVCache, Llama, rope_tables
 from minifd.model.loader import InMemoryCheckpoint
 from minifd.model.weights import load_weights
 from tiny_model import random_tensors, tiny_config_dict
@@ -18,26 +19,22 @@ def relative_error(actual, expected):
     return np.linalg.norm(np.asarray(actual, np.float64) - expected) / max(np.linalg.norm(expected), 1e-30)
 
 
-@given(rows=st.integers(1, 9), hidden=st.integers(1, 300), seed=seeds)
-def test_rms_norm_matches_oracle(rows, hidden, seed):
-    rng = np.random.default_rng(seed)
-    x, weight = rng.standard_normal((rows, hidden)) * 3, rng.standard_normal(hidden)
-    got = rms_norm(x.astype(np.float32), weight.astype(np.float32), 1e-5)
-    assert relative_error(got, oracle.rms_norm(x, weight, 1e-5)) < 1e-5
-
-
 @given(seq=st.integers(1, 40), heads=st.integers(1, 4), half_dim=st.integers(1, 64), seed=seeds,
        rope=st.sampled_from([None, {"rope_type": "linear", "factor": 4.0},
                              {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                               "original_max_position_embeddings": 64}]))
-def test_rope_matches_oracle(seq, heads, half_dim, seed, rope):
+def test_rope_tables_with_scaling_match_oracle(seq, heads, half_dim, seed, rope):
+    """The model's cos/sin tables (default, linear and llama3 scaling) rotate q like the oracle."""
     head_dim = 2 * half_dim
     config = LlamaConfig.from_dict(tiny_config_dict(hidden_size=head_dim * heads, n_heads=heads, n_kv_heads=heads,
                                                     rope_scaling=rope, rope_theta=500000.0))
-    x = np.random.default_rng(seed).standard_normal((seq, heads, head_dim))
+    q = np.random.default_rng(seed).standard_normal((seq, heads, head_dim))
+    qkv = np.concatenate([q, np.zeros((seq, 2 * heads, head_dim))], axis=1).reshape(seq, -1).astype(np.float32)
+    cache = np.zeros((1, heads, seq, head_dim), np.float32)
     cos, sin = rope_tables(config, seq, np)
-    got = apply_rope(x.astype(np.float32), cos, sin)
-    expected = oracle.rope(x, np.arange(seq, dtype=np.float64), rope_inverse_frequencies(config))
+    positions, slots = np.arange(seq, dtype=np.int32), np.zeros(seq, dtype=np.int32)
+    got = rope_and_cache(qkv, cos, sin, positions, slots, cache, cache.copy())
+    expected = oracle.rope(q, np.arange(seq, dtype=np.float64), rope_inverse_frequencies(config))
     assert relative_error(got, expected) < 1e-5
 
 

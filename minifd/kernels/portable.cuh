@@ -78,6 +78,22 @@ __device__ __forceinline__ void halves8_to_float(uint4 packed, float out[8]) {
     }
 }
 
+// Pack eight floats into the eight halves of a uint4 (round to nearest): halves8_to_float's inverse.
+__device__ __forceinline__ uint4 float_to_halves8(const float in[8]) {
+    uint4 packed;
+    __half2* pairs = reinterpret_cast<__half2*>(&packed);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pairs[i] = __floats2half2_rn(in[2 * i], in[2 * i + 1]);
+    return packed;
+}
+
+// Width-generic access for elementwise kernels written once as template<int W>: W = 8 moves one
+// 16-byte vector (the pointer must be 16-byte aligned), W = 1 moves a single half.
+__device__ __forceinline__ void load_halves(const half_t* src, float (&out)[8]) { halves8_to_float(load16(src), out); }
+__device__ __forceinline__ void load_halves(const half_t* src, float (&out)[1]) { out[0] = __half2float(*src); }
+__device__ __forceinline__ void store_halves(half_t* dst, const float (&in)[8]) { store16(dst, float_to_halves8(in)); }
+__device__ __forceinline__ void store_halves(half_t* dst, const float (&in)[1]) { *dst = __float2half(in[0]); }
+
 // ---------------------------------------------------------------------------------------------
 // Asynchronous global -> shared copies (double buffering)
 // ---------------------------------------------------------------------------------------------
@@ -105,3 +121,54 @@ __device__ __forceinline__ void async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(groups_in_flight));
 #endif
 }
+
+// ---------------------------------------------------------------------------------------------
+// Matrix-core primitives (flat GEMM)
+// ---------------------------------------------------------------------------------------------
+// A kernel tests MINIFD_HAS_MMA_16816 / MINIFD_HAS_MFMA_16X16X16 and keeps a CUDA-core path for
+// targets with neither (older NVIDIA, RDNA).
+//
+// NVIDIA sm_80+: one warp computes C[16, 8] += A[16, 16] B[16, 8] (fp16 in, fp32 accumulate).
+// With g = lane / 4 and t = lane % 4: A's four registers hold (row g, cols 2t..2t+1), (row g + 8,
+// same cols), (row g, cols 2t+8..2t+9), (row g + 8, those cols); B's two hold (k 2t..2t+1, col g)
+// and (k 2t+8..2t+9, col g); C's four floats are (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1).
+// ldmatrix fills those registers from shared memory: lane i (of the first 8 per 8x8 matrix) gives
+// the address of one 16-byte matrix row.
+#if defined(MINIFD_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define MINIFD_HAS_MMA_16816 1
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned reg[4], const void* shared_ptr) {
+    unsigned shared_addr = static_cast<unsigned>(__cvta_generic_to_shared(shared_ptr));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(reg[0]), "=r"(reg[1]), "=r"(reg[2]), "=r"(reg[3])
+                 : "r"(shared_addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x2(unsigned reg[2], const void* shared_ptr) {
+    unsigned shared_addr = static_cast<unsigned>(__cvta_generic_to_shared(shared_ptr));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(reg[0]), "=r"(reg[1])
+                 : "r"(shared_addr));
+}
+
+__device__ __forceinline__ void mma_16816(float acc[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+// AMD CDNA (wavefront 64): one wavefront computes D[16, 16] = A[16, 16] B[16, 16] + C. With
+// r = lane % 16 and q = lane / 16: lane holds A[r, 4q..4q+3], B[4q..4q+3, r] and D[4q..4q+3, r].
+#if defined(MINIFD_HIP) && (defined(__gfx908__) || defined(__gfx90a__) || defined(__gfx940__) || \
+                            defined(__gfx941__) || defined(__gfx942__))
+#define MINIFD_HAS_MFMA_16X16X16 1
+typedef _Float16 mfma_half4 __attribute__((ext_vector_type(4)));
+typedef float mfma_float4 __attribute__((ext_vector_type(4)));
+
+__device__ __forceinline__ mfma_float4 mfma_16x16x16(mfma_half4 a, mfma_half4 b, mfma_float4 acc) {
+    return __builtin_amdgcn_mfma_f32_16x16x16f16(a, b, acc, 0, 0, 0);
+}
+#endif

@@ -6,7 +6,8 @@
 A prompt is prefilled in one pass (every position at once, causal attention); afterwards each
 decode step feeds one token per sequence and attends over that sequence's KV cache. The two hot
 spots go through the seams in minifd.kernels: `linear` for every projection and
-`prefill_attention` / `decode_attention` for attention.
+`prefill_attention` / `decode_attention` for attention; the small steps between them (RMSNorm with
+the residual add, RoPE with the KV-cache write, SiLU(gate) * up) are one fused kernel each.
 """
 
 from dataclasses import dataclass
@@ -15,44 +16,20 @@ import numpy as np
 
 from minifd.kernels.attention import decode_attention, prefill_attention
 from minifd.kernels.linear import linear
-from minifd.backend import module_of
+from minifd.kernels.rms_norm import rms_norm
+from minifd.kernels.rope import rope_and_cache
+from minifd.kernels.silu_mul import silu_mul
 from minifd.model.config import rope_inverse_frequencies
 
 
 # ----------------------------------------------------------------------------------------------
-# Building blocks
+# Building blocks (the small fused kernels live in minifd.kernels: rms_norm, rope, silu_mul)
 # ----------------------------------------------------------------------------------------------
-
-def rms_norm(x, weight, eps):
-    # x: [rows, hidden], weight: [hidden] -> [rows, hidden]; statistics in float32 whatever x's dtype
-    xp = module_of(x)
-    x32 = x.astype(xp.float32)
-    scale = 1.0 / xp.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + eps)
-    return (x32 * scale).astype(x.dtype) * weight
-
 
 def rope_tables(config, max_seq, xp):
     # -> cos, sin: [max_seq, head_dim // 2] float32, angle = position * inv_freq
     angles = np.outer(np.arange(max_seq, dtype=np.float64), rope_inverse_frequencies(config))
     return xp.asarray(np.cos(angles), dtype=xp.float32), xp.asarray(np.sin(angles), dtype=xp.float32)
-
-
-def apply_rope(x, cos, sin):
-    # x: [rows, heads, head_dim], cos/sin: [rows, head_dim // 2] -> [rows, heads, head_dim]
-    # HF "rotate half" convention: dimension i pairs with i + head_dim / 2.
-    xp = module_of(x)
-    half = x.shape[-1] // 2
-    x32 = x.astype(xp.float32)
-    first, second = x32[..., :half], x32[..., half:]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return xp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1).astype(x.dtype)
-
-
-def silu_times(gate, up):
-    # gate, up: [rows, intermediate] -> SiLU(gate) * up, [rows, intermediate]
-    xp = module_of(gate)
-    gate32 = gate.astype(xp.float32)
-    return (gate32 / (1.0 + xp.exp(-gate32)) * up.astype(xp.float32)).astype(gate.dtype)
 
 
 @dataclass
@@ -90,67 +67,57 @@ class Llama:
         self.max_seq = max_seq or config.max_position_embeddings
         self.cos, self.sin = rope_tables(config, self.max_seq, xp)
 
-    def _split_heads(self, qkv):
-        # qkv: [rows, (n_heads + 2 * n_kv_heads) * head_dim] -> q: [rows, n_heads, head_dim], k, v: [rows, n_kv_heads, head_dim]
-        c = self.config
-        q_end, k_end = c.n_heads * c.head_dim, (c.n_heads + c.n_kv_heads) * c.head_dim
-        rows = qkv.shape[0]
-        return (qkv[:, :q_end].reshape(rows, c.n_heads, c.head_dim),
-                qkv[:, q_end:k_end].reshape(rows, c.n_kv_heads, c.head_dim),
-                qkv[:, k_end:].reshape(rows, c.n_kv_heads, c.head_dim))
+    def _layers(self, x, cache, positions, slots, attend):
+        """The decoder stack over a block of rows, each row a token at (slot, position) of the cache.
 
-    def _mlp(self, x, layer):
-        # x: [rows, hidden] -> x + SwiGLU(RMSNorm(x)), [rows, hidden]
-        h = rms_norm(x, layer.mlp_norm, self.config.rms_norm_eps)
-        gate_up = linear(h, layer.w_gate_up)  # [rows, 2 * intermediate]
-        inner = self.config.intermediate_size
-        return x + linear(silu_times(gate_up[:, :inner], gate_up[:, inner:]), layer.w_down)
+        x: [rows, hidden] embeddings; positions, slots: [rows] int32; attend(layer_index, q) -> attention
+        output [rows, n_heads, head_dim] once rope_and_cache has stored the rows' keys and values.
+        -> final-norm hidden states [rows, hidden]
 
-    def _logits(self, x):
-        # x: [rows, hidden] -> [rows, vocab] float32
-        h = rms_norm(x, self.weights.norm, self.config.rms_norm_eps)
-        return linear(h, self.weights.lm_head).astype(self.xp.float32)
+        The residual stream is carried next to the normalised activations: each RMSNorm kernel also
+        adds the sublayer output into the stream, so no separate add runs.
+        """
+        eps, layers = self.config.rms_norm_eps, self.weights.layers
+        h = rms_norm(x, layers[0].attn_norm, eps)
+        residual = x
+        for i, layer in enumerate(layers):
+            q = rope_and_cache(linear(h, layer.wqkv), self.cos, self.sin, positions, slots, cache.k[i], cache.v[i])
+            attention = attend(i, q)  # [rows, n_heads, head_dim]
+            h, residual = rms_norm(linear(attention.reshape(len(x), -1), layer.wo), layer.mlp_norm, eps, residual)
+            mlp_out = linear(silu_mul(linear(h, layer.w_gate_up)), layer.w_down)
+            next_norm = layers[i + 1].attn_norm if i + 1 < len(layers) else self.weights.norm
+            h, residual = rms_norm(mlp_out, next_norm, eps, residual)
+        return h
 
     def prefill(self, cache, slot, token_ids):
         """Run a whole prompt into cache slot `slot`; token_ids: [seq] -> logits of its last position, [vocab]."""
-        xp, c = self.xp, self.config
+        xp = self.xp
         ids = xp.asarray(np.asarray(token_ids, dtype=np.int64))
         seq = ids.shape[0]
-        x = self.weights.embed[ids]  # [seq, hidden]
-        cos, sin = self.cos[:seq], self.sin[:seq]
-        for i, layer in enumerate(self.weights.layers):
-            h = rms_norm(x, layer.attn_norm, c.rms_norm_eps)
-            q, k, v = self._split_heads(linear(h, layer.wqkv))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            cache.k[i][slot, :, :seq] = k.transpose(1, 0, 2)
-            cache.v[i][slot, :, :seq] = v.transpose(1, 0, 2)
-            attention = prefill_attention(q, k, v, softmax_range=self.softmax_ranges[i])  # [seq, n_heads, head_dim]
-            x = x + linear(attention.reshape(seq, -1), layer.wo)
-            x = self._mlp(x, layer)
-        return self._logits(x[-1:])[0]
+        positions = xp.arange(seq, dtype=xp.int32)
+        slots = xp.full(seq, slot, dtype=xp.int32)
+
+        def attend(i, q):
+            k, v = cache.k[i][slot, :, :seq].transpose(1, 0, 2), cache.v[i][slot, :, :seq].transpose(1, 0, 2)
+            return prefill_attention(q, k, v, softmax_range=self.softmax_ranges[i])
+
+        h = self._layers(self.weights.embed[ids], cache, positions, slots, attend)  # [seq, hidden]
+        return linear(h[-1:], self.weights.lm_head).astype(xp.float32)[0]
 
     def decode(self, cache, token_ids, positions):
         """One step for every sequence of the batch.
 
-        token_ids: [batch] (the newest token of each sequence), positions: [batch] (where it goes in the
-        cache, i.e. the sequence's length so far) -> logits: [batch, vocab]
+        token_ids: [batch] (the newest token of each sequence), positions: [batch] int32 (where it goes
+        in the cache, i.e. the sequence's length so far) -> logits: [batch, vocab] float32
         """
-        xp, c = self.xp, self.config
+        xp = self.xp
         ids = xp.asarray(token_ids)
         positions = xp.asarray(positions, dtype=xp.int32)
-        batch = ids.shape[0]
-        rows = xp.arange(batch)
+        slots = xp.arange(ids.shape[0], dtype=xp.int32)
         lengths = positions + 1
-        x = self.weights.embed[ids]  # [batch, hidden]
-        cos, sin = self.cos[positions], self.sin[positions]
-        for i, layer in enumerate(self.weights.layers):
-            h = rms_norm(x, layer.attn_norm, c.rms_norm_eps)
-            q, k, v = self._split_heads(linear(h, layer.wqkv))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            cache.k[i][rows, :, positions] = k
-            cache.v[i][rows, :, positions] = v
-            attention = decode_attention(q, cache.k[i], cache.v[i], lengths, softmax_range=self.softmax_ranges[i])
-            x = x + linear(attention.reshape(batch, -1), layer.wo)
-            x = self._mlp(x, layer)
-        return self._logits(x)
 
+        def attend(i, q):
+            return decode_attention(q, cache.k[i], cache.v[i], lengths, softmax_range=self.softmax_ranges[i])
+
+        h = self._layers(self.weights.embed[ids], cache, positions, slots, attend)  # [batch, hidden]
+        return linear(h, self.weights.lm_head).astype(xp.float32)

@@ -1,0 +1,94 @@
+"""Rotary position embedding of q and k, fused with the KV-cache write.
+
+HF "rotate half" convention: dimension i pairs with i + head_dim / 2, angle = position * inv_freq[i],
+
+    out[i]        = x[i] cos - x[i + half] sin
+    out[i + half] = x[i + half] cos + x[i] sin
+
+One call takes a block of rows of the fused QKV projection, rotates its q and k heads, writes k and v
+into the KV cache at each row's (slot, position) and returns q. On CPU the NumPy function below is the
+implementation; on GPU rope.cu does all of it in one kernel.
+"""
+
+import numpy as np
+
+from minifd.backend import module_of
+from minifd.kernels.compile import load_module
+
+
+def rope_and_cache(qkv, cos, sin, positions, slots, k_cache, v_cache):
+    """Rotate q and k of the fused QKV projection and store k and v in the KV cache.
+
+    qkv: [rows, (n_heads + 2 * n_kv_heads) * head_dim] (q heads, then k heads, then v heads);
+    cos, sin: [max_positions, head_dim // 2] float32 tables (angle = position * inv_freq);
+    positions, slots: [rows] int32, row r is position positions[r] of cache slot slots[r];
+    k_cache, v_cache: [batch, n_kv_heads, max_seq, head_dim], written in place at [slots[r], :, positions[r]]
+    -> q: [rows, n_heads, head_dim] rotated, in qkv's dtype.
+
+    Decode: rows = batch, slots = arange(batch), positions = each sequence's length so far.
+    Prefill of one sequence: rows = seq, slots = its slot on every row, positions = arange(seq).
+    Every position must be below both max_seq and max_positions: the caller checks. On GPU positions and
+    slots stay on the device and nothing waits on it, so a decode step around this is capturable in a CUDA graph.
+    """
+    n_heads, n_kv_heads, head_dim = _head_counts(qkv, k_cache)
+    rows = qkv.shape[0]
+    if cos.shape[1:] != (head_dim // 2,) or sin.shape != cos.shape or {positions.shape, slots.shape} != {(rows,)}:
+        raise ValueError(f"rope_and_cache: tables {cos.shape}, {sin.shape} (want [*, {head_dim // 2}]), positions "
+                         f"{positions.shape}, slots {slots.shape} (want [{rows}])")
+    if module_of(qkv) is np:
+        return _rope_and_cache_numpy(qkv, cos, sin, positions, slots, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
+    return _rope_and_cache_gpu(qkv, cos, sin, positions, slots, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
+
+
+def _head_counts(qkv, k_cache):
+    # -> n_heads, n_kv_heads, head_dim, read from the cache layout and qkv's width
+    _, n_kv_heads, _, head_dim = k_cache.shape
+    heads_per_row, leftover = divmod(qkv.shape[1], head_dim)
+    n_heads = heads_per_row - 2 * n_kv_heads
+    if head_dim % 2 or leftover or n_heads < 1:
+        raise ValueError(f"rope_and_cache: qkv width {qkv.shape[1]} does not fit a cache of {n_kv_heads} kv heads "
+                         f"of head_dim {head_dim} (even head_dim, n_heads + 2 * n_kv_heads whole heads)")
+    return n_heads, n_kv_heads, head_dim
+
+
+def _rotate_half(x, cos, sin):
+    # x: [rows, heads, head_dim], cos, sin: [rows, 1, head_dim // 2] float32 -> [rows, heads, head_dim], x's dtype
+    half = x.shape[-1] // 2
+    x32 = x.astype(np.float32)
+    first, second = x32[..., :half], x32[..., half:]
+    return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1).astype(x.dtype)
+
+
+def _rope_and_cache_numpy(qkv, cos, sin, positions, slots, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
+    rows = qkv.shape[0]
+    heads = qkv.reshape(rows, n_heads + 2 * n_kv_heads, head_dim)
+    cos_rows, sin_rows = cos[positions][:, None, :], sin[positions][:, None, :]  # [rows, 1, head_dim // 2]
+    k_cache[slots, :, positions] = _rotate_half(heads[:, n_heads:n_heads + n_kv_heads], cos_rows, sin_rows)
+    v_cache[slots, :, positions] = heads[:, n_heads + n_kv_heads:]
+    return _rotate_half(heads[:, :n_heads], cos_rows, sin_rows)
+
+
+def _rope_and_cache_gpu(qkv, cos, sin, positions, slots, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
+    import cupy
+
+    if qkv.dtype != cupy.float16 or k_cache.dtype != cupy.float16 or v_cache.dtype != cupy.float16:
+        raise ValueError("rope_and_cache on GPU takes float16 qkv and caches")
+    if cos.dtype != cupy.float32 or sin.dtype != cupy.float32:
+        raise ValueError("rope_and_cache: the cos/sin tables must be float32")
+    if not (k_cache.flags.c_contiguous and v_cache.flags.c_contiguous) or v_cache.shape != k_cache.shape:
+        raise ValueError("rope_and_cache: k_cache and v_cache must be contiguous arrays of one shape")
+    rows = qkv.shape[0]
+    max_seq = k_cache.shape[2]
+    qkv, cos, sin = cupy.ascontiguousarray(qkv), cupy.ascontiguousarray(cos), cupy.ascontiguousarray(sin)
+    positions = cupy.ascontiguousarray(positions, dtype=cupy.int32)  # [rows]; a no-op for int32 device arrays
+    slots = cupy.ascontiguousarray(slots, dtype=cupy.int32)  # [rows]
+    q = cupy.empty((rows, n_heads, head_dim), dtype=qkv.dtype)
+    vectorised = head_dim % 16 == 0 and all(a.data.ptr % 16 == 0 for a in (qkv, q, k_cache, v_cache))
+    width = 8 if vectorised else 1
+    chunks = rows * (n_heads + 2 * n_kv_heads) * (head_dim // 2 // width)
+    kernel = load_module("rope.cu").get_function("rope_and_cache_vec8" if vectorised else "rope_and_cache_scalar")
+    if chunks:
+        kernel((-(-chunks // 256),), (256,),
+               (qkv, cos, sin, positions, slots, np.int32(rows), np.int32(n_heads), np.int32(n_kv_heads),
+                np.int32(head_dim), np.int32(max_seq), q, k_cache, v_cache))
+    return q
