@@ -6,6 +6,8 @@ on the device. So on a GPU the step can be captured once as a CUDA graph and rep
 the host only uploads the draws and fetches the chosen tokens to print.
 """
 
+import sys
+
 import numpy as np
 
 from minifd.backend import is_gpu, to_numpy
@@ -55,13 +57,28 @@ class DecodeStep:
             self.uniforms.set(np.asarray(uniforms, dtype=np.float32), stream=self.stream)
             if self.graph is not None:
                 self.graph.launch(stream=self.stream)
-            elif self.use_graph and self.steps >= 2:
-                # The first step ran eagerly: kernels are compiled and the memory pool holds blocks of
-                # every size the step needs, so capturing allocates nothing new.
-                self.stream.begin_capture()
-                self._step()
-                self.graph = self.stream.end_capture()
+            elif self.use_graph and self.steps >= 2 and self._capture():
                 self.graph.launch(stream=self.stream)
             else:
                 self._step()
             return to_numpy(self.chosen)
+
+    def _capture(self):
+        """Record one step into self.graph (nothing runs yet); -> False where capture is unsupported.
+
+        The first step ran eagerly on this stream: kernels are compiled and the stream's memory pool
+        holds a block of every size the step needs, so the captured step allocates nothing new.
+        """
+        try:
+            self.stream.begin_capture()
+            try:
+                self._step()
+            finally:
+                graph = self.stream.end_capture()
+        except Exception as error:  # the driver or the CuPy build cannot capture this step
+            print(f"minifd: CUDA graph capture failed ({type(error).__name__}: {error}); "
+                  "decoding with plain launches", file=sys.stderr)
+            self.use_graph = False
+            return False
+        self.graph = graph
+        return True
