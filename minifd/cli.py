@@ -5,7 +5,9 @@ from pathlib import Path
 
 import click
 
+from minifd.calibrate import calibrate_command
 from minifd.errors import MinifdError
+from minifd.tuning import tune_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -193,7 +195,9 @@ def compile_every_kernel():
     return results
 
 
-# Subcommands register here, one line each.
+# Commands defined beside the code they drive.
+main_group.add_command(calibrate_command)
+main_group.add_command(tune_command)
 
 
 def main(argv=None):

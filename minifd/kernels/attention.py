@@ -1,52 +1,99 @@
-"""Attention seam: decode (one query per sequence against the KV cache) and causal prefill."""
+"""Attention seam: decode (one query per sequence against the KV cache) and causal prefill.
 
-import math
+On GPU (CuPy, float16) the calls launch the unified-max kernels (decode_attention.cu,
+prefill_attention.cu); on CPU (NumPy, float32) they run the NumPy emulations that block the work the
+same way. `method="sync"` selects the synchronised running-max path instead (the baseline).
+
+softmax_range: the layer's SoftmaxRange (phi and its safe window, from `minifd calibrate`); None
+means DEFAULT_SOFTMAX_RANGE (phi = 0, window (-60, 60)). Rows whose scaled scores leave the window
+are recomputed with the synchronised method on the device itself; `recompute_count()` reports how
+many rows took that path (a device-to-host read: statistics only, never inside a step).
+"""
+
+import numpy as np
+
+from minifd.kernels.decode_attention import decode_attention_emulated, decode_attention_gpu
+from minifd.kernels.decode_attention_sync import decode_attention_sync_emulated, decode_attention_sync_gpu
+from minifd.kernels.prefill_attention import prefill_attention_emulated, prefill_attention_gpu
+from minifd.kernels.softmax_range import DEFAULT_SOFTMAX_RANGE, SoftmaxRange, load_softmax_ranges  # noqa: F401
+
+METHODS = ("async", "sync")
 
 
-def decode_attention(q, k_cache, v_cache, lengths, softmax_range=None):
+# ----------------------------------------------------------------------------------------------
+# Recompute statistics
+# ----------------------------------------------------------------------------------------------
+
+_cpu_recomputed_rows = 0
+_device_counters = {}  # device id -> cupy uint64 [1]
+
+
+def _device_counter(array):
+    """The recompute counter of the device `array` lives on."""
+    import cupy
+
+    device_id = array.device.id
+    if device_id not in _device_counters:
+        with cupy.cuda.Device(device_id):
+            _device_counters[device_id] = cupy.zeros(1, dtype=cupy.uint64)
+    return _device_counters[device_id]
+
+
+def recompute_count():
+    """Rows recomputed with the synchronised method since the last reset, CPU and all GPUs together."""
+    return _cpu_recomputed_rows + sum(int(counter.get()[0]) for counter in _device_counters.values())
+
+
+def reset_recompute_count():
+    global _cpu_recomputed_rows
+    _cpu_recomputed_rows = 0
+    for counter in _device_counters.values():
+        counter.fill(0)
+
+
+def _count_cpu_rows(n_rows):
+    global _cpu_recomputed_rows
+    _cpu_recomputed_rows += n_rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The two entry points
+# ----------------------------------------------------------------------------------------------
+
+def decode_attention(q, k_cache, v_cache, lengths, softmax_range=None, method="async"):
     """Attention of one new query token per sequence over that sequence's cached keys and values.
 
     q: [batch, n_heads, head_dim]; k_cache, v_cache: [batch, n_kv_heads, max_seq, head_dim];
-    lengths: [batch] int (valid cache entries per sequence) -> [batch, n_heads, head_dim]
+    lengths: [batch] int32 (valid cache entries per sequence; a device array on GPU, never read by
+    the host) -> [batch, n_heads, head_dim], q's dtype. Sequences of length 0 give zeros.
     """
-    xp = _xp(q)
-    batch, n_heads, head_dim = q.shape
-    group = n_heads // k_cache.shape[1]
-    out = xp.empty(q.shape, dtype=q.dtype)
-    for b in range(batch):
-        n = int(lengths[b])
-        k = xp.repeat(k_cache[b, :, :n], group, axis=0)  # [n_heads, n, head_dim]
-        v = xp.repeat(v_cache[b, :, :n], group, axis=0)
-        scores = xp.einsum("hd,hnd->hn", q[b], k) / math.sqrt(head_dim)  # [n_heads, n]
-        p = xp.exp(scores - scores.max(axis=-1, keepdims=True))
-        out[b] = xp.einsum("hn,hnd->hd", p / p.sum(axis=-1, keepdims=True), v)
-    return out
+    softmax_range = softmax_range or DEFAULT_SOFTMAX_RANGE
+    _check_method(method)
+    if isinstance(q, np.ndarray):
+        if method == "sync":
+            return decode_attention_sync_emulated(q, k_cache, v_cache, lengths).astype(q.dtype)
+        out, n_recomputed = decode_attention_emulated(q, k_cache, v_cache, lengths, softmax_range)
+        _count_cpu_rows(n_recomputed)
+        return out.astype(q.dtype)
+    if method == "sync":
+        return decode_attention_sync_gpu(q, k_cache, v_cache, lengths)
+    return decode_attention_gpu(q, k_cache, v_cache, lengths, softmax_range, _device_counter(q))
 
 
-def prefill_attention(q, k, v, softmax_range=None):
+def prefill_attention(q, k, v, softmax_range=None, method="async"):
     """Causal self-attention over a whole prompt.
 
-    q: [seq, n_heads, head_dim]; k, v: [seq, n_kv_heads, head_dim] -> [seq, n_heads, head_dim]
+    q: [seq, n_heads, head_dim]; k, v: [seq, n_kv_heads, head_dim] -> [seq, n_heads, head_dim], q's dtype
     """
-    xp = _xp(q)
-    seq, n_heads, head_dim = q.shape
-    group = n_heads // k.shape[1]
-    k = xp.repeat(k, group, axis=1)
-    v = xp.repeat(v, group, axis=1)
-    scores = xp.einsum("shd,thd->hst", q, k) / math.sqrt(head_dim)  # [n_heads, seq, seq]
-    future = xp.triu(xp.ones((seq, seq), dtype=bool), k=1)
-    scores = xp.where(future, -xp.inf, scores)
-    p = xp.exp(scores - scores.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    return xp.einsum("hst,thd->shd", p, v).astype(q.dtype)
+    softmax_range = softmax_range or DEFAULT_SOFTMAX_RANGE
+    _check_method(method)
+    if isinstance(q, np.ndarray):
+        out, n_recomputed = prefill_attention_emulated(q, k, v, softmax_range, unified_max=method == "async")
+        _count_cpu_rows(n_recomputed)
+        return out.astype(q.dtype)
+    return prefill_attention_gpu(q, k, v, softmax_range, _device_counter(q), unified_max=method == "async")
 
 
-def load_softmax_ranges(weights_dir, n_layers):
-    """Per-layer unified-max settings; none yet: the running-max softmax above needs none."""
-    return [None] * n_layers
-
-
-def _xp(array):
-    import numpy
-
-    return numpy if isinstance(array, numpy.ndarray) else __import__("cupy")
+def _check_method(method):
+    if method not in METHODS:
+        raise ValueError(f"attention method must be one of {METHODS}, not {method!r}")

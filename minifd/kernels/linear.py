@@ -1,6 +1,61 @@
-"""Linear-layer seam: y = x @ W^T with W stored as Hugging Face stores it (row n = output n)."""
+"""Linear-layer seam: y = x @ W^T with W stored as Hugging Face stores it (row n = output n).
+
+Every projection of the model comes through `linear`, which runs the heuristic dataflow of
+minifd/kernels/dispatch.py: GEMV for the smallest M, the flat GEMM for decode-sized M, the library
+GEMM beyond. On GPU (CuPy) the kernels take float16 and accumulate in float32; on CPU (NumPy) the
+emulations of the same kernels run in float32, and the library path is plain `x @ W.T`.
+"""
+
+import numpy as np
+
+from minifd.kernels.dispatch import CPU_DEVICE_NAME, IMPLEMENTATIONS, choose_implementation, gpu_properties
+from minifd.kernels.flat_gemm import flat_gemm_emulated, flat_gemm_gpu
+from minifd.kernels.gemv import gemv_emulated, gemv_gpu
 
 
-def linear(x, weight):
-    """x: [M, K]; weight: [N, K] -> [M, N]"""
+def _library_cpu(x, weight):
     return x @ weight.T
+
+
+def _library_gpu(x, weight):
+    import cupy
+
+    return cupy.matmul(x, weight.T)
+
+
+_CPU = {"gemv": gemv_emulated, "flat_gemm": flat_gemm_emulated, "library": _library_cpu}
+_GPU = {"gemv": gemv_gpu, "flat_gemm": flat_gemm_gpu, "library": _library_gpu}
+
+
+def linear(x, weight, *, impl=None):
+    """x: [M, K]; weight: [N, K] -> y: [M, N].
+
+    impl: None (the dispatcher picks from M and the tuned table) or one of "gemv", "flat_gemm",
+    "library" to force an implementation. GPU: float16 in and out for the kernels; other dtypes take
+    the library path (forcing a kernel on them is a TypeError). CPU: float32 in and out. The GPU
+    path never synchronises with the host, so a decode step that calls it can be graph-captured.
+    """
+    m, k = x.shape
+    n, weight_k = weight.shape
+    if weight_k != k:
+        raise ValueError(f"linear: x is [{m}, {k}] but weight is [{n}, {weight_k}]")
+    if impl is not None and impl not in IMPLEMENTATIONS:
+        raise ValueError(f"linear: impl must be one of {IMPLEMENTATIONS} or None, not {impl!r}")
+
+    if isinstance(x, np.ndarray):
+        if m == 0 or n == 0:
+            return _library_cpu(x, weight)
+        chosen = impl or choose_implementation(m, n, k, CPU_DEVICE_NAME)
+        return _CPU[chosen](x, weight)
+
+    import cupy
+
+    half_precision = x.dtype == cupy.float16 and weight.dtype == cupy.float16
+    if impl in ("gemv", "flat_gemm") and not half_precision:
+        raise TypeError(f"linear: impl={impl!r} takes float16 arrays, not {x.dtype} and {weight.dtype}")
+    if not half_precision or m == 0 or n == 0:
+        return _library_gpu(x, weight)
+    chosen = impl or choose_implementation(m, n, k, gpu_properties().name)
+    if chosen != "library":
+        x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
+    return _GPU[chosen](x, weight)

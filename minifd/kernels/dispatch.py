@@ -1,0 +1,143 @@
+"""Heuristic dataflow: which implementation computes y[M, N] = x[M, K] @ W[N, K]^T.
+
+FlashDecoding++ keeps three implementations of a linear layer and picks one from M alone, with
+thresholds measured offline per GPU and per weight shape (N, K):
+
+    M < M1        -> "gemv"       ImplA, CUDA-core GEMV (minifd/kernels/gemv.cu)
+    M1 <= M < M2  -> "flat_gemm"  ImplB, tensor-core flat GEMM (minifd/kernels/flat_gemm.cu)
+    M >= M2       -> "library"    ImplC, cuBLAS / hipBLAS through cupy.matmul (x @ W.T on CPU)
+
+`minifd tune` writes the thresholds to <cache dir>/linear_dispatch.json:
+
+    {"format": 1, "devices": {"<device name>": {"<N>,<K>": {"m1": int, "m2": int, "max_m": int}}}}
+
+where <device name> is the GPU's name as the runtime reports it ("cpu" for the NumPy backend) and
+max_m is the largest M the sweep measured. A shape or device missing from the table gets
+DEFAULT_THRESHOLDS: GEMV for M = 1, flat GEMM for 2 <= M < 64, the library from 64 on; these follow
+the paper's crossovers (CUDA cores lose to tensor cores from batch 2..4, a library GEMM's 64-row
+tiles stop wasting work once M reaches its tile).
+"""
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from minifd.errors import MinifdError
+
+IMPLEMENTATIONS = ("gemv", "flat_gemm", "library")
+DEFAULT_THRESHOLDS = (2, 64)  # (M1, M2) when the table has no entry
+TABLE_FILE = "linear_dispatch.json"
+TABLE_FORMAT = 1
+CPU_DEVICE_NAME = "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the table lives
+# ----------------------------------------------------------------------------------------------
+
+def cache_dir():
+    """$MINIFD_CACHE, else $XDG_CACHE_HOME/minifd, else ~/.cache/minifd."""
+    if os.environ.get("MINIFD_CACHE"):
+        return Path(os.environ["MINIFD_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "minifd"
+    return Path.home() / ".cache" / "minifd"
+
+
+def table_path():
+    return cache_dir() / TABLE_FILE
+
+
+def shape_key(n, k):
+    return f"{n},{k}"
+
+
+def read_table(path):
+    """path -> {device name: {"N,K": {"m1", "m2", "max_m"}}}; {} when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MinifdError(f"{path}: unreadable dispatch table ({error}); delete it or rerun `minifd tune`") from None
+    if not isinstance(raw, dict) or raw.get("format") != TABLE_FORMAT or not isinstance(raw.get("devices"), dict):
+        raise MinifdError(f"{path}: not a format-{TABLE_FORMAT} dispatch table; delete it or rerun `minifd tune`")
+    return raw["devices"]
+
+
+def write_table(path, devices):
+    """Replace the table at `path` atomically (write a temporary file beside it, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps({"format": TABLE_FORMAT, "devices": devices}, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+    forget_tables()
+
+
+@functools.lru_cache(maxsize=None)
+def _table_at(path_string):
+    return read_table(path_string)
+
+
+def forget_tables():
+    """Drop the tables read so far, so the next dispatch rereads the file."""
+    _table_at.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# The decision
+# ----------------------------------------------------------------------------------------------
+
+def thresholds(device, n, k):
+    """-> (M1, M2) for weight shape [n, k] on `device` (a name as in the table)."""
+    entry = _table_at(str(table_path())).get(device, {}).get(shape_key(n, k))
+    if entry is None:
+        return DEFAULT_THRESHOLDS
+    return int(entry["m1"]), int(entry["m2"])
+
+
+def choose_implementation(m, n, k, device):
+    """M rows of x against a weight [n, k] on `device` -> "gemv" | "flat_gemm" | "library"."""
+    m1, m2 = thresholds(device, n, k)
+    if m < m1:
+        return "gemv"
+    if m < m2:
+        return "flat_gemm"
+    return "library"
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPU the kernels run on
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GpuProperties:
+    name: str
+    multiprocessors: int
+    warp_size: int
+    l2_bytes: int
+
+
+def gpu_properties():
+    """The current CuPy device's name and the sizes the launchers plan with."""
+    import cupy
+
+    return _gpu_properties(cupy.cuda.runtime.getDevice())
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_properties(device_id):
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    name = props["name"]
+    return GpuProperties(
+        name=name.decode() if isinstance(name, bytes) else str(name),
+        multiprocessors=int(props["multiProcessorCount"]),
+        warp_size=int(props["warpSize"]),
+        l2_bytes=int(props["l2CacheSize"]),
+    )

@@ -1,0 +1,137 @@
+// gemv.cu: ImplA of the heuristic dataflow, a GEMV on CUDA cores for the smallest M (decode batch 1..2).
+//
+// Math: y[m, n] = sum_k x[m, k] * W[n, k] for m < M, n < N (fp16 in, fp32 accumulation, fp16 out).
+// W is in the Hugging Face [N, K] layout, so every output is the dot product of two contiguous rows.
+//
+// Why CUDA cores: at M = 1 or 2 the product streams W once at 2 bytes per 2M flops; tensor cores
+// would only pad M, and speed is decided by how many 16-byte loads of W each thread keeps in flight.
+//
+// Launch geometry: block = GEMV_THREADS threads = GEMV_THREADS / MINIFD_WARP_SIZE warps. Warp w of
+// block b owns the GEMV_ROWS_PER_WARP rows n = (b * warps + w) * GEMV_ROWS_PER_WARP + r; grid =
+// (ceil(N / rows_per_block), ceil(M / M_TILE)) and blockIdx.y picks M_TILE rows of x. The block walks
+// K in chunks of GEMV_STAGE_HALVES / M_TILE: the chunk of its x rows is staged in shared memory once
+// for all warps, then each lane streams 16-byte pieces of its warp's rows of W, `unroll` pieces per
+// row in flight (8 for M_TILE <= 2, where the arithmetic is light; 4 above, where registers go to
+// the accumulators), and a warp_sum closes each dot product. vector_ok == 0 (K not a multiple of 8, or a
+// pointer not 16-byte aligned) walks the same geometry with 2-byte loads.
+#include "portable.cuh"
+
+#define GEMV_THREADS 256
+#define GEMV_ROWS_PER_WARP 2
+#define GEMV_STAGE_HALVES 8192  // 16 KB of shared memory holds M_TILE x-rows of one K chunk
+
+__device__ __forceinline__ int gemv_min(int a, int b) { return a < b ? a : b; }
+
+// x rows [m0, m0 + M_TILE) x columns [k0, k0 + width) -> x_stage[m * chunk + k]; rows past M are zero.
+template <int M_TILE>
+__device__ __forceinline__ void stage_x_chunk(half_t* x_stage, const half_t* x, int m0, int M, int K, int k0,
+                                              int width, int vector_ok) {
+    constexpr int chunk = GEMV_STAGE_HALVES / M_TILE;
+    if (vector_ok) {
+        const int pieces = width / 8;
+        for (int i = threadIdx.x; i < M_TILE * pieces; i += GEMV_THREADS) {
+            const int m = i / pieces, piece = i % pieces;
+            uint4 value = {0u, 0u, 0u, 0u};
+            if (m0 + m < M) value = load16(x + (size_t)(m0 + m) * K + k0 + 8 * piece);
+            store16(x_stage + m * chunk + 8 * piece, value);
+        }
+    } else {
+        for (int i = threadIdx.x; i < M_TILE * width; i += GEMV_THREADS) {
+            const int m = i / width, k = i % width;
+            x_stage[m * chunk + k] = (m0 + m < M) ? x[(size_t)(m0 + m) * K + k0 + k] : __float2half(0.0f);
+        }
+    }
+}
+
+template <int M_TILE>
+__device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const half_t* __restrict__ w,
+                                          half_t* __restrict__ y, int M, int N, int K, int vector_ok) {
+    // x: [M, K], w: [N, K] -> y: [M, N]
+    constexpr int chunk = GEMV_STAGE_HALVES / M_TILE;
+    constexpr int warps = GEMV_THREADS / MINIFD_WARP_SIZE;
+    constexpr int unroll = M_TILE <= 2 ? 8 : 4;
+    __shared__ __align__(16) half_t x_stage[GEMV_STAGE_HALVES];
+
+    const int warp = threadIdx.x / MINIFD_WARP_SIZE, lane = threadIdx.x % MINIFD_WARP_SIZE;
+    const int m0 = blockIdx.y * M_TILE;
+    const int row0 = (blockIdx.x * warps + warp) * GEMV_ROWS_PER_WARP;
+    // Rows past N re-read row N - 1 and drop the result, so the load stream needs no bounds branch.
+    const half_t* w_rows[GEMV_ROWS_PER_WARP];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) w_rows[r] = w + (size_t)gemv_min(row0 + r, N - 1) * K;
+
+    float acc[GEMV_ROWS_PER_WARP][M_TILE];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r)
+#pragma unroll
+        for (int m = 0; m < M_TILE; ++m) acc[r][m] = 0.0f;
+
+    for (int k0 = 0; k0 < K; k0 += chunk) {
+        const int width = gemv_min(chunk, K - k0);
+        __syncthreads();  // every warp is done with the previous chunk
+        stage_x_chunk<M_TILE>(x_stage, x, m0, M, K, k0, width, vector_ok);
+        __syncthreads();
+        if (vector_ok) {
+            const int pieces = width / 8;
+            for (int first = lane; first < pieces; first += MINIFD_WARP_SIZE * unroll) {
+                uint4 w_pieces[GEMV_ROWS_PER_WARP][unroll];
+#pragma unroll
+                for (int u = 0; u < unroll; ++u) {
+                    const int piece = first + u * MINIFD_WARP_SIZE;
+#pragma unroll
+                    for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) {
+                        uint4 value = {0u, 0u, 0u, 0u};
+                        if (piece < pieces) value = load16(w_rows[r] + k0 + 8 * piece);
+                        w_pieces[r][u] = value;
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < unroll; ++u) {
+                    const int piece = first + u * MINIFD_WARP_SIZE;
+                    if (piece >= pieces) break;
+                    float w_values[GEMV_ROWS_PER_WARP][8];
+#pragma unroll
+                    for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) halves8_to_float(w_pieces[r][u], w_values[r]);
+#pragma unroll
+                    for (int m = 0; m < M_TILE; ++m) {
+                        float x_values[8];
+                        halves8_to_float(load16(x_stage + m * chunk + 8 * piece), x_values);
+#pragma unroll
+                        for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r)
+#pragma unroll
+                            for (int j = 0; j < 8; ++j) acc[r][m] += w_values[r][j] * x_values[j];
+                    }
+                }
+            }
+        } else {
+            for (int k = lane; k < width; k += MINIFD_WARP_SIZE) {
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) {
+                    const float w_value = __half2float(w_rows[r][k0 + k]);
+#pragma unroll
+                    for (int m = 0; m < M_TILE; ++m) acc[r][m] += w_value * __half2float(x_stage[m * chunk + k]);
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r)
+#pragma unroll
+        for (int m = 0; m < M_TILE; ++m) {
+            const float total = warp_sum(acc[r][m]);
+            if (lane == 0 && row0 + r < N && m0 + m < M) y[(size_t)(m0 + m) * N + row0 + r] = __float2half(total);
+        }
+}
+
+// One kernel per M_TILE (the accumulators live in registers, so the tile is a compile-time constant).
+#define GEMV_KERNEL(M_TILE)                                                                              \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                           \
+        gemv_m##M_TILE(const half_t* x, const half_t* w, half_t* y, int M, int N, int K, int vector_ok) { \
+        gemv_rows<M_TILE>(x, w, y, M, N, K, vector_ok);                                                  \
+    }
+
+GEMV_KERNEL(1)
+GEMV_KERNEL(2)
+GEMV_KERNEL(4)
+GEMV_KERNEL(8)

@@ -1,0 +1,258 @@
+"""`minifd tune`: measure the three linear-layer implementations and write the dispatch table.
+
+For each weight shape (N, K) of a model, the sweep times GEMV, flat GEMM and the library GEMM at
+every M = 1..max_m on the current device and picks the thresholds of FlashDecoding++'s heuristic
+dataflow (minifd/kernels/dispatch.py): M1 where the flat GEMM overtakes the GEMV, M2 where the
+library overtakes the flat GEMM. With noisy timings "the first M where B beats A" can flip back and
+forth, so (M1, M2) is the pair whose three-region policy has the least total slowdown against the
+best implementation, summed over the sweep; when each pair of curves crosses once, that is the
+paper's definition.
+
+Timing on GPU: CUDA events between back-to-back calls, queued behind device copies that keep the GPU
+busy while the host enqueues (so host launch cost never shows), with the weight rotated among copies
+that together exceed the L2 cache (so every call streams W from memory, as in a real decode step).
+"""
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+from minifd.backend import array_module, is_gpu
+from minifd.errors import MinifdError
+from minifd.kernels.dispatch import (
+    CPU_DEVICE_NAME,
+    DEFAULT_THRESHOLDS,
+    IMPLEMENTATIONS,
+    gpu_properties,
+    read_table,
+    shape_key,
+    table_path,
+    write_table,
+)
+from minifd.kernels.linear import linear
+
+REPEATS = 9             # timed calls per (implementation, M); the median counts
+DROP_AFTER = 8          # an implementation this many M in a row at >= DROP_RATIO x the best stops being timed
+DROP_RATIO = 2.0
+ROTATION_BYTES_PER_L2 = 3  # weight copies cover this many L2 sizes
+REPORT_MS = (1, 8, 64)  # M values whose timings the command prints
+
+
+@dataclass(frozen=True)
+class WeightShape:
+    name: str
+    n: int
+    k: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes to tune
+# ----------------------------------------------------------------------------------------------
+
+def model_shapes(weights_dir):
+    """A Hugging Face model directory -> the (N, K) of its projections, the fused ones as the engine
+    loads them: QKV [(heads + 2 kv_heads) head_dim, hidden], O [hidden, heads head_dim],
+    gate+up [2 intermediate, hidden], down [hidden, intermediate], LM head [vocab, hidden]."""
+    from minifd.model.config import LlamaConfig
+
+    c = LlamaConfig.from_dir(weights_dir)
+    shapes = [
+        WeightShape("qkv", (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.hidden_size),
+        WeightShape("o", c.hidden_size, c.n_heads * c.head_dim),
+        WeightShape("gate_up", 2 * c.intermediate_size, c.hidden_size),
+        WeightShape("down", c.hidden_size, c.intermediate_size),
+        WeightShape("lm_head", c.vocab_size, c.hidden_size),
+    ]
+    return _unique(shapes)
+
+
+def parse_shape(text):
+    """'N,K' -> WeightShape; anything else is a MinifdError."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        n, k = (int(part) for part in parts)
+    except ValueError:
+        raise MinifdError(f"--shapes: {text!r} is not N,K (two positive integers)") from None
+    if n <= 0 or k <= 0:
+        raise MinifdError(f"--shapes: {text!r} is not N,K (two positive integers)")
+    return WeightShape("", n, k)
+
+
+def _unique(shapes):
+    seen, unique = set(), []
+    for shape in shapes:
+        if (shape.n, shape.k) not in seen:
+            seen.add((shape.n, shape.k))
+            unique.append(shape)
+    return unique
+
+
+# ----------------------------------------------------------------------------------------------
+# Timers: per_call_seconds(call, repeats) -> seconds of each of `repeats` calls call(0), call(1), ...
+# ----------------------------------------------------------------------------------------------
+
+class CpuTimer:
+    def per_call_seconds(self, call, repeats):
+        call(0)
+        samples = []
+        for i in range(repeats):
+            start = time.perf_counter()
+            call(i)
+            samples.append(time.perf_counter() - start)
+        return samples
+
+
+class GpuTimer:
+    FILLER_BYTES = 256 << 20
+
+    def __init__(self, cupy):
+        self.cupy = cupy
+        self.filler_source = cupy.zeros(self.FILLER_BYTES, dtype=cupy.uint8)
+        self.filler_target = cupy.empty_like(self.filler_source)
+        self.fill_seconds = min(self._timed_once(lambda i: self._fill(), 4))
+
+    def _fill(self):
+        self.filler_target.data.copy_from_device_async(self.filler_source.data, self.FILLER_BYTES)
+
+    def _timed_once(self, call, repeats):
+        events = [self.cupy.cuda.Event() for _ in range(repeats + 1)]
+        events[0].record()
+        for i in range(repeats):
+            call(i)
+            events[i + 1].record()
+        events[-1].synchronize()
+        return [self.cupy.cuda.get_elapsed_time(events[i], events[i + 1]) * 1e-3 for i in range(repeats)]
+
+    def per_call_seconds(self, call, repeats):
+        call(0)  # compile, allocate workspaces
+        call(1)
+        self.cupy.cuda.runtime.deviceSynchronize()
+        start = time.perf_counter()
+        for i in range(3):
+            call(i)
+        host_seconds = (time.perf_counter() - start) / 3
+        # Keep the GPU busy for twice as long as the host needs to enqueue the timed calls.
+        for _ in range(math.ceil(2 * repeats * host_seconds / self.fill_seconds) + 1):
+            self._fill()
+        return self._timed_once(call, repeats)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep and the thresholds
+# ----------------------------------------------------------------------------------------------
+
+def sweep(shape, max_m, xp, timer, repeats=REPEATS):
+    """-> {implementation: [max_m] median seconds at M = 1..max_m; inf once it stopped being timed}."""
+    x, weights = make_operands(shape, max_m, xp)
+    times = {impl: np.full(max_m, np.inf) for impl in IMPLEMENTATIONS}
+    active = list(IMPLEMENTATIONS)
+    losing_streak = dict.fromkeys(IMPLEMENTATIONS, 0)
+    for m in range(1, max_m + 1):
+        rows = x[:m]
+        for impl in active:
+            samples = timer.per_call_seconds(
+                lambda i, impl=impl: linear(rows, weights[i % len(weights)], impl=impl), repeats
+            )
+            times[impl][m - 1] = float(np.median(samples))
+        best = min(times[impl][m - 1] for impl in active)
+        for impl in [impl for impl in active if impl != "library"]:
+            losing = times[impl][m - 1] >= DROP_RATIO * best
+            losing_streak[impl] = losing_streak[impl] + 1 if losing else 0
+            if losing_streak[impl] >= DROP_AFTER:
+                active.remove(impl)
+    return times
+
+
+def make_operands(shape, max_m, xp):
+    """-> x: [max_m, K], and copies of a weight [N, K] enough to exceed the L2 cache on GPU."""
+    rng = np.random.default_rng(0)
+    if not is_gpu(xp):
+        x = rng.uniform(-1, 1, (max_m, shape.k)).astype(np.float32)
+        return x, [rng.uniform(-1, 1, (shape.n, shape.k)).astype(np.float32)]
+    weight_bytes = shape.n * shape.k * 2
+    copies = max(2, math.ceil(ROTATION_BYTES_PER_L2 * gpu_properties().l2_bytes / weight_bytes))
+    x = xp.asarray(rng.uniform(-1, 1, (max_m, shape.k)), dtype=xp.float16)
+    weights = [(xp.random.random((shape.n, shape.k), dtype=xp.float32) - 0.5).astype(xp.float16) for _ in range(copies)]
+    return x, weights
+
+
+def choose_thresholds(times):
+    """times: {implementation: [max_m] seconds at M = 1..max_m, inf where not measured} -> (M1, M2),
+    1 <= M1 <= M2 <= max_m + 1, minimising sum over M of time(policy(M)) / best time at M."""
+    columns = np.stack([np.asarray(times[impl], dtype=np.float64) for impl in IMPLEMENTATIONS])  # [3, max_m]
+    slowdown = np.minimum(columns / columns.min(axis=0), 1e6)  # unmeasured -> a large finite penalty
+    gemv, flat, library = (np.concatenate([[0.0], np.cumsum(row)]) for row in slowdown)  # prefix sums
+    # cost[i, j]: GEMV for M <= i, flat GEMM for i < M <= j, library after (i = M1 - 1, j = M2 - 1).
+    cost = gemv[:, None] + (flat[None, :] - flat[:, None]) + (library[-1] - library[None, :])
+    cost[np.tril_indices_from(cost, k=-1)] = np.inf
+    i, j = np.unravel_index(np.argmin(cost), cost.shape)
+    return int(i) + 1, int(j) + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+@click.command("tune")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="A Hugging Face model directory: tune the shapes of its projections.")
+@click.option("--shapes", "use_shapes", is_flag=True, help="Tune the weight shapes N,K given as arguments.")
+@click.argument("shape_texts", nargs=-1, metavar="[N,K ...]")
+@click.option("--max-m", type=click.IntRange(1, 4096), default=256, show_default=True, help="Sweep M = 1..this.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--show", is_flag=True, help="Print the dispatch table and exit.")
+def tune_command(weights, use_shapes, shape_texts, max_m, device, show):
+    """Find, per weight shape, where flat GEMM beats GEMV (M1) and the library beats flat GEMM (M2).
+
+    minifd tune --weights DIR | --shapes N,K [N,K ...]; minifd tune --show
+    """
+    path = table_path()
+    if show:
+        _show(path)
+        return
+    if shape_texts and not use_shapes:
+        raise MinifdError(f"unexpected argument {shape_texts[0]!r} (weight shapes follow --shapes)")
+    shapes = (model_shapes(weights) if weights is not None else []) + [parse_shape(t) for t in shape_texts]
+    if not shapes:
+        raise MinifdError("nothing to tune: give --weights DIR or --shapes N,K [N,K ...]")
+    xp = array_module(device)
+    device_name = gpu_properties().name if is_gpu(xp) else CPU_DEVICE_NAME
+    timer = GpuTimer(xp) if is_gpu(xp) else CpuTimer()
+    click.echo(f"tuning on {device_name}, M = 1..{max_m}")
+    for shape in _unique(shapes):
+        times = sweep(shape, max_m, xp, timer)
+        m1, m2 = choose_thresholds(times)
+        devices = read_table(path)  # each shape is saved as soon as it is measured
+        devices.setdefault(device_name, {})[shape_key(shape.n, shape.k)] = {"m1": m1, "m2": m2, "max_m": max_m}
+        write_table(path, devices)
+        click.echo(f"  {shape.name:>8} {shape.n} x {shape.k}: M1 = {m1}, M2 = {m2}   " + _timings_line(times, max_m))
+    click.echo(f"wrote {path}")
+
+
+def _timings_line(times, max_m):
+    parts = []
+    for m in (m for m in REPORT_MS if m <= max_m):
+        cells = ", ".join(f"{impl} {times[impl][m - 1] * 1e6:.1f}" for impl in IMPLEMENTATIONS if np.isfinite(times[impl][m - 1]))
+        parts.append(f"M={m}: {cells} us")
+    return "; ".join(parts)
+
+
+def _show(path):
+    devices = read_table(path)
+    m1, m2 = DEFAULT_THRESHOLDS
+    if not devices:
+        click.echo(f"no dispatch table at {path}: every shape uses M1 = {m1}, M2 = {m2}")
+        return
+    click.echo(f"{path} (shapes not listed use M1 = {m1}, M2 = {m2})")
+    for device_name in sorted(devices):
+        click.echo(device_name)
+        for key, entry in sorted(devices[device_name].items(), key=lambda item: [int(v) for v in item[0].split(",")]):
+            n, k = key.split(",")
+            click.echo(
+                f"  {n} x {k}: gemv M < {entry['m1']}, flat_gemm {entry['m1']} <= M < {entry['m2']}, "
+                f"library M >= {entry['m2']} (swept M <= {entry['max_m']})"
+            )

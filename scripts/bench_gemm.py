@@ -1,0 +1,120 @@
+"""Benchmark the linear-layer implementations on the Llama-2-7B shapes (run on a GPU).
+
+For each weight shape (N, K) and M = 1, 2, 4, 8, 16, 32, 64, 128 it times, side by side in one run:
+GEMV (ImplA), flat GEMM (ImplB), cuBLAS through cupy.matmul (ImplC), torch.matmul when torch
+imports, and `linear` left to the dispatcher. Bandwidth is (bytes of W + x + y) / time as a % of the
+device-to-device copy bandwidth measured here (bytes read + written). Timing: CUDA events between
+back-to-back calls queued behind a busy GPU, the median of --repeats calls, W rotated among copies
+that exceed the L2 cache (minifd.tuning.GpuTimer, make_operands).
+
+Targets (issue 4): for M <= 8, the better of GEMV / flat GEMM at >= 90% of copy bandwidth and
+>= 1.15x cuBLAS on average; the dispatcher's choice within 3% of the best of the three at every M.
+
+    PYTHONPATH=. python3 scripts/bench_gemm.py [--quick] [--json OUT.json]
+"""
+
+import argparse
+import json
+
+import numpy as np
+
+from minifd.backend import cupy_or_none
+from minifd.kernels.dispatch import choose_implementation, gpu_properties
+from minifd.kernels.linear import linear
+from minifd.tuning import GpuTimer, WeightShape, make_operands
+
+SHAPES = (
+    WeightShape("qkv", 12288, 4096),
+    WeightShape("o", 4096, 4096),
+    WeightShape("gate_up", 22016, 4096),
+    WeightShape("down", 4096, 11008),
+)
+MS = (1, 2, 4, 8, 16, 32, 64, 128)
+OWN = ("gemv", "flat_gemm")
+THREE = ("gemv", "flat_gemm", "library")
+
+
+def copy_bandwidth(cupy, timer, repeats):
+    """-> bytes per second of a 1 GiB device-to-device copy, counting bytes read and written."""
+    size = 1 << 30
+    source = cupy.zeros(size, dtype=cupy.uint8)
+    target = cupy.empty_like(source)
+    seconds = timer.per_call_seconds(lambda i: target.data.copy_from_device_async(source.data, size), repeats)
+    return 2 * size / float(np.median(seconds))
+
+
+def bench_shape(cupy, torch, timer, shape, repeats):
+    """-> one row per M: {"m", "<impl>": seconds, ..., "choice"}."""
+    x, weights = make_operands(shape, max(MS), cupy)
+    torch_weights = [torch.as_tensor(w, device="cuda") for w in weights] if torch is not None else None
+    torch_x = torch.as_tensor(x, device="cuda") if torch is not None else None
+    device = gpu_properties().name
+    rows = []
+    for m in MS:
+        rows_of_x = x[:m]
+        calls = {impl: (lambda i, impl=impl: linear(rows_of_x, weights[i % len(weights)], impl=impl)) for impl in THREE}
+        calls["dispatch"] = lambda i: linear(rows_of_x, weights[i % len(weights)])
+        if torch is not None:
+            calls["torch"] = lambda i: torch.matmul(torch_x[:m], torch_weights[i % len(weights)].T)
+        row = {"m": m, "choice": choose_implementation(m, shape.n, shape.k, device)}
+        for name, call in calls.items():
+            row[name] = float(np.median(timer.per_call_seconds(call, repeats)))
+        rows.append(row)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--json", default=None, help="also write the measurements here")
+    args = parser.parse_args()
+    cupy = cupy_or_none()
+    if cupy is None:
+        raise SystemExit("bench_gemm.py needs a GPU (CuPy sees none)")
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    repeats = args.repeats or (11 if args.quick else 41)
+    timer = GpuTimer(cupy)
+    bandwidth = copy_bandwidth(cupy, timer, repeats)
+    print(f"device: {gpu_properties().name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); "
+          f"median of {repeats} calls; torch {'yes' if torch is not None else 'not importable'}")
+
+    header = (f"{'shape':>8} {'M':>4} | {'gemv us':>8} {'%bw':>4} | {'flat us':>8} {'%bw':>4} | {'cuBLAS us':>9} {'%bw':>4}"
+              f" | {'torch us':>8} | {'dispatch':>9} {'us':>8} {'chosen/best':>11} | {'own/cuBLAS':>10}")
+    print(header)
+    print("-" * len(header))
+    results, decode_bandwidth, decode_speedup, dispatch_ratios = [], [], [], []
+    for shape in SHAPES:
+        for row in bench_shape(cupy, torch, timer, shape, repeats):
+            m = row["m"]
+            moved = 2 * (shape.n * shape.k + m * shape.k + m * shape.n)  # fp16 bytes of W, x, y
+            percent = {impl: 100 * moved / row[impl] / bandwidth for impl in THREE}
+            own = min(row[impl] for impl in OWN)
+            chosen_over_best = row[row["choice"]] / min(row[impl] for impl in THREE)
+            dispatch_ratios.append(chosen_over_best)
+            if m <= 8:
+                decode_bandwidth.append(100 * moved / own / bandwidth)
+                decode_speedup.append(row["library"] / own)
+            torch_cell = f"{row['torch'] * 1e6:8.1f}" if "torch" in row else f"{'-':>8}"
+            print(f"{shape.name:>8} {m:>4} | {row['gemv'] * 1e6:8.1f} {percent['gemv']:4.0f} | "
+                  f"{row['flat_gemm'] * 1e6:8.1f} {percent['flat_gemm']:4.0f} | {row['library'] * 1e6:9.1f} "
+                  f"{percent['library']:4.0f} | {torch_cell} | {row['choice']:>9} {row['dispatch'] * 1e6:8.1f} "
+                  f"{chosen_over_best:11.3f} | {row['library'] / own:10.2f}")
+            results.append({"shape": shape.name, "n": shape.n, "k": shape.k, **row})
+        print()
+
+    print(f"M <= 8, better of GEMV / flat GEMM: mean {np.mean(decode_bandwidth):.1f}% of copy bandwidth "
+          f"(min {np.min(decode_bandwidth):.1f}%), mean {np.mean(decode_speedup):.3f}x cuBLAS "
+          f"(min {np.min(decode_speedup):.3f}x)   [targets: >= 90%, >= 1.15x]")
+    print(f"dispatcher: chosen implementation / best of three, worst {np.max(dispatch_ratios):.3f}, "
+          f"mean {np.mean(dispatch_ratios):.3f}   [target: <= 1.03 at every M]")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"device": gpu_properties().name, "copy_bytes_per_second": bandwidth, "rows": results}, out, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""`minifd tune`: the threshold choice on known timing curves, the model's shapes, and the command
+end to end on the CPU backend (and on a GPU when there is one)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minifd.backend import cupy_or_none
+from minifd.errors import MinifdError
+from minifd.kernels import dispatch
+from minifd.tuning import choose_thresholds, model_shapes, parse_shape
+
+cupy = cupy_or_none()
+gpu = pytest.mark.skipif(cupy is None, reason="needs a GPU through CuPy")
+
+
+def curves(max_m, m1, m2):
+    """Timings where GEMV is best below m1, flat GEMM on [m1, m2), the library from m2 (one crossing each)."""
+    m = np.arange(1, max_m + 1, dtype=np.float64)
+    flat = 1.0 + 0.01 * m
+    gemv = flat * np.exp(0.1 * (m - m1 + 0.5))  # crosses flat GEMM between m1 - 1 and m1
+    library = flat * np.exp(-0.02 * (m - m2 + 0.5))  # crosses flat GEMM between m2 - 1 and m2
+    return {"gemv": gemv, "flat_gemm": flat, "library": library}
+
+
+@given(max_m=st.integers(1, 256), data=st.data())
+def test_thresholds_are_the_crossings_of_single_crossing_curves(max_m, data):
+    m1 = data.draw(st.integers(1, max_m + 1))
+    m2 = data.draw(st.integers(m1, max_m + 1))
+    assert choose_thresholds(curves(max_m, m1, m2)) == (m1, m2)
+
+
+def test_thresholds_ignore_isolated_noisy_points():
+    # "the first M where B beats A" would answer M1 = 3 and M2 = 12 here
+    times = curves(64, 10, 40)
+    times["flat_gemm"][3 - 1] *= 0.4  # a spurious flat GEMM win at M = 3
+    times["library"][12 - 1] *= 0.5  # and a library win at M = 12
+    times["gemv"][30 - 1] *= 0.3  # and a GEMV win at M = 30
+    assert choose_thresholds(times) == (10, 40)
+
+
+def test_thresholds_with_an_implementation_dropped_from_the_sweep():
+    times = curves(64, 4, 40)
+    times["gemv"][12:] = np.inf  # GEMV stopped being timed after losing for a while
+    assert choose_thresholds(times) == (4, 40)
+
+
+def test_model_shapes_are_the_fused_projections(tmp_path):
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+              "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 8}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shapes = {s.name: (s.n, s.k) for s in model_shapes(tmp_path)}
+    assert shapes == {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
+                      "lm_head": (32000, 4096)}
+
+
+def test_shapes_parse_or_fail_clearly():
+    assert (parse_shape("12288,4096").n, parse_shape("12288,4096").k) == (12288, 4096)
+    for bad in ("12288", "a,b", "0,5", "1,2,3"):
+        with pytest.raises(MinifdError):
+            parse_shape(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+def minifd_tune(cache, *args):
+    env = dict(os.environ, MINIFD_CACHE=str(cache), PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, "-m", "minifd", "tune", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_tune_on_cpu_writes_the_table_and_show_prints_it(tmp_path):
+    assert "no dispatch table" in minifd_tune(tmp_path, "--show").stdout
+    result = minifd_tune(tmp_path, "--device", "cpu", "--max-m", "6", "--shapes", "40,24", "7,9")
+    assert result.returncode == 0, result.stderr
+    devices = json.loads((tmp_path / dispatch.TABLE_FILE).read_text())["devices"]
+    assert set(devices["cpu"]) == {"40,24", "7,9"}
+    for entry in devices["cpu"].values():
+        assert 1 <= entry["m1"] <= entry["m2"] <= 7 and entry["max_m"] == 6
+    shown = minifd_tune(tmp_path, "--show").stdout
+    assert "cpu" in shown and "40 x 24" in shown and "7 x 9" in shown
+    # a second shape set merges into the table rather than replacing it
+    assert minifd_tune(tmp_path, "--device", "cpu", "--max-m", "2", "--shapes", "5,5").returncode == 0
+    assert set(json.loads((tmp_path / dispatch.TABLE_FILE).read_text())["devices"]["cpu"]) == {"40,24", "7,9", "5,5"}
+
+
+def test_tune_without_shapes_is_a_user_error(tmp_path):
+    result = minifd_tune(tmp_path, "--device", "cpu")
+    assert result.returncode == 2 and "give --weights DIR or --shapes" in result.stderr
+    result = minifd_tune(tmp_path, "--device", "cpu", "--shapes", "12,x")
+    assert result.returncode == 2 and "not N,K" in result.stderr
+
+
+@gpu
+def test_tune_on_gpu_writes_an_entry_for_this_gpu(tmp_path):
+    result = minifd_tune(tmp_path, "--max-m", "12", "--shapes", "1024,512")
+    assert result.returncode == 0, result.stderr
+    entry = json.loads((tmp_path / dispatch.TABLE_FILE).read_text())["devices"][dispatch.gpu_properties().name]
+    assert 1 <= entry["1024,512"]["m1"] <= entry["1024,512"]["m2"] <= 13
