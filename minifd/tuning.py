@@ -38,7 +38,7 @@ from minifd.kernels.linear import linear
 REPEATS = 9             # timed calls per (implementation, M); the median counts
 DROP_AFTER = 8          # an implementation this many M in a row at >= DROP_RATIO x the best stops being timed
 DROP_RATIO = 2.0
-ROTATION_BYTES_PER_L2 = 3  # weight copies cover this many L2 sizes
+ROTATION_L2_MULTIPLE = 3  # the rotated weight copies together span this many L2 caches
 REPORT_MS = (1, 8, 64)  # M values whose timings the command prints
 
 
@@ -174,7 +174,7 @@ def make_operands(shape, max_m, xp):
         x = rng.uniform(-1, 1, (max_m, shape.k)).astype(np.float32)
         return x, [rng.uniform(-1, 1, (shape.n, shape.k)).astype(np.float32)]
     weight_bytes = shape.n * shape.k * 2
-    copies = max(2, math.ceil(ROTATION_BYTES_PER_L2 * gpu_properties().l2_bytes / weight_bytes))
+    copies = max(2, math.ceil(ROTATION_L2_MULTIPLE * gpu_properties().l2_bytes / weight_bytes))
     x = xp.asarray(rng.uniform(-1, 1, (max_m, shape.k)), dtype=xp.float16)
     weights = [(xp.random.random((shape.n, shape.k), dtype=xp.float32) - 0.5).astype(xp.float16) for _ in range(copies)]
     return x, weights

@@ -12,7 +12,8 @@ from tiny_model import tiny_model
 
 
 def minifd_cli(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "minifd", *args], capture_output=True, text=True, timeout=120)
+    """`minifd run ARGS` on the CPU, whatever GPU the machine has: results are compared with the CPU engine."""
+    result = subprocess.run([sys.executable, "-m", "minifd", *args, "--device", "cpu"], capture_output=True, text=True, timeout=120)
     if check:
         assert result.returncode == 0, result.stderr
     return result

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from linear_oracle import assert_close_to_oracle, random_operands
 from minifd.backend import cupy_or_none
 from minifd.kernels.flat_gemm import (
-    BLOCK_W_BYTES,
     BLOCKS_PER_MULTIPROCESSOR,
     FLAT_BK,
     FLAT_BN,
@@ -39,9 +38,12 @@ def test_plan_covers_every_tile_once(m, n, k, sms):
     assert (plan.k_tiles - 1) * bk < k <= plan.k_tiles * bk
     # every split has at least one K tile and together they hold all of them
     assert (plan.splits - 1) * plan.tiles_per_split < plan.k_tiles <= plan.splits * plan.tiles_per_split
-    # no block streams more than BLOCK_W_BYTES of W (unless one K tile alone is more)
-    assert plan.tiles_per_split * FLAT_BN * bk * 2 <= max(BLOCK_W_BYTES, FLAT_BN * bk * 2)
-    if 2 * plan.n_blocks * plan.m_groups <= BLOCKS_PER_MULTIPROCESSOR * sms and plan.k_tiles > 1:
+    blocks, one_wave = plan.n_blocks * plan.m_groups, BLOCKS_PER_MULTIPROCESSOR * sms
+    if blocks >= one_wave:
+        assert plan.splits == 1  # N alone fills the GPU: no split
+    else:
+        assert blocks * plan.splits <= one_wave  # splitting never adds a second wave
+    if 2 * blocks <= one_wave and plan.k_tiles > 1:
         assert plan.splits > 1  # N alone leaves the GPU half empty: split K
 
 

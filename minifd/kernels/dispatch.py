@@ -13,9 +13,10 @@ thresholds measured offline per GPU and per weight shape (N, K):
 
 where <device name> is the GPU's name as the runtime reports it ("cpu" for the NumPy backend) and
 max_m is the largest M the sweep measured. A shape or device missing from the table gets
-DEFAULT_THRESHOLDS: GEMV for M = 1, flat GEMM for 2 <= M < 64, the library from 64 on; these follow
-the paper's crossovers (CUDA cores lose to tensor cores from batch 2..4, a library GEMM's 64-row
-tiles stop wasting work once M reaches its tile).
+DEFAULT_THRESHOLDS: GEMV for M = 1 and the library from M = 2, with no flat-GEMM range. That is
+what the one GPU measured so far said (an H200 on the Llama-2-7B shapes, scripts/bench_gemm.py):
+cuBLAS was within a few percent of the best from M = 2 on, and the flat GEMM won only M = 3..4 of
+the 4096 x 4096 shape. The flat GEMM runs wherever `minifd tune` measured it faster.
 """
 
 import functools
@@ -27,7 +28,7 @@ from pathlib import Path
 from minifd.errors import MinifdError
 
 IMPLEMENTATIONS = ("gemv", "flat_gemm", "library")
-DEFAULT_THRESHOLDS = (2, 64)  # (M1, M2) when the table has no entry
+DEFAULT_THRESHOLDS = (2, 2)  # (M1, M2) when the table has no entry
 TABLE_FILE = "linear_dispatch.json"
 TABLE_FORMAT = 1
 CPU_DEVICE_NAME = "cpu"

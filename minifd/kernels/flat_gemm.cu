@@ -8,16 +8,14 @@
 // ceil(M / M_TILE)). Block (b, s, g) owns output features [FLAT_BN b, FLAT_BN (b + 1)) and x rows
 // [M_TILE g, M_TILE (g + 1)), and runs the K tiles [s T, (s + 1) T) of width FlatTile::bk in sequence
 // (T = tiles_per_split): no atomics between K tiles. A K tile of W is FLAT_BN rows by bk columns, so
-// each row of W is read in 512-byte (M_TILE 8) or 256-byte runs: long runs keep DRAM pages open,
-// where short ones (a library's 64-column tiles) waste activations. Double buffering: two
-// shared-memory stages; the next tile's W and x land by cp.async (sm_80+) while the tensor cores
-// consume the current one.
+// each row of W is read in runs of 512 bytes (M_TILE 8) or 256 bytes, as long as a GEMV warp's.
+// Double buffering: two shared-memory stages; the next tile's W and x land by cp.async (sm_80+)
+// while the tensor cores consume the current one.
 //
-// Split K: when N / FLAT_BN blocks cannot fill the GPU, or a block would stream a long run of K,
-// splits > 1 blocks share one output tile. Each writes its fp32 partial tile to workspace[s, m, n];
-// the last block to arrive at the tile's counter (an atomic ticket) adds the partials in split order
-// 0..splits-1, so the result does not depend on arrival order, writes y and re-arms the counter to 0
-// for the next launch (graph replay).
+// Split K: when N / FLAT_BN blocks cannot fill the GPU, splits > 1 blocks share one output tile.
+// Each writes its fp32 partial tile to workspace[s, m, n]; the last block to arrive at the tile's
+// counter (an atomic ticket) adds the partials in split order 0..splits-1, so the result does not
+// depend on arrival order, writes y and re-arms the counter to 0 for the next launch (graph replay).
 //
 // Compute step per target, each on the whole FLAT_BN x bk stage, its K split into `slices`:
 // mma.sync m16n8k16 (NVIDIA sm_80+: warp w owns K quarter w), v_mfma_f32_16x16x16f16 (AMD CDNA:

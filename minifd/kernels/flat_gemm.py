@@ -2,11 +2,10 @@
 
 y[m, n] = sum_k x[m, k] W[n, k]. Blocks own FLAT_BN output features by M_TILE rows of x (M padded
 to 8, 16 or 32, never to 64) and run their K tiles of FLAT_BK[M_TILE] in sequence. When the
-ceil(N / FLAT_BN) blocks per M group cannot fill the GPU, or a block would stream more than
-BLOCK_W_BYTES of W, K is split across blocks: each split sums its own run of K tiles, and the split
-partials are added in split order. The emulation follows the same plan (with
-EMULATED_MULTIPROCESSORS standing in for the GPU): M padded to the tile, one float32 partial per
-split over that split's K range, the partials added in split order.
+ceil(N / FLAT_BN) blocks per M group cannot fill the GPU, K is split across blocks: each split sums
+its own run of K tiles, and the split partials are added in split order. The emulation follows the
+same plan (with EMULATED_MULTIPROCESSORS standing in for the GPU): M padded to the tile, one float32
+partial per split over that split's K range, the partials added in split order.
 
 Paper's analysis: parallelism = N / FLAT_BN blocks per M group, hence split K for small N.
 """
@@ -26,11 +25,9 @@ FLAT_BN = 32
 FLAT_BK = {8: 256, 16: 128, 32: 128}  # K per stage for each M tile (FlatTile::bk)
 FLAT_M_TILES = (8, 16, 32)
 # Split K until the grid holds up to this many blocks per multiprocessor: with 26-42 KB of shared
-# memory a block, 4 fit on one at every M tile, so splitting never adds a wave of its own.
+# memory a block, 4 fit on one at every M tile, so splitting never adds a wave of its own. (A grid
+# one wave deep streams best: a second, partial wave leaves a few blocks streaming alone at the end.)
 BLOCKS_PER_MULTIPROCESSOR = 4
-# ... and until no block streams more than this much of W: a grid of many short blocks ends with
-# many blocks still streaming, not with a few long ones finishing alone.
-BLOCK_W_BYTES = 128 << 10
 # The CPU emulation plans as an H100 (132 multiprocessors) would.
 EMULATED_MULTIPROCESSORS = 132
 
@@ -52,9 +49,8 @@ def plan_flat_gemm(m, n, k, multiprocessors):
     m_groups = -(-m // m_tile)
     n_blocks = -(-n // FLAT_BN)
     k_tiles = max(1, -(-k // bk))
-    fill = BLOCKS_PER_MULTIPROCESSOR * multiprocessors // (n_blocks * m_groups)
-    short_blocks = -(-k_tiles // max(1, BLOCK_W_BYTES // (FLAT_BN * bk * 2)))
-    splits = min(max(fill, short_blocks, 1), k_tiles)
+    one_wave = BLOCKS_PER_MULTIPROCESSOR * multiprocessors // (n_blocks * m_groups)
+    splits = min(max(one_wave, 1), k_tiles)
     tiles_per_split = -(-k_tiles // splits)
     splits = -(-k_tiles // tiles_per_split)  # no split left without tiles
     return FlatGemmPlan(m_tile, m_groups, n_blocks, k_tiles, splits, tiles_per_split)
