@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from minifd.backend import is_gpu, to_numpy
+from minifd.kernels.dispatch import kernels_only
 from minifd.sampling import sample
 
 NON_FINITE = -1  # the token a row reports when its logits hold NaN or Inf
@@ -59,6 +60,9 @@ class DecodeStep:
                 self.graph.launch(stream=self.stream)
             elif self.use_graph and self.steps >= 2 and self._capture():
                 self.graph.launch(stream=self.stream)
+            elif self.use_graph:
+                with kernels_only():  # the warm-up must allocate what the captured step will use
+                    self._step()
             else:
                 self._step()
             return to_numpy(self.chosen)
@@ -72,7 +76,8 @@ class DecodeStep:
         try:
             self.stream.begin_capture()
             try:
-                self._step()
+                with kernels_only():
+                    self._step()
             finally:
                 graph = self.stream.end_capture()
         except Exception as error:  # the driver or the CuPy build cannot capture this step

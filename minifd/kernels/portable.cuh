@@ -151,6 +151,15 @@ __device__ __forceinline__ void ldmatrix_x2(unsigned reg[2], const void* shared_
                  : "r"(shared_addr));
 }
 
+// The transposing form: lane i's address still names a 16-byte row of matrix i / 8, but each lane
+// receives (column g, rows 2t..2t+1): a row-major [k][n] tile in shared memory becomes B fragments.
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned reg[4], const void* shared_ptr) {
+    unsigned shared_addr = static_cast<unsigned>(__cvta_generic_to_shared(shared_ptr));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(reg[0]), "=r"(reg[1]), "=r"(reg[2]), "=r"(reg[3])
+                 : "r"(shared_addr));
+}
+
 __device__ __forceinline__ void mma_16816(float acc[4], const unsigned a[4], const unsigned b[2]) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
