@@ -11,13 +11,22 @@
 // (ceil(N / rows_per_block), ceil(M / M_TILE)) and blockIdx.y picks M_TILE rows of x. The block walks
 // K in chunks of GEMV_STAGE_HALVES / M_TILE: the chunk of its x rows is staged in shared memory once
 // for all warps, then each lane streams 16-byte pieces of its warp's rows of W, `unroll` pieces per
-// row in flight (8 for M_TILE <= 2, where the arithmetic is light; 4 above, where registers go to
-// the accumulators), and a warp_sum closes each dot product. vector_ok == 0 (K not a multiple of 8, or a
+// row in flight (GEMV_UNROLL for M_TILE <= 2, where the arithmetic is light; half that above, where
+// registers go to the accumulators), and a warp_sum closes each dot product. vector_ok == 0 (K not a multiple of 8, or a
 // pointer not 16-byte aligned) walks the same geometry with 2-byte loads.
 #include "portable.cuh"
 
-#define GEMV_THREADS 256
-#define GEMV_ROWS_PER_WARP 2
+// The geometry can be set at compile time (-D...) so a sweep can compare variants; gemv.py passes
+// the values it plans with.
+#ifndef GEMV_THREADS
+#define GEMV_THREADS 128
+#endif
+#ifndef GEMV_ROWS_PER_WARP
+#define GEMV_ROWS_PER_WARP 1
+#endif
+#ifndef GEMV_UNROLL
+#define GEMV_UNROLL 8  // 16-byte pieces of each row in flight per lane for M_TILE <= 2 (half that above)
+#endif
 #define GEMV_STAGE_HALVES 8192  // 16 KB of shared memory holds M_TILE x-rows of one K chunk
 
 __device__ __forceinline__ int gemv_min(int a, int b) { return a < b ? a : b; }
@@ -49,7 +58,7 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
     // x: [M, K], w: [N, K] -> y: [M, N]
     constexpr int chunk = GEMV_STAGE_HALVES / M_TILE;
     constexpr int warps = GEMV_THREADS / MINIFD_WARP_SIZE;
-    constexpr int unroll = M_TILE <= 2 ? 8 : 4;
+    constexpr int unroll = M_TILE <= 2 ? GEMV_UNROLL : (GEMV_UNROLL + 1) / 2;
     __shared__ __align__(16) half_t x_stage[GEMV_STAGE_HALVES];
 
     const int warp = threadIdx.x / MINIFD_WARP_SIZE, lane = threadIdx.x % MINIFD_WARP_SIZE;
