@@ -273,3 +273,13 @@ def test_out_of_memory_for_the_kv_cache_says_what_to_lower(capsys, model_dir, mo
 
     monkeypatch.setattr(minifd.engine.KVCache, "allocate", exhausted)
     assert_one_line_error(capsys, run_args(model_dir), "out of memory for the KV cache", "lower --max-new-tokens")
+
+
+def test_a_kernel_that_fails_to_compile_shows_the_compiler_message(tmp_path):
+    if minifd.backend.cupy_or_none() is None:
+        pytest.skip("needs CuPy and a GPU to run the run-time compiler")
+    from minifd.kernels.compile import load_module
+
+    (tmp_path / "broken.cu").write_text('#include "portable.cuh"\nextern "C" __global__ void k() { undeclared_name = 1; }\n')
+    with pytest.raises(MinifdError, match="kernel broken.cu failed to compile.*undeclared_name"):
+        load_module("broken.cu", kernels_dir=str(tmp_path))

@@ -10,6 +10,8 @@ import functools
 import os
 from pathlib import Path
 
+from minifd.errors import MinifdError
+
 KERNELS_DIR = Path(__file__).resolve().parent
 
 
@@ -50,11 +52,20 @@ def compiler_options(cupy, options=()):
 
 
 @functools.lru_cache(maxsize=None)
-def load_module(source_name, options=()):
-    """source_name: a file in minifd/kernels (e.g. 'decode_attention.cu'); options: a tuple of extra
-    compiler flags (e.g. ('-DHEAD_DIM=128',)) -> cupy.RawModule whose `get_function(name)` returns
-    the file's `extern "C"` kernels. Raises FileNotFoundError for an unknown source."""
+def load_module(source_name, options=(), kernels_dir=KERNELS_DIR):
+    """source_name: a file in kernels_dir (e.g. 'decode_attention.cu'); options: a tuple of extra
+    compiler flags (e.g. ('-DHEAD_DIM=128',)) -> compiled cupy.RawModule whose `get_function(name)`
+    returns the file's `extern "C"` kernels. Raises FileNotFoundError for an unknown source and
+    MinifdError, with the compiler's first error line, for a source that does not compile."""
     import cupy
 
-    source = (KERNELS_DIR / source_name).read_text()
-    return cupy.RawModule(code=source, options=compiler_options(cupy, options))
+    source = (Path(kernels_dir) / source_name).read_text()
+    module = cupy.RawModule(code=source, options=compiler_options(cupy, options))
+    try:
+        module.compile()
+    except cupy.cuda.compiler.CompileException as error:
+        log = str(error)
+        first_error = next((line.strip() for line in log.splitlines() if "error" in line.lower()), log.strip())
+        raise MinifdError(f"kernel {source_name} failed to compile with {' '.join(options) or 'default options'}: "
+                          f"{first_error} (--debug shows the whole compiler log)") from error
+    return module
