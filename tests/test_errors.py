@@ -283,3 +283,34 @@ def test_a_kernel_that_fails_to_compile_shows_the_compiler_message(tmp_path):
     (tmp_path / "broken.cu").write_text('#include "portable.cuh"\nextern "C" __global__ void k() { undeclared_name = 1; }\n')
     with pytest.raises(MinifdError, match="kernel broken.cu failed to compile.*undeclared_name"):
         load_module("broken.cu", kernels_dir=str(tmp_path))
+
+
+# --- tables are replaced atomically -----------------------------------------------------------
+
+def test_a_crash_mid_write_leaves_the_old_table(tmp_path, monkeypatch):
+    from minifd import files
+    from minifd.kernels.softmax_range import SoftmaxRange, load_softmax_ranges, save_softmax_ranges
+
+    path = tmp_path / "minifd_softmax.json"
+    save_softmax_ranges(path, [SoftmaxRange(phi=1.5)] * 2)
+
+    def crash(*args):
+        raise KeyboardInterrupt  # the process dies between writing the new file and renaming it
+
+    monkeypatch.setattr(files.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_softmax_ranges(path, [SoftmaxRange(phi=-3.0)] * 2)
+    assert [r.phi for r in load_softmax_ranges(path, 2)] == [1.5, 1.5]
+    assert [p.name for p in tmp_path.iterdir()] == ["minifd_softmax.json"]
+
+
+def test_the_dispatch_table_is_written_through_the_same_atomic_path(tmp_path, monkeypatch):
+    from minifd import files
+    from minifd.kernels import dispatch
+
+    path = tmp_path / "table.json"
+    dispatch.write_table(path, {"cpu": {"8,8": {"m1": 2, "m2": 4, "max_m": 16}}})
+    monkeypatch.setattr(files.os, "replace", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        dispatch.write_table(path, {"cpu": {}})
+    assert dispatch.read_table(path)["cpu"]["8,8"]["m2"] == 4

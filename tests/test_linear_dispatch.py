@@ -183,9 +183,9 @@ def test_a_corrupt_table_is_a_user_error(cache):
 def test_cache_directory_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("MINIFD_CACHE", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
-    assert dispatch.cache_dir() == tmp_path / "a"
+    assert dispatch.table_path().parent == tmp_path / "a"
     monkeypatch.delenv("MINIFD_CACHE")
-    assert dispatch.cache_dir() == tmp_path / "b" / "minifd"
+    assert dispatch.table_path().parent == tmp_path / "b" / "minifd"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert dispatch.cache_dir() == tmp_path / "home" / ".cache" / "minifd"
+    assert dispatch.table_path().parent == tmp_path / "home" / ".cache" / "minifd"

@@ -22,11 +22,11 @@ the 4096 x 4096 shape. The flat GEMM runs wherever `minifd tune` measured it fas
 import contextlib
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from minifd.errors import MinifdError
+from minifd.files import cache_root, write_text_atomically
 
 IMPLEMENTATIONS = ("gemv", "flat_gemm", "library")
 DEFAULT_THRESHOLDS = (2, 2)  # (M1, M2) when the table has no entry
@@ -39,17 +39,8 @@ CPU_DEVICE_NAME = "cpu"
 # Where the table lives
 # ----------------------------------------------------------------------------------------------
 
-def cache_dir():
-    """$MINIFD_CACHE, else $XDG_CACHE_HOME/minifd, else ~/.cache/minifd."""
-    if os.environ.get("MINIFD_CACHE"):
-        return Path(os.environ["MINIFD_CACHE"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "minifd"
-    return Path.home() / ".cache" / "minifd"
-
-
 def table_path():
-    return cache_dir() / TABLE_FILE
+    return cache_root() / TABLE_FILE
 
 
 def shape_key(n, k):
@@ -72,11 +63,7 @@ def read_table(path):
 
 def write_table(path, devices):
     """Replace the table at `path` atomically (write a temporary file beside it, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps({"format": TABLE_FORMAT, "devices": devices}, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps({"format": TABLE_FORMAT, "devices": devices}, indent=2, sort_keys=True) + "\n")
     forget_tables()
 
 

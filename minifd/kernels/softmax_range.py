@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minifd.errors import MinifdError
+from minifd.files import write_text_atomically
 
 LOWEST_LOW = -60.0
 HIGHEST_HIGH = 60.0
@@ -85,4 +86,4 @@ def save_softmax_ranges(path, ranges, layer_statistics=(), summary=None):
                 "layers": [{**asdict(r), **extra} for r, extra in zip(ranges, statistics)]}
     if summary:
         document["summary"] = summary
-    Path(path).write_text(json.dumps(document, indent=1) + "\n")
+    write_text_atomically(path, json.dumps(document, indent=1) + "\n")
