@@ -6,10 +6,14 @@ kernel of the same code, and torch's scaled_dot_product_attention on the same de
 timed as CUDA graphs (the GPU time of a captured decode step, without Python launch overhead);
 achieved bandwidth (K and V bytes read / time) as a percentage of the measured device-to-device copy
 bandwidth; and the unified-max kernel with every row forced onto the recompute path.
-Prefill: causal, 32 heads, head_dim 128, 1K..8K tokens: unified max vs synchronised vs torch SDPA.
+Prefill: causal, 1K..8K tokens, at the Llama-2-7B shape (32 heads, head_dim 128), a GQA shape (32
+query / 8 KV heads) and SmolLM2's (9 query / 3 KV heads, head_dim 64): the unified-max kernel, the
+synchronised kernel and the unified-max kernel with every row recomputed, against torch SDPA with its
+flash backend forced (GQA K and V repeated to the query heads beforehand, as Hugging Face does), all
+timed as CUDA graphs; TFLOP/s counts the causal half of Q K^T and P V.
 "vs sync" and "vs sdpa" are speedups of the unified-max kernel: the other's time / its time.
 
-Usage: PYTHONPATH=. python3 scripts/bench_attention.py [--quick]
+Usage: PYTHONPATH=. python3 scripts/bench_attention.py [--quick] [--prefill-only]
 """
 
 import argparse
@@ -148,29 +152,68 @@ def bench_decode(cupy, sdpa, copy_gbs, lengths, repeats):
                       f"{sync_ms / async_ms:>10.2f} {sdpa_ms / async_ms:>10.2f}")
 
 
+def flash_sdpa(torch, function):
+    """function with torch's flash-attention backend forced (where torch can pin a backend)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return function
+
+    def pinned(*args, **kwargs):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return function(*args, **kwargs)
+    return pinned
+
+
+PREFILL_SHAPES = (("MHA 32/32 d128", 32, 32, 128), ("GQA 32/8 d128", 32, 8, 128), ("SmolLM2 9/3 d64", 9, 3, 64))
+
+
+def time_prefill(cupy, sdpa, seq, n_heads, n_kv_heads, head_dim, repeats):
+    """-> (async, sync, all-rows-recomputed, torch SDPA) ms per call for one causal prefill shape."""
+    q = cupy.random.standard_normal((seq, n_heads, head_dim), dtype=cupy.float32).astype(cupy.float16)
+    k, v = (cupy.random.standard_normal((seq, n_kv_heads, head_dim), dtype=cupy.float32).astype(cupy.float16)
+            for _ in range(2))
+    cupy.cuda.Device().synchronize()  # the inputs come from the legacy stream; the graphs run on their own
+
+    def call(method="async", softmax_range=None):
+        return lambda: attention.prefill_attention(q, k, v, softmax_range, method)
+
+    calls = max(2, 20 * 1024 // seq)  # graphs of about the same length at every seq
+    async_ms = graph_milliseconds(cupy, call(), repeats, calls)
+    sync_ms = graph_milliseconds(cupy, call("sync"), repeats, calls)
+    recompute_ms = graph_milliseconds(cupy, call(softmax_range=EVERY_ROW_UNSAFE), repeats, calls)
+    sdpa_ms = float("nan")
+    if sdpa is not None:
+        torch, function = sdpa
+        group = n_heads // n_kv_heads
+        tq, tk, tv = (torch.from_dlpack(a).transpose(0, 1)[None] for a in (q, k, v))  # [1, heads, seq, dim]
+        tk, tv = (t.repeat_interleave(group, dim=1) for t in (tk, tv))
+        pinned = flash_sdpa(torch, function)
+        sdpa_ms = torch_graph_milliseconds(torch, lambda: pinned(tq, tk, tv, is_causal=True), repeats, calls)
+    return async_ms, sync_ms, recompute_ms, sdpa_ms
+
+
 def bench_prefill(cupy, sdpa, lengths, repeats):
-    print("\nPrefill attention (causal, 32 heads, head_dim 128, fp16)")
-    header = f"{'tokens':>7} | {'async ms':>9} {'sync ms':>9} {'sdpa ms':>9} | {'TFLOP/s':>7} | {'vs sync':>10} {'vs sdpa':>10}"
+    print("\nPrefill attention (causal, fp16; GPU time per call from CUDA graphs; SDPA = flash backend)")
+    header = (f"{'shape':>15} {'tokens':>6} | {'async ms':>8} {'sync ms':>8} {'recomp ms':>9} {'sdpa ms':>8} | "
+              f"{'TFLOP/s':>7} {'sdpa TF/s':>9} | {'vs sync':>7} {'vs sdpa':>7}")
     print(header)
     print("-" * len(header))
-    for seq in lengths:
-        q, k, v = (cupy.random.standard_normal((seq, 32, 128), dtype=cupy.float32).astype(cupy.float16) for _ in range(3))
-        cupy.cuda.Device().synchronize()
-        async_ms = gpu_milliseconds(cupy, lambda: attention.prefill_attention(q, k, v), repeats)
-        sync_ms = gpu_milliseconds(cupy, lambda: attention.prefill_attention(q, k, v, method="sync"), repeats)
-        sdpa_ms = float("nan")
-        if sdpa is not None:
-            torch, function = sdpa
-            tq, tk, tv = (torch.from_dlpack(a).transpose(0, 1)[None] for a in (q, k, v))  # [1, heads, seq, dim]
-            sdpa_ms = torch_milliseconds(torch, lambda: function(tq, tk, tv, is_causal=True), repeats)
-        flops = 2 * 2 * 32 * 128 * seq * (seq + 1) / 2  # QK^T and PV over the causal half
-        print(f"{seq:>7} | {async_ms:>9.3f} {sync_ms:>9.3f} {sdpa_ms:>9.3f} | {flops / async_ms / 1e9:>7.1f} | "
-              f"{sync_ms / async_ms:>10.2f} {sdpa_ms / async_ms:>10.2f}")
+    for name, n_heads, n_kv_heads, head_dim in PREFILL_SHAPES:
+        for seq in lengths:
+            async_ms, sync_ms, recompute_ms, sdpa_ms = time_prefill(cupy, sdpa, seq, n_heads, n_kv_heads, head_dim,
+                                                                    repeats)
+            cupy.get_default_memory_pool().free_all_blocks()
+            flops = 2 * 2 * n_heads * head_dim * seq * (seq + 1) / 2  # Q K^T and P V over the causal half
+            print(f"{name:>15} {seq:>6} | {async_ms:>8.3f} {sync_ms:>8.3f} {recompute_ms:>9.3f} {sdpa_ms:>8.3f} | "
+                  f"{flops / async_ms / 1e9:>7.1f} {flops / sdpa_ms / 1e9:>9.1f} | "
+                  f"{sync_ms / async_ms:>7.2f} {sdpa_ms / async_ms:>7.2f}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer lengths and repeats")
+    parser.add_argument("--prefill-only", action="store_true", help="time prefill attention only")
     args = parser.parse_args()
     cupy = cupy_or_none()
     if cupy is None:
@@ -178,11 +221,14 @@ def main():
     repeats = 10 if args.quick else 30
     sdpa = torch_sdpa()
     properties = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-    copy_gbs = copy_bandwidth(cupy, repeats)
     print(f"device: {properties['name'].decode()}, {properties['multiProcessorCount']} SMs; "
-          f"copy bandwidth {copy_gbs:.0f} GB/s; torch SDPA: {'yes' if sdpa else 'not available'}")
-    decode_lengths = [1024, 8192, 32768, 131072] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
-    bench_decode(cupy, sdpa, copy_gbs, decode_lengths, repeats)
+          f"torch SDPA: {'yes' if sdpa else 'not available'}")
+    if not args.prefill_only:
+        copy_gbs = copy_bandwidth(cupy, repeats)
+        print(f"copy bandwidth {copy_gbs:.0f} GB/s")
+        decode_lengths = ([1024, 8192, 32768, 131072] if args.quick
+                          else [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072])
+        bench_decode(cupy, sdpa, copy_gbs, decode_lengths, repeats)
     bench_prefill(cupy, sdpa, [1024, 4096] if args.quick else [1024, 2048, 4096, 8192], repeats)
     attention.reset_recompute_count()
 

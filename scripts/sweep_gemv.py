@@ -50,9 +50,10 @@ def main():
                for name, (n, k) in SHAPES.items()}
     xs = {name: rng.standard_normal((args.m, k), dtype=cupy.float32).astype(cupy.float16)
           for name, (n, k) in SHAPES.items()}
-    print(f"{'threads rows unroll':20s} " + " ".join(f"{name:>14s}" for name in SHAPES) + "   total us")
-    for threads, rows, unroll in itertools.product((128, 256), (1, 2, 4), (4, 8, 16)):
-        geometry = GemvGeometry(threads, rows, unroll)
+    print(f"{'threads rows unroll stage':26s} " + " ".join(f"{name:>14s}" for name in SHAPES) + "   total us")
+    for (threads, rows, unroll), stage in itertools.product(
+            ((128, 1, 8), (128, 1, 16), (128, 2, 8), (128, 2, 16), (64, 1, 8)), (8192, 16384)):
+        geometry = GemvGeometry(threads, rows, unroll, stage)
         cells, total = [], 0.0
         for name, (n, k) in SHAPES.items():
             copies, x = weights[name], xs[name]
@@ -60,7 +61,7 @@ def main():
             percent = 100 * (n * k * 2) / bandwidth / seconds
             total += seconds * (1 if name == "lm_head" else 32)
             cells.append(f"{seconds * 1e6:6.1f} ({percent:3.0f}%)")
-        print(f"{threads:7d} {rows:4d} {unroll:6d}   " + " ".join(f"{c:>14s}" for c in cells) + f"   {total * 1e6:8.0f}")
+        print(f"{threads:7d} {rows:4d} {unroll:6d} {stage:5d}   " + " ".join(f"{c:>14s}" for c in cells) + f"   {total * 1e6:8.0f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Causal prefill attention: the unified-max emulation (CPU) and kernel (GPU) against the float64
 oracle, the synchronised recompute of adversarial rows, and kernel == emulation."""
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
@@ -8,7 +10,8 @@ from hypothesis import strategies as st
 
 from attention_cases import as_float16, gpu_cupy, near_window_edge, outside_window, prefill_inputs, prefill_scores
 from minifd.kernels import attention
-from minifd.kernels.prefill_attention import prefill_attention_emulated
+from minifd.kernels.prefill_attention import (LARGEST_LOG2_PROBABILITY, SMALLEST_NORMAL_HALF,
+                                              prefill_attention_emulated)
 from minifd.kernels.softmax_range import DEFAULT_SOFTMAX_RANGE, SoftmaxRange
 from minifd.oracle import causal_attention
 
@@ -23,7 +26,7 @@ def prefill_cases(draw, max_seq):
                 query_scale=draw(st.sampled_from([0.1, 1.0, 3.0])),
                 adversarial=draw(st.lists(st.sampled_from(ADVERSARIAL_SCORES), max_size=3)),
                 softmax_range=draw(st.sampled_from([DEFAULT_SOFTMAX_RANGE, SoftmaxRange(-3.0, -45.0, 35.0),
-                                                    SoftmaxRange(150.0), SoftmaxRange(-150.0)])),
+                                                    SoftmaxRange(12.0), SoftmaxRange(150.0), SoftmaxRange(-150.0)])),
                 seed=draw(st.integers(0, 2**32 - 1)))
 
 
@@ -38,12 +41,29 @@ def oracle(q, k, v):
     return causal_attention(np.asarray(q, np.float64), np.asarray(k, np.float64), np.asarray(v, np.float64))
 
 
+def half_precision_window(softmax_range):
+    """The window the prefill kernels test: high capped so that every exp(s - phi) fits fp16."""
+    return SoftmaxRange(softmax_range.phi, softmax_range.low,
+                        min(softmax_range.high, LARGEST_LOG2_PROBABILITY / math.log2(math.e)))
+
+
+def log2_mean_terms(scores, phi):
+    """scores: [n_heads, seq, seq] float64, -inf masked -> log2 of each row's mean exp(s - phi): [n_heads, seq]"""
+    row_max = scores.max(axis=-1, keepdims=True)
+    log_sum = np.log(np.exp(scores - row_max).sum(axis=-1)) + row_max[..., 0] - phi
+    return (log_sum - np.log(np.isfinite(scores).sum(axis=-1))) / math.log(2)
+
+
 def expected_recomputed_rows(q, k, softmax_range):
-    """(query, head) rows with a score outside the window; None when a score sits on a window edge."""
+    """(query, head) rows with a score outside the prefill window or a mean term below fp16's smallest
+    normal; None when a score or a row mean sits so close to an edge that rounding could decide."""
     scores = prefill_scores(q, k)
-    if near_window_edge(scores, softmax_range):
+    window = half_precision_window(softmax_range)
+    log2_mean = log2_mean_terms(scores, softmax_range.phi)
+    if near_window_edge(scores, window) or np.any(np.abs(log2_mean - math.log2(SMALLEST_NORMAL_HALF)) < 1e-2):
         return None
-    return int(outside_window(scores, softmax_range).any(axis=-1).sum())
+    unsafe = outside_window(scores, window).any(axis=-1) | (log2_mean < math.log2(SMALLEST_NORMAL_HALF))
+    return int(unsafe.sum())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,6 +98,25 @@ def test_seam_keeps_the_dtype_and_counts_rows():
     np.testing.assert_allclose(out, oracle(q, k, v), atol=2e-4, rtol=1e-4)
     out = attention.prefill_attention(q, k, v, method="sync")
     assert attention.recompute_count() == 2
+    np.testing.assert_allclose(out, oracle(q, k, v), atol=2e-4, rtol=1e-4)
+
+
+# Scores near 0 except query 0 of head 0, which scores 12 against its only key: inside the (-60, 60)
+# window, but exp(12) overflows fp16. Under phi = 12 that row is the only one whose terms do not
+# average far below 2^-14 (the others sit near e^-12).
+HALF_PRECISION_EDGES = [(DEFAULT_SOFTMAX_RANGE, 1), (SoftmaxRange(12.0), 2 * 70 - 1)]
+
+
+def half_precision_edge_inputs():
+    return as_float16(*prefill_inputs(np.random.default_rng(1), 70, 2, 1, 64, 0.1, [12.0]))
+
+
+@pytest.mark.parametrize("softmax_range, expected_rows", HALF_PRECISION_EDGES)
+def test_emulation_recomputes_rows_beyond_half_precision(softmax_range, expected_rows):
+    q, k, v = half_precision_edge_inputs()
+    assert expected_recomputed_rows(q, k, softmax_range) == expected_rows
+    out, recomputed = prefill_attention_emulated(q, k, v, softmax_range)
+    assert recomputed == expected_rows
     np.testing.assert_allclose(out, oracle(q, k, v), atol=2e-4, rtol=1e-4)
 
 
@@ -138,4 +177,27 @@ def test_kernel_on_a_long_prompt_with_strided_inputs(head_dim):
     before = attention.recompute_count()
     out = attention.prefill_attention(*(view.reshape(shape) for view, shape in zip(views, shapes)))
     assert attention.recompute_count() - before == 1
+    np.testing.assert_allclose(cupy.asnumpy(out).astype(np.float32), oracle(q, k, v), **FP16_TOLERANCE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("softmax_range, expected_rows", HALF_PRECISION_EDGES)
+def test_kernel_recomputes_rows_beyond_half_precision(softmax_range, expected_rows):
+    cupy = gpu_cupy()
+    q, k, v = half_precision_edge_inputs()
+    out, recomputed = run_kernel(cupy, q, k, v, softmax_range)
+    assert recomputed == expected_rows
+    np.testing.assert_allclose(out, oracle(q, k, v), **FP16_TOLERANCE)
+
+
+@pytest.mark.gpu
+def test_kernel_reads_keys_and_values_through_cache_slices():
+    cupy = gpu_cupy()
+    seq, max_seq, n_heads, n_kv_heads, head_dim = 300, 512, 8, 2, 128
+    q, k, v = as_float16(*prefill_inputs(np.random.default_rng(5), seq, n_heads, n_kv_heads, head_dim, 1.0))
+    # The engine's prefill reads k, v as cache[slot, :, :seq].transpose(1, 0, 2): [seq, n_kv_heads, d] views.
+    k_cache, v_cache = (cupy.zeros((n_kv_heads, max_seq, head_dim), cupy.float16) for _ in range(2))
+    k_cache[:, :seq], v_cache[:, :seq] = (cupy.asarray(a.transpose(1, 0, 2), cupy.float16) for a in (k, v))
+    out = attention.prefill_attention(cupy.asarray(q, cupy.float16), k_cache[:, :seq].transpose(1, 0, 2),
+                                      v_cache[:, :seq].transpose(1, 0, 2))
     np.testing.assert_allclose(cupy.asnumpy(out).astype(np.float32), oracle(q, k, v), **FP16_TOLERANCE)

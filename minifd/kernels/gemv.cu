@@ -27,7 +27,9 @@
 #ifndef GEMV_UNROLL
 #define GEMV_UNROLL 8  // 16-byte pieces of each row in flight per lane for M_TILE <= 2 (half that above)
 #endif
+#ifndef GEMV_STAGE_HALVES
 #define GEMV_STAGE_HALVES 8192  // 16 KB of shared memory holds M_TILE x-rows of one K chunk
+#endif
 
 __device__ __forceinline__ int gemv_min(int a, int b) { return a < b ? a : b; }
 

@@ -13,7 +13,6 @@ import numpy as np
 from minifd.kernels.compile import load_module
 from minifd.kernels.dispatch import gpu_properties
 
-GEMV_STAGE_HALVES = 8192  # mirrors gemv.cu: the K chunk of x staged in shared memory
 GEMV_M_TILES = (1, 2, 4, 8)
 
 
@@ -24,15 +23,17 @@ class GemvGeometry:
     threads: int = 128  # per block
     rows_per_warp: int = 1  # rows of W each warp owns
     unroll: int = 8  # 16-byte pieces per row in flight per lane (M tiles <= 2)
+    stage_halves: int = 8192  # x staged in shared memory per K chunk: the chunk is this / M tile
 
     def options(self):
         return (f"-DGEMV_THREADS={self.threads}", f"-DGEMV_ROWS_PER_WARP={self.rows_per_warp}",
-                f"-DGEMV_UNROLL={self.unroll}")
+                f"-DGEMV_UNROLL={self.unroll}", f"-DGEMV_STAGE_HALVES={self.stage_halves}")
 
 
 # Best of 18 geometries in scripts/sweep_gemv.py on an H200 (M = 1, Llama-2-7B shapes, CUDA graphs):
 # 3.51 ms of GEMV per decode step against 3.61 ms for 256 threads x 2 rows, 4.48 ms at worst.
 DEFAULT_GEOMETRY = GemvGeometry()
+GEMV_STAGE_HALVES = DEFAULT_GEOMETRY.stage_halves
 
 
 def gemv_m_tile(m):
@@ -40,10 +41,10 @@ def gemv_m_tile(m):
     return next((tile for tile in GEMV_M_TILES if m <= tile), GEMV_M_TILES[-1])
 
 
-def gemv_emulated(x, weight):
+def gemv_emulated(x, weight, geometry=None):
     """x: [M, K], weight: [N, K] (NumPy) -> [M, N] float32, summed over K chunks like the kernel."""
     m, k = x.shape
-    chunk = GEMV_STAGE_HALVES // gemv_m_tile(m)
+    chunk = (geometry or DEFAULT_GEOMETRY).stage_halves // gemv_m_tile(m)
     x32 = x.astype(np.float32, copy=False)
     y = np.zeros((m, weight.shape[0]), dtype=np.float32)
     for k0 in range(0, k, chunk):

@@ -2,11 +2,14 @@
 prefill_attention.cu.
 
 In log2 units (t = q.k * log2(e) / sqrt(head_dim); phi, low, high times log2 e), query row r gets
-    out_r = sum_{c <= r} exp2(t_rc - phi) v_c / sum_{c <= r} exp2(t_rc - phi),
-and a row with any t_rc - phi outside (low, high) is recomputed with the running max (the
-synchronised online softmax) and counted. The emulation walks the kernel's query tiles of 64 rows,
-vectorised over heads; within a tile the key tiles of the kernel only change the float32 summation
-order, so it sums each row in one go.
+    out_r = sum_{c <= r} p_rc v_c / sum_{c <= r} p_rc,   p_rc = exp2(t_rc - phi).
+The row is safe when every t_rc - phi lies in (low, min(high, 15)) and the mean of its p_rc is at
+least 2^-14: on NVIDIA the tensor cores take P in fp16, so every p must stay below fp16's largest
+finite value, and terms below fp16's smallest normal may not carry the row (prefill_attention.cu says
+more). Other rows are recomputed with the running max (the synchronised online softmax) and counted.
+Every backend applies this same test. The emulation walks the tensor-core kernel's query tiles of
+128 rows, vectorised over heads; within a tile the key tiles of the kernel only change the float32
+summation order, so it sums each row in one go.
 """
 
 import functools
@@ -17,8 +20,11 @@ import numpy as np
 from minifd.kernels.compile import load_module
 from minifd.kernels.decode_attention_sync import check_head_dim, score_scale
 
-QUERY_TILE = 64  # kQueryTile in prefill_attention.cu
-THREADS_PER_BLOCK = 128
+# Launch geometry of the two paths of prefill_attention.cu (kQueryTile, kThreads, kKeyTile).
+QUERY_TILE, THREADS_PER_BLOCK, KEY_TILE = 128, 128, 64  # tensor cores (NVIDIA sm_80+)
+CUDA_CORE_QUERY_TILE, CUDA_CORE_THREADS_PER_BLOCK = 64, 128  # CUDA cores (AMD, older NVIDIA)
+LARGEST_LOG2_PROBABILITY = 15.0  # kLargestLog2Probability: exp2(15) stays below fp16's 65504
+SMALLEST_NORMAL_HALF = 2.0**-14  # kSmallestNormalHalf: a safe row's mean term is at least this
 
 
 def prefill_attention_emulated(q, k, v, softmax_range, unified_max=True):
@@ -28,6 +34,7 @@ def prefill_attention_emulated(q, k, v, softmax_range, unified_max=True):
     n_kv_heads = k.shape[1]
     group = n_heads // n_kv_heads
     phi, low, high = (np.float32(value) for value in softmax_range.in_log2_units())
+    high = min(high, np.float32(LARGEST_LOG2_PROBABILITY))
     query = q.astype(np.float32).transpose(1, 0, 2).reshape(n_kv_heads, group, seq, head_dim)
     keys = k.astype(np.float32).transpose(1, 2, 0)[:, None]  # [n_kv_heads, 1, head_dim, seq]
     values = v.astype(np.float32).transpose(1, 0, 2)[:, None]  # [n_kv_heads, 1, seq, head_dim]
@@ -39,10 +46,13 @@ def prefill_attention_emulated(q, k, v, softmax_range, unified_max=True):
         causal = np.arange(last)[None, :] <= np.arange(first, last)[:, None]  # [rows, last]
         if unified_max:
             shifted = t - phi
-            unsafe = (causal & ~((shifted > low) & (shifted < high))).any(axis=-1)  # [kv, group, rows]
             with np.errstate(over="ignore", invalid="ignore"):  # unsafe rows are replaced below
                 p = np.exp2(np.where(causal, shifted, -np.inf))
-                tile_out = (p @ values[:, :, :last]) / p.sum(axis=-1, keepdims=True)
+                denominator = p.sum(axis=-1, keepdims=True)  # [kv, group, rows, 1]
+                tile_out = (p @ values[:, :, :last]) / denominator
+            n_keys = np.arange(first, last, dtype=np.float32) + 1  # [rows]
+            unsafe = ((causal & ~((shifted > low) & (shifted < high))).any(axis=-1)
+                      | (denominator[..., 0] < n_keys * np.float32(SMALLEST_NORMAL_HALF)))  # [kv, group, rows]
             if unsafe.any():
                 tile_out = np.where(unsafe[..., None], _synchronised(t, causal, values[:, :, :last]), tile_out)
                 n_recomputed += int(unsafe.sum())
@@ -62,7 +72,8 @@ def _synchronised(t, causal, values):
 
 def prefill_attention_gpu(q, k, v, softmax_range, recompute_counter, unified_max=True):
     """prefill_attention.cu on the current device; shapes as the emulation, float16 in and out.
-    recompute_counter: device uint64 [1], incremented once per recomputed row."""
+    q, k, v may be strided views (contiguous copies are made). recompute_counter: device uint64 [1],
+    incremented once per recomputed row."""
     import cupy
 
     seq, n_heads, head_dim = q.shape
@@ -74,17 +85,33 @@ def prefill_attention_gpu(q, k, v, softmax_range, recompute_counter, unified_max
     out = cupy.empty(q.shape, cupy.float16)
     if seq == 0:
         return out
-    grid = (math.ceil(seq / QUERY_TILE), n_heads)
+    device = cupy.cuda.Device()
+    query_tile, threads, shared_bytes = _launch_geometry(cupy, device, head_dim)
+    grid = (math.ceil(seq / query_tile), n_heads)
     shape_args = (q, k, v, np.int32(seq), np.int32(n_heads), np.int32(n_kv_heads), score_scale(head_dim))
     if unified_max:
         phi, low, high = (np.float32(value) for value in softmax_range.in_log2_units())
-        _kernel(head_dim, "prefill_unified_max")(grid, (THREADS_PER_BLOCK,),
-                                                 shape_args + (phi, low, high, out, recompute_counter))
+        kernel = _kernel(device.id, head_dim, "prefill_unified_max", shared_bytes)
+        kernel(grid, (threads,), shape_args + (phi, low, high, out, recompute_counter), shared_mem=shared_bytes)
     else:
-        _kernel(head_dim, "prefill_synchronised")(grid, (THREADS_PER_BLOCK,), shape_args + (out,))
+        kernel = _kernel(device.id, head_dim, "prefill_synchronised", shared_bytes)
+        kernel(grid, (threads,), shape_args + (out,), shared_mem=shared_bytes)
     return out
 
 
+def _launch_geometry(cupy, device, head_dim):
+    """-> (query rows per block, threads per block, dynamic shared memory bytes) of the path the
+    device compiles: tensor cores on NVIDIA sm_80+ (the Q tile and two K, V tile pairs in dynamic
+    shared memory, fp16), CUDA cores elsewhere (static shared memory only)."""
+    if getattr(cupy.cuda.runtime, "is_hip", False) or int(device.compute_capability) < 80:
+        return CUDA_CORE_QUERY_TILE, CUDA_CORE_THREADS_PER_BLOCK, 0
+    return QUERY_TILE, THREADS_PER_BLOCK, (QUERY_TILE + 4 * KEY_TILE) * head_dim * 2
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel(head_dim, name):
-    return load_module("prefill_attention.cu", (f"-DHEAD_DIM={head_dim}",)).get_function(name)
+def _kernel(device_id, head_dim, name, shared_bytes):
+    """The kernel, allowed shared_bytes of dynamic shared memory on device_id (above 48 KB needs an opt-in)."""
+    kernel = load_module("prefill_attention.cu", (f"-DHEAD_DIM={head_dim}",)).get_function(name)
+    if shared_bytes:
+        kernel.max_dynamic_shared_size_bytes = shared_bytes
+    return kernel
