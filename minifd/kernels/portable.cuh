@@ -45,15 +45,22 @@ __device__ __forceinline__ float shuffle_xor(float value, int lane_mask) {
 #endif
 }
 
-__device__ __forceinline__ float warp_sum(float value) {
-    for (int offset = MINIFD_WARP_SIZE / 2; offset > 0; offset /= 2) value += shuffle_xor(value, offset);
+// Sum / max over groups of `lanes` consecutive lanes (a power of two dividing the warp).
+template <int lanes>
+__device__ __forceinline__ float lane_group_sum(float value) {
+    for (int offset = lanes / 2; offset > 0; offset /= 2) value += shuffle_xor(value, offset);
     return value;
 }
 
-__device__ __forceinline__ float warp_max(float value) {
-    for (int offset = MINIFD_WARP_SIZE / 2; offset > 0; offset /= 2) value = fmaxf(value, shuffle_xor(value, offset));
+template <int lanes>
+__device__ __forceinline__ float lane_group_max(float value) {
+    for (int offset = lanes / 2; offset > 0; offset /= 2) value = fmaxf(value, shuffle_xor(value, offset));
     return value;
 }
+
+__device__ __forceinline__ float warp_sum(float value) { return lane_group_sum<MINIFD_WARP_SIZE>(value); }
+
+__device__ __forceinline__ float warp_max(float value) { return lane_group_max<MINIFD_WARP_SIZE>(value); }
 
 // ---------------------------------------------------------------------------------------------
 // 16-byte vector access: eight halves move as one uint4

@@ -474,15 +474,9 @@ __device__ __forceinline__ void halves4_to_float(const half_t* shared_ptr, float
 }
 
 // Reductions over the 8 lanes of a row group (consecutive lanes of one warp).
-__device__ __forceinline__ float row_group_sum(float value) {
-    for (int offset = kRowLanes / 2; offset > 0; offset /= 2) value += shuffle_xor(value, offset);
-    return value;
-}
+__device__ __forceinline__ float row_group_sum(float value) { return lane_group_sum<kRowLanes>(value); }
 
-__device__ __forceinline__ float row_group_max(float value) {
-    for (int offset = kRowLanes / 2; offset > 0; offset /= 2) value = fmaxf(value, shuffle_xor(value, offset));
-    return value;
-}
+__device__ __forceinline__ float row_group_max(float value) { return lane_group_max<kRowLanes>(value); }
 
 __device__ __forceinline__ float row_group_min(float value) {
     for (int offset = kRowLanes / 2; offset > 0; offset /= 2) value = fminf(value, shuffle_xor(value, offset));
