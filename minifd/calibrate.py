@@ -5,7 +5,8 @@ tokens and hands over every layer's scaled, causally masked scores. Each attenti
 one query position) is reduced to its extremes (min_r, max_r). Under a window (low, high) the row is
 safe, i.e. needs no recompute, iff every score s has low < s - phi < high, that is iff
     max_r - high < phi < min_r - low,
-an open interval of phi per row. The window is the widest that float32 allows (softmax_range.py);
+an open interval of phi per row. The window is the widest that float32 allows (softmax_range.py),
+with its top narrowed to what the prefill kernel's fp16 probabilities allow (PREFILL_HIGH below);
 phi is then the point covered by the most rows' intervals (a sweep over the sorted interval ends),
 taken in the middle of the widest such stretch so that unseen text has the most margin.
 
@@ -14,6 +15,7 @@ prints per layer phi, the observed score range and the share of rows that would 
 The oracle works in float64 on the CPU: fine for models up to a few billion parameters.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import click
 import numpy as np
 
 from minifd.errors import MinifdError
+from minifd.kernels.prefill_attention import LARGEST_LOG2_PROBABILITY
 from minifd.kernels.softmax_range import (DEFAULT_SOFTMAX_RANGE, HIGHEST_HIGH, LOWEST_LOW, SoftmaxRange,
                                           save_softmax_ranges, softmax_ranges_path)
 
@@ -90,12 +93,21 @@ class LayerCalibration:
                 "recompute_share": self.unsafe_share, "default_recompute_share": self.default_unsafe_share}
 
 
+# The prefill kernel feeds p = exp(s - phi) to the tensor cores in fp16, so there a row is safe only
+# while s - phi < 15 ln 2 (p < 2^15). phi is chosen against that narrower window, so a row safe in
+# prefill is safe in decode too; the shares reported are for it.
+PREFILL_HIGH = LARGEST_LOG2_PROBABILITY * math.log(2.0)
+
+
 def calibrate_layer(row_min, row_max):
     """row_min, row_max: [rows] -> LayerCalibration with the chosen phi and the widest safe window."""
-    softmax_range = SoftmaxRange(choose_phi(row_min, row_max), LOWEST_LOW, HIGHEST_HIGH)
+    phi = choose_phi(row_min, row_max, LOWEST_LOW, PREFILL_HIGH)
+    softmax_range = SoftmaxRange(phi, LOWEST_LOW, HIGHEST_HIGH)
+    prefill_window = SoftmaxRange(phi, LOWEST_LOW, PREFILL_HIGH)
+    default_prefill_window = SoftmaxRange(DEFAULT_SOFTMAX_RANGE.phi, LOWEST_LOW, PREFILL_HIGH)
     return LayerCalibration(softmax_range, float(row_min.min()), float(row_max.max()), len(row_min),
-                            float(unsafe_rows(row_min, row_max, softmax_range).mean()),
-                            float(unsafe_rows(row_min, row_max, DEFAULT_SOFTMAX_RANGE).mean()))
+                            float(unsafe_rows(row_min, row_max, prefill_window).mean()),
+                            float(unsafe_rows(row_min, row_max, default_prefill_window).mean()))
 
 
 # ----------------------------------------------------------------------------------------------
