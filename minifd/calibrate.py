@@ -57,16 +57,18 @@ class ScoreExtremes:
         return np.concatenate(self.mins[index]), np.concatenate(self.maxs[index])
 
 
-def unsafe_rows(row_min, row_max, softmax_range):
-    """-> bool [rows]: the rows that would be recomputed under softmax_range."""
+def unsafe_rows(row_min, row_max, softmax_range, largest_below_phi=math.inf):
+    """-> bool [rows]: the rows that would be recomputed under softmax_range, or whose largest score
+    lies more than largest_below_phi under phi."""
     shifted_min, shifted_max = row_min - softmax_range.phi, row_max - softmax_range.phi
-    return ~((shifted_min > softmax_range.low) & (shifted_max < softmax_range.high))
+    return ~((shifted_min > softmax_range.low) & (shifted_max < softmax_range.high)
+             & (shifted_max > -largest_below_phi))
 
 
-def choose_phi(row_min, row_max, low=LOWEST_LOW, high=HIGHEST_HIGH):
-    """row_min, row_max: [rows] -> phi that leaves the fewest rows with a score outside phi + (low, high).
-    Row r is safe iff phi lies in the open interval (row_max - high, row_min - low)."""
-    starts, ends = row_max - high, row_min - low
+def choose_phi(row_min, row_max, low=LOWEST_LOW, high=HIGHEST_HIGH, largest_below_phi=math.inf):
+    """row_min, row_max: [rows] -> phi that leaves the fewest unsafe rows (see unsafe_rows).
+    Row r is safe iff phi lies in the open interval (row_max - high, min(row_min - low, row_max + largest_below_phi))."""
+    starts, ends = row_max - high, np.minimum(row_min - low, row_max + largest_below_phi)
     possible = starts < ends  # a row spanning more than high - low is unsafe for every phi
     if not possible.any():
         return float(np.median((row_min + row_max) / 2) - (low + high) / 2)
@@ -93,21 +95,23 @@ class LayerCalibration:
                 "recompute_share": self.unsafe_share, "default_recompute_share": self.default_unsafe_share}
 
 
-# The prefill kernel feeds p = exp(s - phi) to the tensor cores in fp16, so there a row is safe only
-# while s - phi < 15 ln 2 (p < 2^15). phi is chosen against that narrower window, so a row safe in
-# prefill is safe in decode too; the shares reported are for it.
+# The prefill kernel feeds p = exp(s - phi) to the tensor cores in fp16. So there a row is safe only
+# while s - phi < 15 ln 2 (p < 2^15, PREFILL_HIGH), and while its mean p is at least fp16's smallest
+# normal 2^-14; the largest p of a row of up to 8192 keys passes that when it is at least 1/2, i.e.
+# when the row's largest score is at most ln 2 under phi (PREFILL_LARGEST_BELOW_PHI). phi is chosen
+# and stored against this window, which decode (whose window is wider) then shares.
 PREFILL_HIGH = LARGEST_LOG2_PROBABILITY * math.log(2.0)
+PREFILL_LARGEST_BELOW_PHI = math.log(2.0)
 
 
 def calibrate_layer(row_min, row_max):
-    """row_min, row_max: [rows] -> LayerCalibration with the chosen phi and the widest safe window."""
-    phi = choose_phi(row_min, row_max, LOWEST_LOW, PREFILL_HIGH)
-    softmax_range = SoftmaxRange(phi, LOWEST_LOW, HIGHEST_HIGH)
-    prefill_window = SoftmaxRange(phi, LOWEST_LOW, PREFILL_HIGH)
-    default_prefill_window = SoftmaxRange(DEFAULT_SOFTMAX_RANGE.phi, LOWEST_LOW, PREFILL_HIGH)
+    """row_min, row_max: [rows] -> LayerCalibration with the chosen phi and the prefill-safe window."""
+    phi = choose_phi(row_min, row_max, LOWEST_LOW, PREFILL_HIGH, PREFILL_LARGEST_BELOW_PHI)
+    softmax_range = SoftmaxRange(phi, LOWEST_LOW, PREFILL_HIGH)
+    default_range = SoftmaxRange(DEFAULT_SOFTMAX_RANGE.phi, LOWEST_LOW, PREFILL_HIGH)
     return LayerCalibration(softmax_range, float(row_min.min()), float(row_max.max()), len(row_min),
-                            float(unsafe_rows(row_min, row_max, prefill_window).mean()),
-                            float(unsafe_rows(row_min, row_max, default_prefill_window).mean()))
+                            float(unsafe_rows(row_min, row_max, softmax_range, PREFILL_LARGEST_BELOW_PHI).mean()),
+                            float(unsafe_rows(row_min, row_max, default_range, PREFILL_LARGEST_BELOW_PHI).mean()))
 
 
 # ----------------------------------------------------------------------------------------------
