@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from minifd.backend import array_module, is_gpu
+from minifd.backend import array_module
 from minifd.decode_step import DecodeStep
 from minifd.model.config import LlamaConfig
 from minifd.model.llama import KVCache, Llama

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from minifd.calibrate import calibrate_command
+from minifd.check import check_command
 from minifd.errors import MinifdError
 from minifd.tuning import tune_command
 
@@ -197,6 +198,7 @@ def compile_every_kernel():
 
 # Commands defined beside the code they drive.
 main_group.add_command(calibrate_command)
+main_group.add_command(check_command)
 main_group.add_command(tune_command)
 
 

@@ -1,27 +1,21 @@
-"""The linear seam: each implementation forced in turn, and the dispatcher choosing what the tuned
-table in the cache directory says (defaults without one), on CPU and on GPU."""
+"""The linear seam and the dispatch table beyond the dispatch property (minifd/properties/linear.py,
+run by test_properties.py, which forces each implementation and checks that the seam runs what a
+temporary table says): operand layouts and dtypes, errors, and the table file itself."""
 
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-import minifd.kernels.linear as linear_module
-from linear_oracle import assert_close_to_oracle, random_operands
 from minifd.backend import cupy_or_none
 from minifd.errors import MinifdError
 from minifd.kernels import dispatch
 from minifd.kernels.linear import linear
+from minifd.properties import PROPERTIES
+from minifd.properties.linear import check_product, expected_choice, random_operands
 
 cupy = cupy_or_none()
 gpu = pytest.mark.skipif(cupy is None, reason="needs a GPU through CuPy")
-seeds = st.integers(0, 2**32 - 1)
-implementations = st.sampled_from(dispatch.IMPLEMENTATIONS)
 
 
 @pytest.fixture
@@ -35,37 +29,12 @@ def cache(tmp_path, monkeypatch):
     return write
 
 
-def recording(monkeypatch, table_name):
-    """Replace linear's implementations by wrappers that note which one ran -> the list of names."""
-    ran = []
-    originals = getattr(linear_module, table_name)
-    wrapped = {name: (lambda x, w, name=name: ran.append(name) or originals[name](x, w)) for name in originals}
-    monkeypatch.setattr(linear_module, table_name, wrapped)
-    return ran
-
-
 # ----------------------------------------------------------------------------------------------
-# Forced implementations
+# Operands
 # ----------------------------------------------------------------------------------------------
 
-@given(m=st.integers(1, 300), n=st.integers(1, 300), k=st.integers(1, 600), impl=implementations, seed=seeds)
-def test_each_implementation_on_cpu(m, n, k, impl, seed):
-    x, w = random_operands(np.random.default_rng(seed), m, n, k, np.float32)
-    y = linear(x, w, impl=impl)
-    assert y.dtype == np.float32
-    assert_close_to_oracle(y, x, w)
-
-
 @gpu
-@given(m=st.integers(1, 300), n=st.integers(1, 600), k=st.integers(1, 1000), impl=implementations, seed=seeds)
-def test_each_implementation_on_gpu(m, n, k, impl, seed):
-    x, w = random_operands(np.random.default_rng(seed), m, n, k, np.float16)
-    y = linear(cupy.asarray(x), cupy.asarray(w), impl=impl)
-    assert y.dtype == cupy.float16
-    assert_close_to_oracle(y.get(), x, w)
-
-
-@gpu
+@pytest.mark.gpu
 def test_non_contiguous_operands_on_gpu():
     rng = np.random.default_rng(5)
     x, _ = random_operands(rng, 9, 1, 144, np.float16)
@@ -74,15 +43,16 @@ def test_non_contiguous_operands_on_gpu():
     x_column_major = cupy.asarray(np.ascontiguousarray(x.T)).T
     w_strided = cupy.asarray(w_wide)[:, ::2]
     for impl in dispatch.IMPLEMENTATIONS:
-        assert_close_to_oracle(linear(x_column_major, w_strided, impl=impl).get(), x, w)
+        check_product(impl, linear(x_column_major, w_strided, impl=impl).get(), x, w, library=impl == "library")
 
 
 @gpu
+@pytest.mark.gpu
 def test_float32_on_gpu_takes_the_library_and_kernels_refuse_it():
     x, w = random_operands(np.random.default_rng(6), 3, 20, 16, np.float32)
     y = linear(cupy.asarray(x), cupy.asarray(w))
     assert y.dtype == cupy.float32
-    assert_close_to_oracle(y.get(), x, w)
+    check_product("y", y.get(), x, w, library=True)
     with pytest.raises(TypeError):
         linear(cupy.asarray(x), cupy.asarray(w), impl="gemv")
 
@@ -99,35 +69,6 @@ def test_shape_and_impl_errors():
 # The dispatcher
 # ----------------------------------------------------------------------------------------------
 
-@contextmanager
-def table_in_cache(devices):
-    """A temporary cache directory holding `devices` as its dispatch table, for the duration."""
-    previous = os.environ.get("MINIFD_CACHE")
-    with tempfile.TemporaryDirectory() as directory:
-        os.environ["MINIFD_CACHE"] = directory
-        try:
-            dispatch.write_table(dispatch.table_path(), devices)
-            yield
-        finally:
-            if previous is None:
-                del os.environ["MINIFD_CACHE"]
-            else:
-                os.environ["MINIFD_CACHE"] = previous
-
-
-def expected_choice(m, m1, m2):
-    return "gemv" if m < m1 else "flat_gemm" if m < m2 else "library"
-
-
-@given(m=st.integers(1, 300), m1=st.integers(1, 40), span=st.integers(0, 100))
-def test_choice_follows_the_table_and_defaults_elsewhere(m, m1, span):
-    with table_in_cache({"Some GPU": {"96,64": {"m1": m1, "m2": m1 + span, "max_m": 256}}}):
-        assert dispatch.choose_implementation(m, 96, 64, "Some GPU") == expected_choice(m, m1, m1 + span)
-        default = expected_choice(m, *dispatch.DEFAULT_THRESHOLDS)
-        assert dispatch.choose_implementation(m, 96, 65, "Some GPU") == default  # shape not tuned
-        assert dispatch.choose_implementation(m, 96, 64, "Other GPU") == default  # device not tuned
-
-
 def test_without_a_table_the_defaults_hold(cache):
     assert not dispatch.table_path().exists()
     chosen = [dispatch.choose_implementation(m, 4096, 4096, "Any GPU") for m in range(1, 300)]
@@ -136,22 +77,9 @@ def test_without_a_table_the_defaults_hold(cache):
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 9, 40])
-def test_linear_on_cpu_runs_what_the_table_says(cache, monkeypatch, m):
-    cache({dispatch.CPU_DEVICE_NAME: {"33,72": {"m1": 3, "m2": 6, "max_m": 64}}})
-    ran = recording(monkeypatch, "_CPU")
-    x, w = random_operands(np.random.default_rng(m), m, 33, 72, np.float32)
-    assert_close_to_oracle(linear(x, w), x, w)
-    assert ran == [expected_choice(m, 3, 6)]
-
-
-@gpu
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 9, 40])
-def test_linear_on_gpu_runs_what_the_table_says(cache, monkeypatch, m):
-    cache({dispatch.gpu_properties().name: {"333,72": {"m1": 3, "m2": 6, "max_m": 64}}})
-    ran = recording(monkeypatch, "_GPU")
-    x, w = random_operands(np.random.default_rng(m), m, 333, 72, np.float16)
-    assert_close_to_oracle(linear(cupy.asarray(x), cupy.asarray(w)).get(), x, w)
-    assert ran == [expected_choice(m, 3, 6)]
+def test_linear_runs_what_the_table_says(xp, m):
+    # a table of M1 = 3, M2 = 6 for the weight shape [333, 72] on this device
+    PROPERTIES["dispatch"].check(dict(m=m, n=333, k=72, m1=3, span=3, impl=None, seed=m), xp)
 
 
 def test_a_rewritten_table_takes_effect(cache):

@@ -1,0 +1,205 @@
+"""Linear-layer properties: the GEMV (gemv.cu), the flat GEMM (flat_gemm.cu) and the dispatcher that
+picks between them and the library GEMM, each against the float64 product y64 = x64 @ w64^T.
+
+Tolerance, elementwise, for inputs exactly representable in their dtype (reduction length K):
+
+    |y - y64| <= u_out |y64| + (1 + u_out) 2 (K + 1) u32 (|x64| @ |w64|^T) + floor_out
+
+- each product x_k w_k is exact in float32 for float16 inputs and off by <= u32 |x_k w_k| for
+  float32 inputs; summing K terms in float32 in any order (K tiles, lanes, split partials) adds at
+  most K u32 sum |x_k w_k| (the classic gamma_K bound); the factor 2 covers tensor-core
+  accumulators, which need not round to nearest;
+- rounding the float32 result to the output dtype adds u_out |y| (u_out = 2^-11 for float16, 2^-24
+  for float32) and, in float16's subnormal range, at most half its smallest step (floor_out = 2^-25);
+- the library GEMM (ImplC: cuBLAS, or CuPy's own kernels for vector shapes) may round each product
+  to the input dtype before the float32 sum (CuPy 14 does for M = N = 1 in float16), so its bound
+  adds u_in (|x64| @ |w64|^T), u_in the unit roundoff of the inputs' dtype.
+
+The relative error reported is |y - y64| / (|x64| @ |w64|^T), the error against the size of the
+terms summed: near 2 K u32 means the accumulation, near u_out |y64| / magnitude the output rounding.
+"""
+
+import os
+import tempfile
+from contextlib import contextmanager
+
+import numpy as np
+from hypothesis import strategies as st
+
+import minifd.kernels.linear as linear_seam
+from minifd.backend import is_gpu, to_numpy
+from minifd.kernels import dispatch
+from minifd.kernels.flat_gemm import flat_gemm_emulated, flat_gemm_gpu
+from minifd.kernels.gemv import gemv_emulated, gemv_gpu
+from minifd.properties.registry import SEEDS, Property, storage_dtype
+from minifd.properties.tolerance import (U32, PropertyFailure, absolute_floor, exactly_equal, expect_layout,
+                                         unit_roundoff, within_bound)
+
+# Sizes: on GPU, K up to 1100 crosses a staged GEMV chunk for M_TILE = 8 (1024 halves) and covers
+# K % 8 != 0 (the 2-byte paths); N up to 700 gives ragged flat-GEMM tiles and, for small N, split K.
+SIZES = {"cpu": dict(m=300, n=300, k=700), "gpu": dict(m=300, n=700, k=1100)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Operands, reference and bound
+# ----------------------------------------------------------------------------------------------
+
+def random_operands(rng, m, n, k, dtype):
+    """-> x: [m, k], w: [n, k] of `dtype` with values in [-1, 1)."""
+    x = rng.uniform(-1, 1, (m, k)).astype(dtype)
+    w = rng.uniform(-1, 1, (n, k)).astype(dtype)
+    return x, w
+
+
+def product_reference(x, w):
+    """x: [M, K], w: [N, K] (NumPy) -> [M, N] float64."""
+    return x.astype(np.float64) @ w.astype(np.float64).T
+
+
+def product_magnitude(x, w):
+    """x: [M, K], w: [N, K] -> [M, N] float64: |x| @ |w|^T, the size of the terms each output sums."""
+    return np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+
+
+def product_allowed(x, w, out_dtype, library=False):
+    """x: [M, K], w: [N, K] (NumPy) -> [M, N] float64: the largest error an implementation may make;
+    library: the library GEMM computed it (its products may be rounded to the inputs' dtype)."""
+    u_out = unit_roundoff(out_dtype)
+    accumulation = 2 * (x.shape[1] + 1) * U32 + (unit_roundoff(x.dtype) if library else 0.0)
+    return (u_out * np.abs(product_reference(x, w))
+            + (1 + u_out) * accumulation * product_magnitude(x, w) + absolute_floor(out_dtype))
+
+
+def check_product(what, y, x, w, library=False):
+    """y: [M, N] (NumPy) computed from x, w (by the library GEMM if `library`) -> Outcome; raises
+    PropertyFailure naming the worst element."""
+    return within_bound(what, y, product_reference(x, w), product_allowed(x, w, y.dtype, library),
+                        product_magnitude(x, w))
+
+
+def _operands(case, xp):
+    return random_operands(np.random.default_rng(case["seed"]), case["m"], case["n"], case["k"], storage_dtype(xp))
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMV and flat GEMM
+# ----------------------------------------------------------------------------------------------
+
+def product_cases(backend):
+    """-> a case {m, n, k, seed}; on the CPU also the multiprocessors the flat GEMM plans for."""
+    sizes = SIZES[backend]
+    fields = dict(m=st.integers(1, sizes["m"]), n=st.integers(1, sizes["n"]), k=st.integers(1, sizes["k"]), seed=SEEDS)
+    if backend == "cpu":
+        fields["multiprocessors"] = st.integers(1, 200)
+    return st.fixed_dictionaries(fields)
+
+
+def check_gemv(case, xp):
+    """gemv.cu (float16) or its emulation (float32) against the float64 product."""
+    x, w = _operands(case, xp)
+    if is_gpu(xp):
+        y = gemv_gpu(xp.asarray(x), xp.asarray(w))
+    else:
+        y = gemv_emulated(x, w)
+    expect_layout("y", y, storage_dtype(xp), (case["m"], case["n"]))
+    return check_product("y", to_numpy(y), x, w)
+
+
+def check_flat_gemm(case, xp):
+    """flat_gemm.cu (float16) or its emulation (float32, planned for the case's multiprocessors)
+    against the float64 product; on GPU a second launch (split K re-arms its counters and adds the
+    partials in a fixed order) gives the same bits."""
+    x, w = _operands(case, xp)
+    if not is_gpu(xp):
+        y = flat_gemm_emulated(x, w, multiprocessors=case["multiprocessors"])
+        expect_layout("y", y, np.float32, (case["m"], case["n"]))
+        return check_product("y", y, x, w)
+    x_gpu, w_gpu = xp.asarray(x), xp.asarray(w)
+    y = flat_gemm_gpu(x_gpu, w_gpu)
+    expect_layout("y", y, np.float16, (case["m"], case["n"]))
+    exactly_equal("replayed y", to_numpy(flat_gemm_gpu(x_gpu, w_gpu)), to_numpy(y))
+    return check_product("y", to_numpy(y), x, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dispatcher
+# ----------------------------------------------------------------------------------------------
+
+def dispatch_cases(backend):
+    """-> a case: a product {m, n, k, seed}, the thresholds (m1, m2) a temporary table gives its
+    weight shape, and the implementation forced on the seam (None: the dispatcher chooses)."""
+    sizes = SIZES[backend]
+    return st.fixed_dictionaries(dict(
+        m=st.integers(1, sizes["m"]), n=st.integers(1, sizes["n"]), k=st.integers(1, sizes["k"]),
+        m1=st.integers(1, 40), span=st.integers(0, 100), impl=st.sampled_from((None,) + dispatch.IMPLEMENTATIONS),
+        seed=SEEDS))
+
+
+def expected_choice(m, m1, m2):
+    return "gemv" if m < m1 else "flat_gemm" if m < m2 else "library"
+
+
+@contextmanager
+def temporary_table(devices):
+    """Point the dispatcher at a temporary cache directory holding `devices` as its table."""
+    previous = os.environ.get("MINIFD_CACHE")
+    with tempfile.TemporaryDirectory() as directory:
+        os.environ["MINIFD_CACHE"] = directory
+        try:
+            dispatch.write_table(dispatch.table_path(), devices)
+            yield
+        finally:
+            if previous is None:
+                del os.environ["MINIFD_CACHE"]
+            else:
+                os.environ["MINIFD_CACHE"] = previous
+            dispatch.forget_tables()
+
+
+@contextmanager
+def recording_implementations(on_gpu):
+    """Wrap the seam's implementations (its private name -> function table) so each call notes its
+    name -> the list of names that ran; the table is restored afterwards."""
+    table = linear_seam._GPU if on_gpu else linear_seam._CPU
+    originals = dict(table)
+    ran = []
+    for name, implementation in originals.items():
+        table[name] = lambda x, w, name=name, implementation=implementation: ran.append(name) or implementation(x, w)
+    try:
+        yield ran
+    finally:
+        table.update(originals)
+
+
+def check_dispatch(case, xp):
+    """With a temporary table for this device and weight shape, `choose_implementation` follows it
+    (and the defaults elsewhere: another shape, another device), `linear` runs the implementation it
+    chose, or the forced one, and its result meets the product bound."""
+    m, n, k, m1 = case["m"], case["n"], case["k"], case["m1"]
+    m2 = m1 + case["span"]
+    device = dispatch.gpu_properties().name if is_gpu(xp) else dispatch.CPU_DEVICE_NAME
+    default = expected_choice(m, *dispatch.DEFAULT_THRESHOLDS)
+    x, w = _operands(case, xp)
+    with temporary_table({device: {dispatch.shape_key(n, k): {"m1": m1, "m2": m2, "max_m": 256}}}):
+        choices = (dispatch.choose_implementation(m, n, k, device), dispatch.choose_implementation(m, n, k + 1, device),
+                   dispatch.choose_implementation(m, n, k, device + " (another)"))
+        if choices != (expected_choice(m, m1, m2), default, default):
+            raise PropertyFailure(f"table M1={m1} M2={m2} at M={m}: chose {choices[0]} (tuned shape), {choices[1]} "
+                                  f"(untuned shape), {choices[2]} (untuned device); expected "
+                                  f"{expected_choice(m, m1, m2)}, {default}, {default}")
+        with recording_implementations(is_gpu(xp)) as ran:
+            y = linear_seam.linear(xp.asarray(x), xp.asarray(w), impl=case["impl"])
+    expected_run = case["impl"] or expected_choice(m, m1, m2)
+    if ran != [expected_run]:
+        raise PropertyFailure(f"linear ran {ran}, expected [{expected_run!r}] "
+                              f"(impl={case['impl']!r}, M1={m1}, M2={m2})")
+    expect_layout("y", y, storage_dtype(xp), (m, n))
+    return check_product("y", to_numpy(y), x, w, library=expected_run == "library")
+
+
+PROPERTIES = (
+    Property("gemv", "GEMV (ImplA) vs the float64 product", product_cases, check_gemv),
+    Property("flat_gemm", "flat GEMM with split K (ImplB) vs the float64 product", product_cases, check_flat_gemm),
+    Property("dispatch", "the seam runs what a temporary dispatch table says (or the forced implementation)",
+             dispatch_cases, check_dispatch),
+)
