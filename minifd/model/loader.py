@@ -7,6 +7,7 @@ NumPy dtype: it is read as its raw 16 bits and widened to float32 by a shift.
 """
 
 import json
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,16 @@ class Checkpoint:
     def shape(self, name):
         return self.entries[name].shape
 
+    def release(self, name):
+        """Unmap a tensor's pages from this process once it has been copied elsewhere (to the GPU), so
+        streaming a checkpoint holds about one tensor in host memory; the file stays in the page cache."""
+        entry = self.entries[name]
+        mapping = self._maps.get(entry.path)
+        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = entry.begin // mmap.PAGESIZE * mmap.PAGESIZE
+        mapping._mmap.madvise(mmap.MADV_DONTNEED, start, entry.end - start)
+
     def location(self, name):
         """Where a tensor lives, for error messages."""
         return str(self.entries[name].path) if name in self.entries else str(self.dir)
@@ -134,6 +145,9 @@ class InMemoryCheckpoint:
 
     def shape(self, name):
         return tuple(self.tensors[name].shape)
+
+    def release(self, name):
+        """Nothing to unmap: the arrays belong to the caller."""
 
     def location(self, name):
         return str(self.dir)

@@ -2,7 +2,8 @@
 
 From the checkpoint's per-projection matrices we build, per layer, one QKV matrix and one gate+up
 matrix, so a decode step runs two large products instead of five small ones. Tensors are converted
-one at a time and moved to the device straight away: peak host memory stays near one tensor.
+one at a time, moved to the device straight away, and their mapped pages released: peak host memory
+stays near one tensor however large the checkpoint.
 """
 
 from dataclasses import dataclass
@@ -95,7 +96,11 @@ def load_weights(checkpoint, config, xp, dtype, progress=None):
             parts.append(_to_dtype(checkpoint, name, dtype))
             bar.advance(checkpoint.nbytes(name))
         host = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        return xp.asarray(host)
+        placed = xp.asarray(host)
+        if xp is not np or host.flags.owndata:  # the file's pages are no longer read: let them go
+            for name in tensor_names:
+                checkpoint.release(name)
+        return placed
 
     embed = fetch("model.embed_tokens.weight")
     layers = []
