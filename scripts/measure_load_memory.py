@@ -46,6 +46,7 @@ def load_and_report(directory):
     from minifd.model.weights import load_weights
 
     config = LlamaConfig.from_dir(directory)
+    cupy.zeros(1)  # the CUDA context's own host memory is not the loader's
     before = peak_resident_mib()
     weights = load_weights(Checkpoint(directory), config, cupy, np.float16, progress=False)
     cupy.cuda.Device().synchronize()
