@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from minifd.backend import is_gpu, to_numpy
-from minifd.kernels.linear import recordable
+from minifd.kernels.dispatch import kernels_only
 from minifd.sampling import sample
 
 NON_FINITE = -1  # the token a row reports when its logits hold NaN or Inf
@@ -61,7 +61,7 @@ class DecodeStep:
             elif self.use_graph and self.steps >= 2 and self._capture():
                 self.graph.launch(stream=self.stream)
             elif self.use_graph:
-                with recordable():  # the warm-up must allocate and bind what the captured step will use
+                with kernels_only():  # the warm-up must allocate what the captured step will use
                     self._step()
             else:
                 self._step()
@@ -70,14 +70,13 @@ class DecodeStep:
     def _capture(self):
         """Record one step into self.graph (nothing runs yet); -> False where capture is unsupported.
 
-        The first step ran eagerly on this stream: kernels are compiled, the cuBLAS handle is bound
-        to the stream, and the stream's memory pool holds a block of every size the step needs, so
-        the captured step allocates nothing new.
+        The first step ran eagerly on this stream: kernels are compiled and the stream's memory pool
+        holds a block of every size the step needs, so the captured step allocates nothing new.
         """
         try:
             self.stream.begin_capture()
             try:
-                with recordable():
+                with kernels_only():
                     self._step()
             finally:
                 graph = self.stream.end_capture()

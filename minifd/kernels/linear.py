@@ -6,8 +6,6 @@ GEMM beyond. On GPU (CuPy) the kernels take float16 and accumulate in float32; o
 emulations of the same kernels run in float32, and the library path is plain `x @ W.T`.
 """
 
-import contextlib
-
 import numpy as np
 
 from minifd.kernels.dispatch import CPU_DEVICE_NAME, IMPLEMENTATIONS, choose_implementation, gpu_properties
@@ -22,56 +20,7 @@ def _library_cpu(x, weight):
 def _library_gpu(x, weight):
     import cupy
 
-    on_hip = getattr(cupy.cuda.runtime, "is_hip", False)  # HIP builds of CuPy record hipBLAS as they are
-    if _RECORDING[0] and x.dtype == weight.dtype == cupy.float16 and not on_hip:
-        return _library_gpu_recordable(x, weight)
     return cupy.matmul(x, weight.T)
-
-
-_RECORDING = [False]
-_ONE, _ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)
-
-
-@contextlib.contextmanager
-def recordable():
-    """Within this block every GPU product can be recorded into a CUDA graph, including cuBLAS ones.
-
-    CuPy's matmul refuses to run while a stream is capturing (its guard sits in the binding of the
-    cuBLAS handle to a stream), though cuBLAS itself supports capture. So here the library path calls
-    cuBLAS's gemmEx directly: outside a capture (the eager warm-up step) it binds the handle to the
-    current stream, and inside one it checks that binding still holds."""
-    _RECORDING[0] = True
-    try:
-        yield
-    finally:
-        _RECORDING[0] = False
-
-
-def _library_gpu_recordable(x, weight):
-    """x: [M, K], weight: [N, K] float16 -> [M, N] float16 = x @ weight.T via cublasGemmEx (fp32 compute).
-
-    cuBLAS is column-major: y^T [N, M] = W [N, K] (a K x N column-major matrix, transposed) times
-    x^T [K, M] (x read as column-major K x M), so y comes out row-major [M, N]."""
-    import cupy
-    from cupy.cuda import cublas
-
-    m, k = x.shape
-    n = weight.shape[0]
-    x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
-    y = cupy.empty((m, n), dtype=cupy.float16)
-    handle = cupy.cuda.device.get_cublas_handle()
-    stream = cupy.cuda.get_current_stream()
-    if stream.is_capturing():
-        if cublas.getStream(handle) != stream.ptr:
-            raise RuntimeError("the cuBLAS handle is bound to another stream than the one being captured")
-    else:
-        cublas.setStream(handle, stream.ptr)
-        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    half = cupy.cuda.runtime.CUDA_R_16F
-    cublas.gemmEx(handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, m, k, _ONE.ctypes.data,
-                  weight.data.ptr, half, k, x.data.ptr, half, k, _ZERO.ctypes.data, y.data.ptr, half, n,
-                  cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
-    return y
 
 
 _CPU = {"gemv": gemv_emulated, "flat_gemm": flat_gemm_emulated, "library": _library_cpu}
