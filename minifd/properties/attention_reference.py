@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minifd.properties.tolerance import U32, absolute_floor, unit_roundoff
+from minifd.properties.tolerance import U32, PropertyFailure, absolute_floor, unit_roundoff
 
 
 @dataclass(frozen=True)
@@ -205,3 +205,23 @@ def prefill_inputs(rng, seq, n_heads, n_kv_heads, head_dim, query_scale, adversa
 def rounded_to(dtype, *arrays):
     """The arrays' values rounded to `dtype`, kept as float32: what a kernel of that dtype sees."""
     return tuple(np.asarray(a, dtype).astype(np.float32) for a in arrays)
+
+
+def check_recompute_count(what, recomputed, certain, possible):
+    """recomputed must lie between the rows surely (certain) and perhaps (possible) outside the window."""
+    low, high = int(certain.sum()), int(possible.sum())
+    if not low <= recomputed <= high:
+        expected = str(low) if low == high else f"{low} to {high}"
+        raise PropertyFailure(f"{what}: {recomputed} rows recomputed, float64 scores say {expected}")
+
+
+def recompute_strategy(cases, backend, adversarial_scores, default_range, every_row_ranges):
+    """Cases where rows must be recomputed: every row (phi far from all scores) or at least one
+    adversarial row (under default_range). cases(backend, adversarial=..., softmax_ranges=...) draws one."""
+    from hypothesis import strategies as st
+
+    every_row = cases(backend, adversarial=st.just([]), softmax_ranges=st.sampled_from(every_row_ranges))
+    adversarial_rows = cases(backend, adversarial=st.lists(st.sampled_from(adversarial_scores), min_size=1,
+                                                           max_size=3),
+                             softmax_ranges=st.just(default_range))
+    return st.one_of(every_row, adversarial_rows)

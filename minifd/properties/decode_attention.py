@@ -18,7 +18,8 @@ from minifd.kernels import attention
 from minifd.kernels.decode_attention import decode_attention_emulated, decode_attention_gpu
 from minifd.kernels.decode_attention_sync import SPLIT_SIZES, decode_attention_sync_emulated
 from minifd.kernels.softmax_range import SoftmaxRange
-from minifd.properties.attention_reference import (attention_allowed, decode_inputs, decode_reference, rounded_to,
+from minifd.properties.attention_reference import (attention_allowed, check_recompute_count, decode_inputs,
+                                                   decode_reference, recompute_strategy, rounded_to,
                                                    rows_outside_window)
 from minifd.properties.registry import SEEDS, Property, storage_dtype
 from minifd.properties.tolerance import PropertyFailure, all_finite, closest_to_bound, expect_layout, within_bound
@@ -57,13 +58,7 @@ def decode_cases(draw, backend, adversarial=None, softmax_ranges=None):
 
 
 def recompute_cases(backend):
-    """Cases where rows must be recomputed: every row (phi far from all scores) or at least one
-    adversarial row (the default window)."""
-    every_row = decode_cases(backend, adversarial=st.just([]), softmax_ranges=st.sampled_from(EVERY_ROW_RANGES))
-    adversarial_rows = decode_cases(backend, adversarial=st.lists(st.sampled_from(ADVERSARIAL_SCORES), min_size=1,
-                                                                  max_size=3),
-                                    softmax_ranges=st.just(SOFTMAX_RANGES[0]))
-    return st.one_of(every_row, adversarial_rows)
+    return recompute_strategy(decode_cases, backend, ADVERSARIAL_SCORES, SOFTMAX_RANGES[0], EVERY_ROW_RANGES)
 
 
 def case_inputs(case, xp):
@@ -78,14 +73,6 @@ def case_inputs(case, xp):
 def _on_device(xp, q, k_cache, v_cache, lengths):
     dtype = storage_dtype(xp)
     return xp.asarray(q, dtype), xp.asarray(k_cache, dtype), xp.asarray(v_cache, dtype), xp.asarray(lengths)
-
-
-def _check_counts(what, recomputed, certain, possible):
-    """recomputed must lie between the rows surely and perhaps outside the window."""
-    low, high = int(certain.sum()), int(possible.sum())
-    if not low <= recomputed <= high:
-        expected = str(low) if low == high else f"{low} to {high}"
-        raise PropertyFailure(f"{what}: {recomputed} rows recomputed, float64 scores say {expected}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,7 +93,7 @@ def check_unified_max(case, xp):
     emulated_allowed = attention_allowed(reference, head_dim, softmax_range.phi, emulated.dtype)
     if not is_gpu(xp):
         all_finite("emulated out", emulated)
-        _check_counts("emulation", emulated_rows, certain, possible)
+        check_recompute_count("emulation", emulated_rows, certain, possible)
         return within_bound("emulated out", emulated, reference.out, emulated_allowed,
                             reference.magnitude).with_recomputed(emulated_rows)
     counter = xp.zeros(1, xp.uint64)
@@ -115,13 +102,13 @@ def check_unified_max(case, xp):
     expect_layout("kernel out", out, np.float16, q.shape)
     out, recomputed = to_numpy(out), int(to_numpy(counter)[0])
     all_finite("kernel out", out)
-    _check_counts("kernel", recomputed, certain, possible)
+    check_recompute_count("kernel", recomputed, certain, possible)
     if (certain == possible).all() and recomputed != emulated_rows:
         raise PropertyFailure(f"kernel recomputed {recomputed} rows, the emulation {emulated_rows}")
     allowed = attention_allowed(reference, head_dim, softmax_range.phi, out.dtype)
     before = attention.recompute_count()
     seam_out = attention.decode_attention(*_on_device(xp, q, k_cache, v_cache, lengths), softmax_range=softmax_range)
-    _check_counts("seam", attention.recompute_count() - before, certain, possible)
+    check_recompute_count("seam", attention.recompute_count() - before, certain, possible)
     return closest_to_bound(
         within_bound("kernel out", out, reference.out, allowed, reference.magnitude),
         within_bound("kernel out vs emulation", out, emulated.astype(np.float64), allowed + emulated_allowed,
@@ -146,7 +133,7 @@ def check_recompute(case, xp):
     all_finite("out", out)
     if recomputed == 0:
         raise PropertyFailure(f"no row took the recompute path; {int(certain.sum())} have scores outside the window")
-    _check_counts("recompute counter", recomputed, certain, possible)
+    check_recompute_count("recompute counter", recomputed, certain, possible)
     allowed = attention_allowed(reference, head_dim, softmax_range.phi, out.dtype)
     return within_bound("out", out, reference.out, allowed, reference.magnitude).with_recomputed(recomputed)
 

@@ -26,8 +26,9 @@ from minifd.kernels import attention
 from minifd.kernels.prefill_attention import (LARGEST_LOG2_PROBABILITY, SMALLEST_NORMAL_HALF,
                                               prefill_attention_emulated, prefill_attention_gpu)
 from minifd.kernels.softmax_range import SoftmaxRange
-from minifd.properties.attention_reference import (attention_allowed, prefill_inputs, prefill_reference,
-                                                   probability_error, rounded_to, rows_outside_window)
+from minifd.properties.attention_reference import (attention_allowed, check_recompute_count, prefill_inputs,
+                                                   prefill_reference, probability_error, recompute_strategy,
+                                                   rounded_to, rows_outside_window)
 from minifd.properties.registry import SEEDS, Property, storage_dtype
 from minifd.properties.tolerance import (U16, U32, PropertyFailure, all_finite, closest_to_bound, expect_layout,
                                          within_bound)
@@ -61,13 +62,7 @@ def prefill_cases(draw, backend, adversarial=None, softmax_ranges=None):
 
 
 def recompute_cases(backend):
-    """Cases where rows must be recomputed: every row (phi far from all scores) or at least one
-    adversarial row (the default window)."""
-    every_row = prefill_cases(backend, adversarial=st.just([]), softmax_ranges=st.sampled_from(EVERY_ROW_RANGES))
-    adversarial_rows = prefill_cases(backend, adversarial=st.lists(st.sampled_from(ADVERSARIAL_SCORES), min_size=1,
-                                                                   max_size=3),
-                                     softmax_ranges=st.just(SOFTMAX_RANGES[0]))
-    return st.one_of(every_row, adversarial_rows)
+    return recompute_strategy(prefill_cases, backend, ADVERSARIAL_SCORES, SOFTMAX_RANGES[0], EVERY_ROW_RANGES)
 
 
 def case_inputs(case, xp):
@@ -99,13 +94,6 @@ def rows_to_recompute(reference, head_dim, softmax_range):
     return certain | (log_mean < threshold - margin), possible | (log_mean <= threshold + margin)
 
 
-def _check_counts(what, recomputed, certain, possible):
-    low, high = int(certain.sum()), int(possible.sum())
-    if not low <= recomputed <= high:
-        expected = str(low) if low == high else f"{low} to {high}"
-        raise PropertyFailure(f"{what}: {recomputed} rows recomputed, float64 scores say {expected}")
-
-
 # ----------------------------------------------------------------------------------------------
 # The properties
 # ----------------------------------------------------------------------------------------------
@@ -122,7 +110,7 @@ def check_unified_max(case, xp):
     emulated_allowed = prefill_allowed(reference, head_dim, softmax_range.phi, np)
     if not is_gpu(xp):
         all_finite("emulated out", emulated)
-        _check_counts("emulation", emulated_rows, certain, possible)
+        check_recompute_count("emulation", emulated_rows, certain, possible)
         return within_bound("emulated out", emulated, reference.out, emulated_allowed,
                             reference.magnitude).with_recomputed(emulated_rows)
     counter = xp.zeros(1, xp.uint64)
@@ -131,7 +119,7 @@ def check_unified_max(case, xp):
     expect_layout("kernel out", out, np.float16, q.shape)
     out, recomputed = to_numpy(out), int(to_numpy(counter)[0])
     all_finite("kernel out", out)
-    _check_counts("kernel", recomputed, certain, possible)
+    check_recompute_count("kernel", recomputed, certain, possible)
     if (certain == possible).all() and recomputed != emulated_rows:
         raise PropertyFailure(f"kernel recomputed {recomputed} rows, the emulation {emulated_rows}")
     allowed = prefill_allowed(reference, head_dim, softmax_range.phi, xp)
@@ -158,7 +146,7 @@ def check_recompute(case, xp):
     all_finite("out", out)
     if recomputed == 0:
         raise PropertyFailure(f"no row took the recompute path; {int(certain.sum())} must")
-    _check_counts("recompute counter", recomputed, certain, possible)
+    check_recompute_count("recompute counter", recomputed, certain, possible)
     allowed = prefill_allowed(reference, head_dim, softmax_range.phi, xp)
     return within_bound("out", out, reference.out, allowed, reference.magnitude).with_recomputed(recomputed)
 
