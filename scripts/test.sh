@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quick start 2: set everything up, compile every kernel for the four targets (where nvcc and hipcc
-# are installed; CI installs both and requires them), run the test suite (GPU tests skip without a
-# GPU) and the kernels' property suite on this machine's backend.
+# are installed; CI installs both and requires them), run the kernels' property suite on this
+# machine's backend, then the test suite (GPU tests skip without a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -10,5 +10,5 @@ if [ -n "${MINIFD_REQUIRE_COMPILERS:-}" ] || { command -v nvcc && command -v hip
 else
   echo "test.sh: nvcc or hipcc is not installed: skipping the standalone kernel compile check" >&2
 fi
-MINIFD_REQUIRE_FIXTURE=1 .venv/bin/python -m pytest -q "$@"
 .venv/bin/minifd check
+MINIFD_REQUIRE_FIXTURE=1 .venv/bin/python -m pytest -q "$@"
