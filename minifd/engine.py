@@ -70,6 +70,8 @@ class Engine:
             raise MinifdError(f"--weights {weights_dir}: no such directory")
         if not weights_dir.is_dir():
             raise MinifdError(f"--weights {weights_dir}: not a directory")
+        if max_context is not None and max_context < 1:
+            raise MinifdError(f"--max-context must be >= 1, not {max_context}")
         xp = array_module(device)
         config = LlamaConfig.from_dir(weights_dir)
         tokenizer = Tokenizer.from_dir(weights_dir, config)
@@ -107,8 +109,7 @@ class Engine:
         try:
             cache = KVCache.allocate(self.config, batch, max_seq, self.xp, self.model.dtype)
         except out_of_memory_errors(self.xp):
-            c = self.config
-            needed = 2 * c.n_layers * batch * c.n_kv_heads * max_seq * c.head_dim * np.dtype(self.model.dtype).itemsize
+            needed = KVCache.nbytes_needed(self.config, batch, max_seq, self.model.dtype)
             raise MinifdError(f"out of memory for the KV cache: {batch} sequence(s) x {max_seq} positions need "
                               f"{needed / 2**30:.2f} GiB ({free_memory_text(self.xp) or 'host memory'}); "
                               "lower --max-new-tokens, the prompt count or the prompt lengths") from None

@@ -182,6 +182,7 @@ def test_index_names_a_missing_shard(capsys, tmp_path):
     (["--top-k", "-1"], "--top-k must be >= 0"),
     (["--max-new-tokens", "251"], "prompt 1 has 6 tokens; with --max-new-tokens 251 that is 257, over the context of 256"),
     (["--device", "tpu"], "--device"),
+    (["--max-context", "0"], "--max-context must be >= 1, not 0"),
 ])
 def test_bad_flags(capsys, model_dir, flags, fragment):
     assert_one_line_error(capsys, run_args(model_dir, *flags), fragment)

@@ -45,6 +45,11 @@ class KVCache:
         return cls([xp.zeros(shape, dtype) for _ in range(config.n_layers)],
                    [xp.zeros(shape, dtype) for _ in range(config.n_layers)])
 
+    @staticmethod
+    def nbytes_needed(config, batch, max_seq, dtype):
+        """Bytes allocate() would take."""
+        return 2 * config.n_layers * batch * config.n_kv_heads * max_seq * config.head_dim * np.dtype(dtype).itemsize
+
     @property
     def max_seq(self):
         return self.k[0].shape[2]
