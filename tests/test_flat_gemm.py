@@ -18,7 +18,7 @@ from minifd.kernels.flat_gemm import (
     plan_flat_gemm,
 )
 from minifd.properties import PROPERTIES
-from minifd.properties.linear import check_product, random_operands
+from minifd.properties.linear import check_product, misaligned_on_device, random_operands
 
 cupy = cupy_or_none()
 gpu = pytest.mark.skipif(cupy is None, reason="needs a GPU through CuPy")
@@ -87,8 +87,6 @@ def test_kernel_repeats_bit_for_bit(m, n, k):
 @pytest.mark.gpu
 def test_kernel_with_a_weight_that_is_not_16_byte_aligned():
     x, w = random_operands(np.random.default_rng(2), 6, 200, 256, np.float16)
-    storage = cupy.empty(w.size + 1, dtype=cupy.float16)
-    storage[1:] = cupy.asarray(w).ravel()
-    w_misaligned = storage[1:].reshape(w.shape)
+    w_misaligned = misaligned_on_device(w)
     assert w_misaligned.data.ptr % 16 != 0
     check_product("y", flat_gemm_gpu(cupy.asarray(x), w_misaligned).get(), x, w)

@@ -7,7 +7,7 @@ import pytest
 from minifd.backend import cupy_or_none
 from minifd.kernels.gemv import GEMV_M_TILES, GEMV_STAGE_HALVES, gemv_gpu, gemv_m_tile
 from minifd.properties import PROPERTIES
-from minifd.properties.linear import check_product, random_operands
+from minifd.properties.linear import check_product, misaligned_on_device, random_operands
 
 cupy = cupy_or_none()
 gpu = pytest.mark.skipif(cupy is None, reason="needs a GPU through CuPy")
@@ -27,8 +27,6 @@ def test_across_several_k_chunks(xp, m):
 @pytest.mark.gpu
 def test_kernel_with_a_weight_that_is_not_16_byte_aligned():
     x, w = random_operands(np.random.default_rng(1), 3, 50, 64, np.float16)
-    storage = cupy.empty(w.size + 1, dtype=cupy.float16)
-    storage[1:] = cupy.asarray(w).ravel()
-    w_misaligned = storage[1:].reshape(w.shape)  # contiguous, but 2 bytes past a 16-byte boundary
+    w_misaligned = misaligned_on_device(w)
     assert w_misaligned.data.ptr % 16 != 0
     check_product("y", gemv_gpu(cupy.asarray(x), w_misaligned).get(), x, w)

@@ -51,6 +51,16 @@ def random_operands(rng, m, n, k, dtype):
     return x, w
 
 
+def misaligned_on_device(array):
+    """-> a contiguous CuPy copy of `array` starting 2 bytes past a 16-byte boundary, so a kernel must
+    take its 2-byte-load path."""
+    import cupy
+
+    storage = cupy.empty(array.size + 1, dtype=array.dtype)
+    storage[1:] = cupy.asarray(array).ravel()
+    return storage[1:].reshape(array.shape)
+
+
 def product_reference(x, w):
     """x: [M, K], w: [N, K] (NumPy) -> [M, N] float64."""
     return x.astype(np.float64) @ w.astype(np.float64).T
