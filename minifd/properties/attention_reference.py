@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minifd.properties.tolerance import U32, PropertyFailure, absolute_floor, unit_roundoff
+from minifd.properties.tolerance import (U32, PropertyFailure, absolute_floor, all_finite, unit_roundoff,
+                                        within_bound)
 
 
 @dataclass(frozen=True)
@@ -225,3 +226,12 @@ def recompute_strategy(cases, backend, adversarial_scores, default_range, every_
                                                            max_size=3),
                              softmax_ranges=st.just(default_range))
     return st.one_of(every_row, adversarial_rows)
+
+
+def check_emulation(emulated, emulated_rows, reference, allowed, certain, possible):
+    """The CPU half of an attention property: the emulation's output finite and within `allowed` of
+    the reference, and its recompute count between the rows surely and perhaps outside the window."""
+    all_finite("emulated out", emulated)
+    check_recompute_count("emulation", emulated_rows, certain, possible)
+    result = within_bound("emulated out", emulated, reference.out, allowed, reference.magnitude)
+    return result.with_recomputed(emulated_rows)

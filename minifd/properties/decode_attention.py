@@ -18,8 +18,8 @@ from minifd.kernels import attention
 from minifd.kernels.decode_attention import decode_attention_emulated, decode_attention_gpu
 from minifd.kernels.decode_attention_sync import SPLIT_SIZES, decode_attention_sync_emulated
 from minifd.kernels.softmax_range import SoftmaxRange
-from minifd.properties.attention_reference import (attention_allowed, check_recompute_count, decode_inputs,
-                                                   decode_reference, recompute_strategy, rounded_to,
+from minifd.properties.attention_reference import (attention_allowed, check_emulation, check_recompute_count,
+                                                   decode_inputs, decode_reference, recompute_strategy, rounded_to,
                                                    rows_outside_window)
 from minifd.properties.registry import SEEDS, Property, storage_dtype
 from minifd.properties.tolerance import PropertyFailure, all_finite, closest_to_bound, expect_layout, within_bound
@@ -92,10 +92,7 @@ def check_unified_max(case, xp):
                                                         case["keys_per_split"])
     emulated_allowed = attention_allowed(reference, head_dim, softmax_range.phi, emulated.dtype)
     if not is_gpu(xp):
-        all_finite("emulated out", emulated)
-        check_recompute_count("emulation", emulated_rows, certain, possible)
-        return within_bound("emulated out", emulated, reference.out, emulated_allowed,
-                            reference.magnitude).with_recomputed(emulated_rows)
+        return check_emulation(emulated, emulated_rows, reference, emulated_allowed, certain, possible)
     counter = xp.zeros(1, xp.uint64)
     out = decode_attention_gpu(*_on_device(xp, q, k_cache, v_cache, lengths), softmax_range, counter,
                                case["keys_per_split"])

@@ -26,9 +26,9 @@ from minifd.kernels import attention
 from minifd.kernels.prefill_attention import (LARGEST_LOG2_PROBABILITY, SMALLEST_NORMAL_HALF,
                                               prefill_attention_emulated, prefill_attention_gpu)
 from minifd.kernels.softmax_range import SoftmaxRange
-from minifd.properties.attention_reference import (attention_allowed, check_recompute_count, prefill_inputs,
-                                                   prefill_reference, probability_error, recompute_strategy,
-                                                   rounded_to, rows_outside_window)
+from minifd.properties.attention_reference import (attention_allowed, check_emulation, check_recompute_count,
+                                                   prefill_inputs, prefill_reference, probability_error,
+                                                   recompute_strategy, rounded_to, rows_outside_window)
 from minifd.properties.registry import SEEDS, Property, storage_dtype
 from minifd.properties.tolerance import (U16, U32, PropertyFailure, all_finite, closest_to_bound, expect_layout,
                                          within_bound)
@@ -109,10 +109,7 @@ def check_unified_max(case, xp):
     emulated, emulated_rows = prefill_attention_emulated(q, k, v, softmax_range)
     emulated_allowed = prefill_allowed(reference, head_dim, softmax_range.phi, np)
     if not is_gpu(xp):
-        all_finite("emulated out", emulated)
-        check_recompute_count("emulation", emulated_rows, certain, possible)
-        return within_bound("emulated out", emulated, reference.out, emulated_allowed,
-                            reference.magnitude).with_recomputed(emulated_rows)
+        return check_emulation(emulated, emulated_rows, reference, emulated_allowed, certain, possible)
     counter = xp.zeros(1, xp.uint64)
     out = prefill_attention_gpu(xp.asarray(q, xp.float16), xp.asarray(k, xp.float16), xp.asarray(v, xp.float16),
                                 softmax_range, counter)
