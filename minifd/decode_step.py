@@ -11,7 +11,6 @@ import sys
 import numpy as np
 
 from minifd.backend import is_gpu, to_numpy
-from minifd.kernels.dispatch import kernels_only
 from minifd.sampling import sample
 
 NON_FINITE = -1  # the token a row reports when its logits hold NaN or Inf
@@ -37,7 +36,9 @@ class DecodeStep:
 
     def _step(self):
         xp = self.xp
-        logits = self.model.decode(self.cache, self.tokens, self.positions)  # [batch, vocab]
+        # Captured or not, the step runs the kernels a CUDA graph can record, so --no-graph changes
+        # how the step is launched, not what it computes.
+        logits = self.model.decode(self.cache, self.tokens, self.positions, graph_captured=is_gpu(xp))  # [batch, vocab]
         finite = xp.isfinite(logits).all(axis=-1)
         chosen = xp.where(finite, sample(logits, self.params, self.uniforms), NON_FINITE)
         if self.chosen is None:
@@ -60,11 +61,8 @@ class DecodeStep:
                 self.graph.launch(stream=self.stream)
             elif self.use_graph and self.steps >= 2 and self._capture():
                 self.graph.launch(stream=self.stream)
-            elif self.use_graph:
-                with kernels_only():  # the warm-up must allocate what the captured step will use
-                    self._step()
             else:
-                self._step()
+                self._step()  # with a graph to come, this warm-up allocates what the captured step will use
             return to_numpy(self.chosen)
 
     def _capture(self):
@@ -76,8 +74,7 @@ class DecodeStep:
         try:
             self.stream.begin_capture()
             try:
-                with kernels_only():
-                    self._step()
+                self._step()
             finally:
                 graph = self.stream.end_capture()
         except Exception as error:  # the driver or the CuPy build cannot capture this step

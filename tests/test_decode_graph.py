@@ -8,7 +8,6 @@ from minifd.backend import cupy_or_none
 from minifd.decode_step import DecodeStep
 from minifd.kernels import flat_gemm as flat_gemm_module
 from minifd.kernels import linear as linear_module
-from minifd.kernels.dispatch import kernels_only
 from minifd.model.config import LlamaConfig
 from minifd.model.llama import KVCache, Llama
 from minifd.model.loader import InMemoryCheckpoint
@@ -28,8 +27,8 @@ def test_graph_replay_equals_launches(batch, monkeypatch, tmp_path):
     flat_calls = []
     flat_gemm = flat_gemm_module.flat_gemm_gpu
     monkeypatch.setitem(linear_module._GPU, "flat_gemm",
-                        lambda x, w: flat_calls.append(cupy.cuda.get_current_stream().is_capturing())
-                        or flat_gemm(x, w))
+                        lambda x, w, **fused: flat_calls.append(cupy.cuda.get_current_stream().is_capturing())
+                        or flat_gemm(x, w, **fused))
     config = LlamaConfig.from_dict(tiny_config_dict(vocab_size=512, hidden_size=256, intermediate_size=512,
                                                     n_heads=4, n_kv_heads=2, head_dim=64))
     weights = load_weights(InMemoryCheckpoint(random_tensors(config, seed=batch)), config, cupy, np.float16,
@@ -48,8 +47,7 @@ def test_graph_replay_equals_launches(batch, monkeypatch, tmp_path):
     launched = DecodeStep(model, caches[1], SamplingParams(), first, lengths, use_graph=False)
     draws = np.zeros(batch, dtype=np.float32)
     for _ in range(steps):
-        with kernels_only():
-            expected = launched(draws)
+        expected = launched(draws)
         np.testing.assert_array_equal(replayed(draws), expected)
     assert replayed.graph is not None
     if batch >= 2:

@@ -221,8 +221,8 @@ def test_nan_that_appears_mid_decode_names_its_step(model_dir):
     engine = minifd.load(model_dir, device="cpu", progress=False)
     decode = engine.model.decode
 
-    def poisoned_decode(cache, tokens, positions):
-        logits = decode(cache, tokens, positions)
+    def poisoned_decode(cache, tokens, positions, graph_captured=False):
+        logits = decode(cache, tokens, positions, graph_captured)
         if positions[0] >= 8:
             logits[0, 0] = np.inf
         return logits

@@ -19,7 +19,6 @@ cuBLAS was within a few percent of the best from M = 2 on, and the flat GEMM won
 the 4096 x 4096 shape. The flat GEMM runs wherever `minifd tune` measured it faster.
 """
 
-import contextlib
 import functools
 import json
 from dataclasses import dataclass
@@ -89,27 +88,15 @@ def thresholds(device, n, k):
     return int(entry["m1"]), int(entry["m2"])
 
 
-_KERNELS_ONLY = [False]
+def choose_implementation(m, n, k, device, graph_captured=False):
+    """M rows of x against a weight [n, k] on `device` -> "gemv" | "flat_gemm" | "library".
 
-
-@contextlib.contextmanager
-def kernels_only():
-    """Within this block GPU products never take the library path: CuPy refuses to record cuBLAS
-    calls into a CUDA graph, so a step that will be captured (and its warm-up run, which must
-    allocate the same workspaces) uses the flat GEMM wherever the table says library."""
-    _KERNELS_ONLY[0] = True
-    try:
-        yield
-    finally:
-        _KERNELS_ONLY[0] = False
-
-
-def choose_implementation(m, n, k, device):
-    """M rows of x against a weight [n, k] on `device` -> "gemv" | "flat_gemm" | "library"."""
+    graph_captured: the product is being recorded into a CUDA graph, where CuPy cannot launch
+    cuBLAS, so where the table says library the flat GEMM runs instead."""
     m1, m2 = thresholds(device, n, k)
     if m < m1:
         return "gemv"
-    if m < m2 or (_KERNELS_ONLY[0] and device != CPU_DEVICE_NAME):
+    if m < m2 or (graph_captured and device != CPU_DEVICE_NAME):
         return "flat_gemm"
     return "library"
 

@@ -1,327 +1,238 @@
-// flat_gemm.cu: ImplB of the heuristic dataflow, FlashDecoding++'s flat GEMM on tensor cores.
+// flat_gemm.cu: ImplB of the heuristic dataflow, FlashDecoding++'s flat GEMM, flat in M.
 //
-// Math: y[m, n] = sum_k x[m, k] * W[n, k] for m < M, n < N (fp16 in, fp32 accumulation, fp16 out),
-// i.e. y^T[N, M] = W[N, K] x^T[K, M]: W is the MMA's 16-row "A" operand and x its narrow "B" operand,
-// so M is padded only to the MMA's narrow side (8 on NVIDIA) instead of a library's 64.
+// Math (fp16 storage, fp32 accumulation), for m < M and output feature n:
+//     s[m, n] = sum_k W[n, k] a[m, k]                   the product, y^T = W a^T
+// with three optional fused steps, chosen per launch (template arguments, one kernel each):
+//     NORM:     a[m, k] = x[m, k] g[k] / rms_m,  rms_m = sqrt(mean_k x[m, k]^2 + eps)   (RMSNorm prologue)
+//     RESIDUAL: y[m, n] = r[m, n] + s[m, n]                                            (residual epilogue)
+//     GATED:    y[m, j] = SiLU(s[m, gate row j]) s[m, up row j]                       (SwiGLU epilogue)
+// Why fused: at decode sizes every product is bound by streaming W, and the small steps around it
+// (the norm before QKV and gate/up, the residual add after O and down, SiLU * up) would each be a
+// kernel of its own that re-reads and re-writes activations and pays a launch and a ramp-up. Here
+// they cost nothing extra: the block reads all of x for its rows anyway (so it sums x^2 along the
+// way and scales its sums by 1/rms at the end; g multiplies x as it is staged), and the epilogue
+// holds the sums in registers when it adds r or gates. GATED needs the gate and up rows of one
+// output in one block: the weight's rows are interleaved in 16-row tiles, rows 0-7 the gate rows
+// of features 8j..8j+7 and rows 8-15 their up rows (minifd/model/weights.py lays them out so).
 //
-// Launch geometry: block = FLAT_THREADS = 128 threads; grid = (ceil(N / FLAT_BN), splits,
-// ceil(M / M_TILE)). Block (b, s, g) owns output features [FLAT_BN b, FLAT_BN (b + 1)) and x rows
-// [M_TILE g, M_TILE (g + 1)), and runs the K tiles [s T, (s + 1) T) of width FlatTile::bk in sequence
-// (T = tiles_per_split): no atomics between K tiles. A K tile of W is FLAT_BN rows by bk columns, so
-// each row of W is read in runs of 512 bytes (M_TILE 8) or 256 bytes, as long as a GEMV warp's.
-// Double buffering: two shared-memory stages; the next tile's W and x land by cp.async (sm_80+)
-// while the tensor cores consume the current one.
+// Flat in M: W is the MMA's 16-row A operand, x its 8-wide B operand (mma m16n8k16). Each warp
+// loads its fragments of W once per K piece and multiplies them by every 8-row tile of x, so W is
+// streamed exactly once whatever M (up to M_PAD = 64 rows per block; grid.y walks larger M) and a
+// larger M only adds tensor-core work, of which a memory-bound product has plenty to spare.
 //
-// Split K: when N / FLAT_BN blocks cannot fill the GPU, splits > 1 blocks share one output tile.
-// Each writes its fp32 partial tile to workspace[s, m, n]; the last block to arrive at the tile's
-// counter (an atomic ticket) adds the partials in split order 0..splits-1, so the result does not
-// depend on arrival order, writes y and re-arms the counter to 0 for the next launch (graph replay).
+// Fragment trick: a dot product may visit k in any order, as long as W and x use the same one.
+// Lane (g, t) (g = lane / 4, t = lane % 4) loads 16 contiguous bytes, columns 8t..8t+7 of a 32-wide
+// K piece, from W rows g and g + 8 and from x row g: the first four of those columns play the
+// MMA's k = {2t, 2t+1, 2t+8, 2t+9} of one m16n8k16 step and the last four the same k of a second.
+// So W goes from global memory straight into A fragments, one 16-byte load per row and piece, with
+// no shared-memory round trip and no ldmatrix.
 //
-// Compute step per target, each on the whole FLAT_BN x bk stage, its K split into `slices`:
-// mma.sync m16n8k16 (NVIDIA sm_80+: warp w owns K quarter w), v_mfma_f32_16x16x16f16 (AMD CDNA:
-// wavefront v owns K half v), otherwise CUDA cores (thread t owns row t % FLAT_BN, K quarter
-// t / FLAT_BN). Each slice leaves a partial fp32 tile in shared memory; the shared epilogue adds the
-// slices in order. vector_ok == 0 (K % 8 != 0 or a misaligned pointer) stages with 2-byte loads.
+// Launch geometry: block = FLAT_WARPS warps of 32 lanes (FLAT_THREADS), owning FLAT_ROWS =
+// 16 FLAT_ROW_TILES rows of W, all of K; grid = (ceil(N / FLAT_ROWS), ceil(M / M_PAD)). The block
+// walks K in chunks of FlatChunk::width = FLAT_WARPS x 32 x pieces columns: each chunk's x rows
+// (times g under NORM) are staged once in shared memory for all warps, and warp w takes the chunk's
+// pieces [w pieces, (w + 1) pieces): adjacent warps read adjacent runs of each W row. A chunk's W
+// loads are issued before the block stages its x, so their latency hides behind the staging. At
+// the end each warp holds partial sums over its own pieces; they are added in warp order through
+// shared memory (deterministic, no atomics) and the epilogue writes y.
+// vector_ok == 0 (K % 8 != 0 or a pointer not 16-byte aligned) loads the same pieces 2 bytes at a time.
 #include "portable.cuh"
 
-#define FLAT_THREADS 128
-#define FLAT_BN 32                  // output features (rows of W) per block
-#define FLAT_PAD 8                  // halves of padding per shared row: rows 16 bytes apart in bank terms
-#define FLAT_C_STRIDE (FLAT_BN + 4) // fp32 partial tile row, padded against bank conflicts
-
-// Shared-memory geometry of one pipeline stage for a given M_TILE: W tile then x tile.
-template <int M_TILE>
-struct FlatTile {
-    static constexpr int bk = M_TILE == 8 ? 256 : 128;  // K per stage: 16-21 KB of W and x either way
-    static constexpr int stride = bk + FLAT_PAD;         // halves per shared row
-    static constexpr int w_halves = FLAT_BN * stride;
-    static constexpr int stage_halves = (FLAT_BN + M_TILE) * stride;
-};
-
-__device__ __forceinline__ int flat_min(int a, int b) { return a < b ? a : b; }
-
-// Eight halves of row `row` of a [rows, K] matrix starting at column k -> dst; zeros outside.
-__device__ __forceinline__ void stage_piece(half_t* dst, const half_t* matrix, int row, int rows, int k, int K,
-                                            int vector_ok) {
-    if (row >= rows || k >= K) {
-        const uint4 zero = {0u, 0u, 0u, 0u};
-        store16(dst, zero);
-        return;
-    }
-    const half_t* src = matrix + (size_t)row * K + k;
-    if (vector_ok) {
-        async_copy16(dst, src);  // K % 8 == 0 here, so the piece lies inside the row
-        return;
-    }
-    for (int i = 0; i < 8; ++i) dst[i] = (k + i < K) ? src[i] : __float2half(0.0f);
-}
-
-// W rows [n0, n0 + FLAT_BN) and x rows [m0, m0 + M_TILE), columns [k0, k0 + bk) -> one stage.
-template <int M_TILE>
-__device__ __forceinline__ void stage_tiles(half_t* stage, const half_t* w, const half_t* x, int n0, int m0, int k0,
-                                            int M, int N, int K, int vector_ok) {
-    typedef FlatTile<M_TILE> T;
-    constexpr int pieces_per_row = T::bk / 8;
-    for (int i = threadIdx.x; i < FLAT_BN * pieces_per_row; i += FLAT_THREADS) {
-        const int row = i / pieces_per_row, col = (i % pieces_per_row) * 8;
-        stage_piece(stage + row * T::stride + col, w, n0 + row, N, k0 + col, K, vector_ok);
-    }
-    half_t* x_tile = stage + T::w_halves;
-    for (int i = threadIdx.x; i < M_TILE * pieces_per_row; i += FLAT_THREADS) {
-        const int row = i / pieces_per_row, col = (i % pieces_per_row) * 8;
-        stage_piece(x_tile + row * T::stride + col, x, m0 + row, M, k0 + col, K, vector_ok);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The block's accumulators: multiply() consumes one staged K tile (W at `stage`, x after it);
-// store() writes slice s's sums over the consumed tiles to
-// partials[(s * M_TILE + m) * FLAT_C_STRIDE + n] = sum over its K columns of x[m0 + m, k] W[n0 + n, k].
-// ---------------------------------------------------------------------------------------------
-#if defined(MINIFD_HAS_MMA_16816)
-
-template <int M_TILE>
-struct TileAccumulator {
-    typedef FlatTile<M_TILE> T;
-    static constexpr int slices = FLAT_THREADS / 32;     // warp w owns K quarter w of every stage
-    static constexpr int row_tiles = FLAT_BN / 16;       // 16-row MMA tiles
-    static constexpr int col_tiles = M_TILE / 8;         // 8-column MMA tiles
-    static constexpr int steps = T::bk / slices / 16;    // k16 steps per warp per stage
-    float acc[row_tiles][col_tiles][4];
-
-    __device__ __forceinline__ void zero() {
-#pragma unroll
-        for (int r = 0; r < row_tiles; ++r)
-#pragma unroll
-            for (int c = 0; c < col_tiles; ++c)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[r][c][j] = 0.0f;
-    }
-
-    __device__ __forceinline__ void multiply(const half_t* stage) {
-        const half_t* x_tile = stage + T::w_halves;
-        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-        for (int step = 0; step < steps; ++step) {
-            const int k = (warp * steps + step) * 16;
-            unsigned a[row_tiles][4], b[col_tiles][2];
-#pragma unroll
-            for (int r = 0; r < row_tiles; ++r)
-                ldmatrix_x4(a[r], stage + (r * 16 + lane % 16) * T::stride + k + (lane / 16) * 8);
-#pragma unroll
-            for (int c = 0; c < col_tiles; ++c)
-                ldmatrix_x2(b[c], x_tile + (c * 8 + lane % 8) * T::stride + k + ((lane / 8) % 2) * 8);
-#pragma unroll
-            for (int r = 0; r < row_tiles; ++r)
-#pragma unroll
-                for (int c = 0; c < col_tiles; ++c) mma_16816(acc[r][c], a[r], b[c]);
-        }
-    }
-
-    __device__ __forceinline__ void store(float* partials) const {
-        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-        float* slice = partials + warp * M_TILE * FLAT_C_STRIDE;
-#pragma unroll
-        for (int r = 0; r < row_tiles; ++r)
-#pragma unroll
-            for (int c = 0; c < col_tiles; ++c)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int n = r * 16 + lane / 4 + (j / 2) * 8;
-                    const int m = c * 8 + (lane % 4) * 2 + j % 2;
-                    slice[m * FLAT_C_STRIDE + n] = acc[r][c][j];
-                }
-    }
-};
-
-#elif defined(MINIFD_HAS_MFMA_16X16X16)
-
-template <int M_TILE>
-struct TileAccumulator {
-    typedef FlatTile<M_TILE> T;
-    static constexpr int slices = FLAT_THREADS / 64;      // wavefront v owns K half v of every stage
-    static constexpr int row_tiles = FLAT_BN / 16;        // 16-row MFMA tiles
-    static constexpr int col_tiles = (M_TILE + 15) / 16;  // 16-column MFMA tiles; columns past M_TILE are zero
-    static constexpr int steps = T::bk / slices / 16;
-    mfma_float4 acc[row_tiles][col_tiles];
-
-    __device__ __forceinline__ void zero() {
-#pragma unroll
-        for (int r = 0; r < row_tiles; ++r)
-#pragma unroll
-            for (int c = 0; c < col_tiles; ++c) acc[r][c] = mfma_float4{0.0f, 0.0f, 0.0f, 0.0f};
-    }
-
-    __device__ __forceinline__ void multiply(const half_t* stage) {
-        static_assert(MINIFD_WARP_SIZE == 64, "MFMA layouts assume wavefront 64");
-        const half_t* x_tile = stage + T::w_halves;
-        const int wave = threadIdx.x / 64, lane = threadIdx.x % 64;
-#pragma unroll
-        for (int step = 0; step < steps; ++step) {
-            const int kq = (wave * steps + step) * 16 + (lane / 16) * 4;
-            mfma_half4 b[col_tiles];
-#pragma unroll
-            for (int c = 0; c < col_tiles; ++c) {
-                const int m = c * 16 + lane % 16;
-                b[c] = m < M_TILE ? *reinterpret_cast<const mfma_half4*>(x_tile + m * T::stride + kq)
-                                  : mfma_half4{0, 0, 0, 0};
-            }
-#pragma unroll
-            for (int r = 0; r < row_tiles; ++r) {
-                const mfma_half4 a = *reinterpret_cast<const mfma_half4*>(stage + (r * 16 + lane % 16) * T::stride + kq);
-#pragma unroll
-                for (int c = 0; c < col_tiles; ++c) acc[r][c] = mfma_16x16x16(a, b[c], acc[r][c]);
-            }
-        }
-    }
-
-    __device__ __forceinline__ void store(float* partials) const {
-        const int wave = threadIdx.x / 64, lane = threadIdx.x % 64;
-        float* slice = partials + wave * M_TILE * FLAT_C_STRIDE;
-#pragma unroll
-        for (int r = 0; r < row_tiles; ++r)
-#pragma unroll
-            for (int c = 0; c < col_tiles; ++c) {
-                const int m = c * 16 + lane % 16;
-                if (m >= M_TILE) continue;
-#pragma unroll
-                for (int i = 0; i < 4; ++i) slice[m * FLAT_C_STRIDE + r * 16 + (lane / 16) * 4 + i] = acc[r][c][i];
-            }
-    }
-};
-
-#else
-
-template <int M_TILE>
-struct TileAccumulator {
-    typedef FlatTile<M_TILE> T;
-    static constexpr int slices = FLAT_THREADS / FLAT_BN;  // thread t: row t % FLAT_BN, K slice t / FLAT_BN
-    static constexpr int width = T::bk / slices;
-    float acc[M_TILE];
-
-    __device__ __forceinline__ void zero() {
-#pragma unroll
-        for (int m = 0; m < M_TILE; ++m) acc[m] = 0.0f;
-    }
-
-    __device__ __forceinline__ void multiply(const half_t* stage) {
-        const half_t* x_tile = stage + T::w_halves;
-        const int row = threadIdx.x % FLAT_BN, k_begin = threadIdx.x / FLAT_BN * width;
-        for (int k = k_begin; k < k_begin + width; k += 8) {
-            float w_values[8];
-            halves8_to_float(load16(stage + row * T::stride + k), w_values);
-#pragma unroll
-            for (int m = 0; m < M_TILE; ++m) {
-                float x_values[8];
-                halves8_to_float(load16(x_tile + m * T::stride + k), x_values);
-#pragma unroll
-                for (int j = 0; j < 8; ++j) acc[m] += w_values[j] * x_values[j];
-            }
-        }
-    }
-
-    __device__ __forceinline__ void store(float* partials) const {
-        float* slice = partials + threadIdx.x / FLAT_BN * M_TILE * FLAT_C_STRIDE;
-#pragma unroll
-        for (int m = 0; m < M_TILE; ++m) slice[m * FLAT_C_STRIDE + threadIdx.x % FLAT_BN] = acc[m];
-    }
-};
-
+#ifndef FLAT_WARPS
+#define FLAT_WARPS 8  // warps per block; they split K
 #endif
+#ifndef FLAT_ROW_TILES
+#define FLAT_ROW_TILES 1  // 16-row tiles of W per block; every warp multiplies all of them
+#endif
+#ifndef FLAT_PIECES
+#define FLAT_PIECES 4  // 32-column K pieces per warp per chunk at M_PAD <= 16 (fewer above: shared memory)
+#endif
+#define FLAT_THREADS (FLAT_WARPS * 32)
+#define FLAT_ROWS (16 * FLAT_ROW_TILES)
+#define FLAT_X_PAD 32  // halves of padding per staged x row: B-fragment reads hit 8 distinct 16-byte bank groups
 
-// Block-level sum of one output element over the accumulator's K slices, in slice order.
-template <int SLICES, int M_TILE>
-__device__ __forceinline__ float slice_sum(const float* partials, int m, int n) {
-    float total = 0.0f;
-#pragma unroll
-    for (int s = 0; s < SLICES; ++s) total += partials[(s * M_TILE + m) * FLAT_C_STRIDE + n];
-    return total;
+#define EPILOGUE_STORE 0
+#define EPILOGUE_RESIDUAL 1
+#define EPILOGUE_GATED 2
+
+template <int M_PAD>
+struct FlatChunk {
+    static constexpr int pieces = M_PAD <= 16 || FLAT_PIECES * 16 < M_PAD ? FLAT_PIECES : FLAT_PIECES * 16 / M_PAD;
+    static constexpr int width = FLAT_WARPS * 32 * pieces;  // K columns per chunk
+    static constexpr int stride = width + FLAT_X_PAD;       // halves per staged x row
+    static constexpr int x_bytes = M_PAD * stride * 2;
+    static constexpr int sum_bytes = FLAT_WARPS * 16 * M_PAD * 4;  // one row tile's partials of every warp
+    static constexpr int shared_bytes = x_bytes > sum_bytes ? x_bytes : sum_bytes;
+};
+
+// Eight halves of `row` from column k (k % 8 == 0); zeros past K.
+__device__ __forceinline__ uint4 load_piece(const half_t* row, int k, int K, int vector_ok) {
+    if (vector_ok && k < K) return load16(row + k);
+    uint4 piece = {0u, 0u, 0u, 0u};
+    half_t* halves = reinterpret_cast<half_t*>(&piece);
+    for (int i = 0; i < 8; ++i)
+        if (k + i < K) halves[i] = row[k + i];
+    return piece;
 }
 
-// ---------------------------------------------------------------------------------------------
-// The kernel body
-// ---------------------------------------------------------------------------------------------
-template <int M_TILE>
+__device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
+
+template <int M_PAD, int EPILOGUE, bool NORM>
 __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, const half_t* __restrict__ w,
-                                                half_t* __restrict__ y, float* workspace, int* counters, int M,
-                                                int N, int K, int tiles_per_split, int vector_ok) {
-    // x: [M, K], w: [N, K] -> y: [M, N]; workspace: [splits, M, N] fp32; counters: [m groups * N blocks]
-    typedef FlatTile<M_TILE> T;
-    typedef TileAccumulator<M_TILE> Accumulator;
-    static_assert(Accumulator::slices * M_TILE * FLAT_C_STRIDE * 4 <= 2 * T::stage_halves * 2,
-                  "the partial tiles reuse the stages");
-    __shared__ __align__(16) half_t stages[2 * T::stage_halves];
-    __shared__ int earlier_arrivals;
+                                                half_t* y, const half_t* __restrict__ norm_weight,
+                                                const half_t* residual, int M, int N, int K, float eps,
+                                                int vector_ok) {
+    // x: [M, K], w: [N, K], norm_weight: [K] (NORM), residual: [M, N] (RESIDUAL, may be y itself)
+    // -> y: [M, N], or [M, N / 2] when GATED
+    typedef FlatChunk<M_PAD> C;
+    constexpr int n_tiles = M_PAD / 8;
+    __shared__ __align__(16) unsigned char shared[C::shared_bytes];
+    __shared__ float square_parts[FLAT_THREADS];
+    __shared__ float row_scale[M_PAD];
+    half_t* x_stage = reinterpret_cast<half_t*>(shared);  // [M_PAD][stride] during the K loop
+    float* partials = reinterpret_cast<float*>(shared);   // [FLAT_WARPS][16][M_PAD] in the epilogue
 
-    const int n0 = blockIdx.x * FLAT_BN, split = blockIdx.y, m0 = blockIdx.z * M_TILE;
-    const int splits = gridDim.y;
-    const int k_tiles = (K + T::bk - 1) / T::bk;
-    const int tile_begin = split * tiles_per_split;
-    const int tile_end = flat_min(tile_begin + tiles_per_split, k_tiles);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int n0 = blockIdx.x * FLAT_ROWS;
+    const int m0 = blockIdx.y * M_PAD;
+    const int rows_here = M - m0 < M_PAD ? M - m0 : M_PAD;
+    x += (size_t)m0 * K;
 
-    Accumulator accumulator;
-    accumulator.zero();
-
-    if (tile_begin < tile_end) stage_tiles<M_TILE>(stages, w, x, n0, m0, tile_begin * T::bk, M, N, K, vector_ok);
-    async_commit();
-    for (int tile = tile_begin; tile < tile_end; ++tile) {
-        half_t* current = stages + ((tile - tile_begin) & 1) * T::stage_halves;
-        half_t* next = stages + ((tile - tile_begin + 1) & 1) * T::stage_halves;
-        if (tile + 1 < tile_end) stage_tiles<M_TILE>(next, w, x, n0, m0, (tile + 1) * T::bk, M, N, K, vector_ok);
-        async_commit();   // one group per iteration, possibly empty, keeps the count below uniform
-        async_wait<1>();  // everything but the tile just requested has landed
-        __syncthreads();
-        accumulator.multiply(current);
-        __syncthreads();  // the stage is free for the load two iterations on
-    }
-
-    float* partials = reinterpret_cast<float*>(stages);  // [slices, M_TILE, FLAT_C_STRIDE]
-    accumulator.store(partials);
-    __syncthreads();
-
-    // Output element i of the tile: m = i / FLAT_BN, n = i % FLAT_BN; its block sum adds the slices in order.
-    if (splits == 1) {
-        for (int i = threadIdx.x; i < M_TILE * FLAT_BN; i += FLAT_THREADS) {
-            const int m = i / FLAT_BN, n = i % FLAT_BN;
-            if (m0 + m < M && n0 + n < N)
-                y[(size_t)(m0 + m) * N + n0 + n] = __float2half(slice_sum<Accumulator::slices, M_TILE>(partials, m, n));
+    // Rows past N re-read row N - 1 and drop the result, so the loads need no bounds branch.
+    const half_t* w_rows[FLAT_ROW_TILES][2];
+#pragma unroll
+    for (int r = 0; r < FLAT_ROW_TILES; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int n = n0 + 16 * r + g + 8 * h;
+            w_rows[r][h] = w + (size_t)(n < N ? n : N - 1) * K;
         }
-        return;
+    float acc[FLAT_ROW_TILES][n_tiles][4];
+#pragma unroll
+    for (int r = 0; r < FLAT_ROW_TILES; ++r)
+#pragma unroll
+        for (int j = 0; j < n_tiles; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.0f;
+
+    // Each thread stages one fixed x row, so its sum of squares belongs to that row alone.
+    const int stage_row = threadIdx.x % M_PAD;
+    float square_sum = 0.0f;
+
+    for (int k0 = 0; k0 < K; k0 += C::width) {
+        uint4 w_pieces[C::pieces][FLAT_ROW_TILES][2];
+#pragma unroll
+        for (int p = 0; p < C::pieces; ++p) {
+            const int k = k0 + (warp * C::pieces + p) * 32 + 8 * t;
+#pragma unroll
+            for (int r = 0; r < FLAT_ROW_TILES; ++r)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) w_pieces[p][r][h] = load_piece(w_rows[r][h], k, K, vector_ok);
+        }
+
+        __syncthreads();  // every warp has read the previous chunk's x
+        for (int piece = threadIdx.x / M_PAD; piece < C::width / 8; piece += FLAT_THREADS / M_PAD) {
+            const int k = k0 + 8 * piece;
+            uint4 value = {0u, 0u, 0u, 0u};
+            if (stage_row < rows_here) value = load_piece(x + (size_t)stage_row * K, k, K, vector_ok);
+            if (NORM) {
+                float values[8], gains[8];
+                halves8_to_float(value, values);
+                halves8_to_float(load_piece(norm_weight, k, K, vector_ok), gains);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    square_sum += values[i] * values[i];
+                    values[i] *= gains[i];
+                }
+                value = float_to_halves8(values);
+            }
+            store16(x_stage + stage_row * C::stride + 8 * piece, value);
+        }
+        __syncthreads();
+
+#pragma unroll
+        for (int p = 0; p < C::pieces; ++p) {
+            const int column = (warp * C::pieces + p) * 32 + 8 * t;
+#pragma unroll
+            for (int j = 0; j < n_tiles; ++j) {
+                const uint4 b = load16(x_stage + (8 * j + g) * C::stride + column);
+                const unsigned b_first[2] = {b.x, b.y}, b_second[2] = {b.z, b.w};
+#pragma unroll
+                for (int r = 0; r < FLAT_ROW_TILES; ++r) {
+                    const uint4 low = w_pieces[p][r][0], high = w_pieces[p][r][1];  // rows g and g + 8
+                    const unsigned a_first[4] = {low.x, high.x, low.y, high.y};
+                    const unsigned a_second[4] = {low.z, high.z, low.w, high.w};
+                    mma_16x8x16(acc[r][j], a_first, b_first);
+                    mma_16x8x16(acc[r][j], a_second, b_second);
+                }
+            }
+        }
     }
 
-    float* partial = workspace + (size_t)split * M * N;
-    for (int i = threadIdx.x; i < M_TILE * FLAT_BN; i += FLAT_THREADS) {
-        const int m = i / FLAT_BN, n = i % FLAT_BN;
-        if (m0 + m < M && n0 + n < N)
-            partial[(size_t)(m0 + m) * N + n0 + n] = slice_sum<Accumulator::slices, M_TILE>(partials, m, n);
+    if (NORM) {
+        square_parts[threadIdx.x] = square_sum;
+        __syncthreads();
+        if (threadIdx.x < M_PAD) {
+            float total = 0.0f;
+            for (int i = threadIdx.x; i < FLAT_THREADS; i += M_PAD) total += square_parts[i];
+            row_scale[threadIdx.x] = rsqrtf(total / K + eps);
+        }
     }
-    __threadfence();  // this block's partial is visible device-wide before its ticket is taken
-    __syncthreads();
-    int* counter = counters + blockIdx.z * gridDim.x + blockIdx.x;
-    if (threadIdx.x == 0) earlier_arrivals = atomicAdd(counter, 1);
-    __syncthreads();
-    if (earlier_arrivals != splits - 1) return;
 
-    __threadfence();
-    const volatile float* split_partials = workspace;  // volatile: read past the (incoherent) L1
-    for (int i = threadIdx.x; i < M_TILE * FLAT_BN; i += FLAT_THREADS) {
-        const int m = i / FLAT_BN, n = i % FLAT_BN;
-        if (m0 + m >= M || n0 + n >= N) continue;
-        float total = 0.0f;
-        for (int s = 0; s < splits; ++s) total += split_partials[((size_t)s * M + m0 + m) * N + n0 + n];
-        y[(size_t)(m0 + m) * N + n0 + n] = __float2half(total);
+#pragma unroll
+    for (int r = 0; r < FLAT_ROW_TILES; ++r) {
+        __syncthreads();  // x_stage (or the previous tile's partials) is no longer read
+#pragma unroll
+        for (int j = 0; j < n_tiles; ++j) {
+            float* tile = partials + (warp * 16 + g) * M_PAD + 8 * j + 2 * t;  // C layout: rows g, g + 8; cols 2t, 2t + 1
+            tile[0] = acc[r][j][0];
+            tile[1] = acc[r][j][1];
+            tile[8 * M_PAD] = acc[r][j][2];
+            tile[8 * M_PAD + 1] = acc[r][j][3];
+        }
+        __syncthreads();
+        const int tile_n0 = n0 + 16 * r;
+        constexpr int outputs = EPILOGUE == EPILOGUE_GATED ? 8 : 16;  // features this row tile produces
+        for (int i = threadIdx.x; i < outputs * rows_here; i += FLAT_THREADS) {
+            const int row = i % outputs, m = i / outputs;
+            float sums[2] = {0.0f, 0.0f};  // the row's sum (and, GATED, its up row's)
+            for (int v = 0; v < FLAT_WARPS; ++v) {
+                sums[0] += partials[(v * 16 + row) * M_PAD + m];
+                if (EPILOGUE == EPILOGUE_GATED) sums[1] += partials[(v * 16 + row + 8) * M_PAD + m];
+            }
+            if (NORM) {
+                sums[0] *= row_scale[m];
+                sums[1] *= row_scale[m];
+            }
+            const size_t out_row = (size_t)(m0 + m);
+            if (EPILOGUE == EPILOGUE_GATED) {
+                const int feature = tile_n0 / 2 + row;  // N % 16 == 0 here
+                if (tile_n0 < N) y[out_row * (N / 2) + feature] = __float2half(silu(sums[0]) * sums[1]);
+            } else {
+                const int n = tile_n0 + row;
+                if (n >= N) continue;
+                if (EPILOGUE == EPILOGUE_RESIDUAL) sums[0] += __half2float(residual[out_row * N + n]);
+                y[out_row * N + n] = __float2half(sums[0]);
+            }
+        }
     }
-    if (threadIdx.x == 0) *counter = 0;
 }
 
-// One kernel per M_TILE: 8 is the decode case; 16 and 32 let one block reuse its W tile across more rows of x.
-#define FLAT_GEMM_KERNEL(M_TILE)                                                                          \
-    extern "C" __global__ void __launch_bounds__(FLAT_THREADS)                                            \
-        flat_gemm_m##M_TILE(const half_t* x, const half_t* w, half_t* y, float* workspace, int* counters, \
-                            int M, int N, int K, int tiles_per_split, int vector_ok) {                    \
-        flat_gemm_block<M_TILE>(x, w, y, workspace, counters, M, N, K, tiles_per_split, vector_ok);       \
+// One kernel per (M_PAD, epilogue, norm): flat_gemm_m<M_PAD>_<store|residual|gated>[_norm].
+#define FLAT_GEMM_KERNEL(M_PAD, EPILOGUE, NORM, NAME)                                                         \
+    extern "C" __global__ void __launch_bounds__(FLAT_THREADS)                                                \
+        NAME(const half_t* x, const half_t* w, half_t* y, const half_t* norm_weight, const half_t* residual,  \
+             int M, int N, int K, float eps, int vector_ok) {                                                 \
+        flat_gemm_block<M_PAD, EPILOGUE, NORM>(x, w, y, norm_weight, residual, M, N, K, eps, vector_ok);      \
     }
 
-FLAT_GEMM_KERNEL(8)
-FLAT_GEMM_KERNEL(16)
-FLAT_GEMM_KERNEL(32)
+#define FLAT_GEMM_KERNELS(M_PAD)                                                                 \
+    FLAT_GEMM_KERNEL(M_PAD, EPILOGUE_STORE, false, flat_gemm_m##M_PAD##_store)                   \
+    FLAT_GEMM_KERNEL(M_PAD, EPILOGUE_STORE, true, flat_gemm_m##M_PAD##_store_norm)               \
+    FLAT_GEMM_KERNEL(M_PAD, EPILOGUE_RESIDUAL, false, flat_gemm_m##M_PAD##_residual)             \
+    FLAT_GEMM_KERNEL(M_PAD, EPILOGUE_GATED, true, flat_gemm_m##M_PAD##_gated_norm)
+
+FLAT_GEMM_KERNELS(8)
+FLAT_GEMM_KERNELS(16)
+FLAT_GEMM_KERNELS(32)
+FLAT_GEMM_KERNELS(64)

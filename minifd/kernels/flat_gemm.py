@@ -1,13 +1,12 @@
-"""ImplB: FlashDecoding++'s flat GEMM (flat_gemm.cu) and its NumPy emulation.
+"""ImplB: FlashDecoding++'s flat GEMM, flat in M (flat_gemm.cu), and its NumPy emulation.
 
-y[m, n] = sum_k x[m, k] W[n, k]. Blocks own FLAT_BN output features by M_TILE rows of x (M padded
-to 8, 16 or 32, never to 64) and run their K tiles of FLAT_BK[M_TILE] in sequence. When the
-ceil(N / FLAT_BN) blocks per M group cannot fill the GPU, K is split across blocks: each split sums
-its own run of K tiles, and the split partials are added in split order. The emulation follows the
-same plan (with EMULATED_MULTIPROCESSORS standing in for the GPU): M padded to the tile, one float32
-partial per split over that split's K range, the partials added in split order.
+    y = residual + Gate(W · RMSNorm(x))      each of RMSNorm, Gate (SwiGLU) and residual optional
 
-Paper's analysis: parallelism = N / FLAT_BN blocks per M group, hence split K for small N.
+Blocks own FLAT_ROWS rows of W and all of K; x rows go in tiles of M_PAD = 8, 16, 32 or 64 (grid.y
+walks M beyond 64), so W is streamed once whatever M. The block's warps split each K chunk of
+FlatChunk.width columns into runs of `pieces` x 32 columns, one run per warp, and their partial
+sums are added in warp order. The emulation follows the same plan: one float32 product per warp
+over that warp's columns, the warps' partials added in order, then the epilogue.
 """
 
 import functools
@@ -16,100 +15,104 @@ from dataclasses import dataclass
 import numpy as np
 
 from minifd.kernels.compile import load_module
-from minifd.kernels.dispatch import gpu_properties
 from minifd.kernels.gemv import vectorisable
+from minifd.kernels.silu_mul import GATE_TILE, silu_mul
 
-# Mirrors of flat_gemm.cu's constants.
-FLAT_THREADS = 128
-FLAT_BN = 32
-FLAT_BK = {8: 256, 16: 128, 32: 128}  # K per stage for each M tile (FlatTile::bk)
-FLAT_M_TILES = (8, 16, 32)
-# Split K until the grid holds up to this many blocks per multiprocessor: with 26-42 KB of shared
-# memory a block, 4 fit on one at every M tile, so splitting never adds a wave of its own. (A grid
-# one wave deep streams best: a second, partial wave leaves a few blocks streaming alone at the end.)
-BLOCKS_PER_MULTIPROCESSOR = 4
-# The CPU emulation plans as an H100 (132 multiprocessors) would.
-EMULATED_MULTIPROCESSORS = 132
+FLAT_M_PADS = (8, 16, 32, 64)
+# The fused steps flat_gemm.cu has kernels for: (gated, residual, norm) -> kernel name suffix.
+FUSED_KERNELS = {(False, False, False): "store", (False, False, True): "store_norm",
+                 (False, True, False): "residual", (True, False, True): "gated_norm"}
 
 
 @dataclass(frozen=True)
-class FlatGemmPlan:
-    m_tile: int           # rows of x per block (8, 16 or 32); K tiles are FLAT_BK[m_tile] wide
-    m_groups: int         # ceil(M / m_tile): grid.z
-    n_blocks: int         # ceil(N / FLAT_BN): grid.x
-    k_tiles: int          # ceil(K / FLAT_BK[m_tile])
-    splits: int           # grid.y: K tiles split across this many blocks per output tile
-    tiles_per_split: int  # K tiles each split runs in sequence (the last split may run fewer)
+class FlatGemmGeometry:
+    """Compile-time launch geometry of flat_gemm.cu (its -D values)."""
+
+    warps: int = 8       # per block; they split K
+    row_tiles: int = 1   # 16-row tiles of W per block
+    pieces: int = 4      # 32-column K pieces per warp per chunk at M_PAD <= 16
+
+    @property
+    def rows_per_block(self):
+        return 16 * self.row_tiles
+
+    def pieces_at(self, m_pad):
+        """K pieces per warp per chunk for an x tile of m_pad rows (FlatChunk::pieces)."""
+        return self.pieces if m_pad <= 16 or self.pieces * 16 < m_pad else self.pieces * 16 // m_pad
+
+    def chunk_width(self, m_pad):
+        return self.warps * 32 * self.pieces_at(m_pad)
+
+    def options(self):
+        return (f"-DFLAT_WARPS={self.warps}", f"-DFLAT_ROW_TILES={self.row_tiles}", f"-DFLAT_PIECES={self.pieces}")
 
 
-def plan_flat_gemm(m, n, k, multiprocessors):
-    """Shape [M, K] x [N, K]^T on a GPU with `multiprocessors` SMs/CUs -> FlatGemmPlan."""
-    m_tile = next((tile for tile in FLAT_M_TILES if m <= tile), FLAT_M_TILES[-1])
-    bk = FLAT_BK[m_tile]
-    m_groups = -(-m // m_tile)
-    n_blocks = -(-n // FLAT_BN)
-    k_tiles = max(1, -(-k // bk))
-    one_wave = BLOCKS_PER_MULTIPROCESSOR * multiprocessors // (n_blocks * m_groups)
-    splits = min(max(one_wave, 1), k_tiles)
-    tiles_per_split = -(-k_tiles // splits)
-    splits = -(-k_tiles // tiles_per_split)  # no split left without tiles
-    return FlatGemmPlan(m_tile, m_groups, n_blocks, k_tiles, splits, tiles_per_split)
+DEFAULT_GEOMETRY = FlatGemmGeometry()
 
 
-def flat_gemm_emulated(x, weight, multiprocessors=EMULATED_MULTIPROCESSORS):
-    """x: [M, K], weight: [N, K] (NumPy) -> [M, N] float32, split like the kernel.
+def flat_m_pad(m):
+    """Rows of x per block: the smallest tile that holds M, else 64 (grid.y walks the rest)."""
+    return next((pad for pad in FLAT_M_PADS if m <= pad), FLAT_M_PADS[-1])
 
-    A split's K tiles are consecutive and the kernel sums them in sequence into one float32 tile, so
-    each split is one float32 product over its K range; the splits' partials are then added in split
-    order, as the last-arriving block of the kernel does. Output tiles along N are independent.
-    """
+
+def fusable(norm, residual, gated):
+    """Whether flat_gemm.cu has a kernel for this combination of fused steps."""
+    return (gated, residual is not None, norm is not None) in FUSED_KERNELS
+
+
+def flat_gemm_emulated(x, weight, norm=None, residual=None, gated=False, geometry=DEFAULT_GEOMETRY):
+    """x: [M, K], weight: [N, K] (NumPy), norm: None or an RMSNorm, residual: None or [M, N]
+    -> [M, N] float32 ([M, N / 2] when gated), summed by warp like the kernel."""
     m, k = x.shape
-    n = weight.shape[0]
-    plan = plan_flat_gemm(m, n, k, multiprocessors)
-    x_padded = np.zeros((plan.m_groups * plan.m_tile, k), dtype=np.float32)  # M padded to the tile, not to 64
-    x_padded[:m] = x
-    split_width = plan.tiles_per_split * FLAT_BK[plan.m_tile]
-    y = None
-    for split in range(plan.splits):
-        columns = slice(split * split_width, (split + 1) * split_width)
-        partial = x_padded[:, columns] @ weight[:, columns].astype(np.float32, copy=False).T  # [M_pad, N]
-        y = partial if y is None else y + partial
-    return y[:m]
+    a = x.astype(np.float32)  # [M, K]
+    if norm is not None:
+        row_scale = 1.0 / np.sqrt((a * a).mean(axis=-1, keepdims=True) + np.float32(norm.eps))  # [M, 1]
+        a = a * norm.weight.astype(np.float32)
+    width = geometry.chunk_width(flat_m_pad(m))
+    run = width // geometry.warps
+    warp_of_column = (np.arange(k) % width) // run  # [K]
+    s = np.zeros((m, weight.shape[0]), np.float32)  # [M, N]
+    for warp in range(geometry.warps):
+        columns = warp_of_column == warp
+        if columns.any():
+            s += a[:, columns] @ weight[:, columns].astype(np.float32, copy=False).T
+    if norm is not None:
+        s *= row_scale
+    if gated:
+        s = silu_mul(s)  # [M, N / 2]
+    if residual is not None:
+        s = s + residual.astype(np.float32)
+    return s
 
 
-def flat_gemm_gpu(x, weight):
-    """x: [M, K] float16, weight: [N, K] float16 (CuPy, C-contiguous) -> [M, N] float16. No host sync:
-    the split-K workspace and arrival counters are allocated once per shape and reused."""
+def flat_gemm_gpu(x, weight, norm=None, residual=None, gated=False, geometry=DEFAULT_GEOMETRY):
+    """x: [M, K] float16, weight: [N, K] float16 (CuPy, C-contiguous), norm: None or an RMSNorm of
+    float16 weights, residual: None or [M, N] float16 -> [M, N] float16 ([M, N / 2] when gated).
+    One launch; no host sync. The combination of fused steps must be in FUSED_KERNELS."""
     import cupy
 
     m, k = x.shape
     n = weight.shape[0]
-    device_id = cupy.cuda.runtime.getDevice()
-    plan = plan_flat_gemm(m, n, k, gpu_properties().multiprocessors)
-    workspace, counters = _split_k_buffers(device_id, n, plan.splits, plan.m_tile, plan.m_groups)
-    y = cupy.empty((m, n), dtype=cupy.float16)
-    _kernel(device_id, f"flat_gemm_m{plan.m_tile}")(
-        (plan.n_blocks, plan.splits, plan.m_groups),
-        (FLAT_THREADS,),
-        (x, weight, y, workspace, counters, np.int32(m), np.int32(n), np.int32(k),
-         np.int32(plan.tiles_per_split), np.int32(vectorisable(x, weight))),
+    if not fusable(norm, residual, gated):
+        raise ValueError(f"flat_gemm: no kernel fuses norm={norm is not None}, residual={residual is not None}, "
+                         f"gated={gated}")
+    if gated and n % GATE_TILE:
+        raise ValueError(f"flat_gemm: a gated weight has whole tiles of {GATE_TILE} rows, not {n}")
+    m_pad = flat_m_pad(m)
+    y = cupy.empty((m, n // 2 if gated else n), dtype=cupy.float16)
+    norm_weight = norm.weight if norm is not None else x  # unread without NORM
+    residual_in = cupy.ascontiguousarray(residual) if residual is not None else y  # unread without RESIDUAL
+    vector_ok = vectorisable(x, weight) and (norm is None or norm_weight.data.ptr % 16 == 0)
+    grid = (-(-n // geometry.rows_per_block), -(-m // m_pad))
+    kernel_name = f"flat_gemm_m{m_pad}_{FUSED_KERNELS[(gated, residual is not None, norm is not None)]}"
+    _kernel(cupy.cuda.runtime.getDevice(), kernel_name, geometry)(
+        grid, (geometry.warps * 32,),
+        (x, weight, y, norm_weight, residual_in, np.int32(m), np.int32(n), np.int32(k),
+         np.float32(norm.eps if norm is not None else 0.0), np.int32(vector_ok)),
     )
     return y
 
 
 @functools.lru_cache(maxsize=None)
-def _split_k_buffers(device_id, n, splits, m_tile, m_groups):
-    """-> (workspace [splits * m_groups * m_tile * n] float32, counters [m_groups * n_blocks] int32 zeros).
-    Without a split the kernel never touches them, so one element each stands in."""
-    import cupy
-
-    if splits == 1:
-        return cupy.empty(1, dtype=cupy.float32), cupy.zeros(1, dtype=cupy.int32)
-    n_blocks = -(-n // FLAT_BN)
-    workspace = cupy.empty(splits * m_groups * m_tile * n, dtype=cupy.float32)
-    return workspace, cupy.zeros(m_groups * n_blocks, dtype=cupy.int32)
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel(device_id, name):
-    return load_module("flat_gemm.cu").get_function(name)
+def _kernel(device_id, name, geometry):
+    return load_module("flat_gemm.cu", geometry.options()).get_function(name)

@@ -1,16 +1,21 @@
-"""Linear-layer seam: y = x @ W^T with W stored as Hugging Face stores it (row n = output n).
+"""Linear-layer seam: y = residual + Gate(W · RMSNorm(x)), W stored as Hugging Face stores it
+(row n = output n), each of RMSNorm, Gate and residual optional.
 
 Every projection of the model comes through `linear`, which runs the heuristic dataflow of
 minifd/kernels/dispatch.py: GEMV for the smallest M, the flat GEMM for decode-sized M, the library
-GEMM beyond. On GPU (CuPy) the kernels take float16 and accumulate in float32; on CPU (NumPy) the
-emulations of the same kernels run in float32, and the library path is plain `x @ W.T`.
+GEMM beyond. The flat GEMM folds the norm, the SwiGLU gate and the residual add into the product
+(flat_gemm.cu); with the other two the same steps run around the product as kernels of their own.
+On GPU (CuPy) the kernels take float16 and accumulate in float32; on CPU (NumPy) the emulations of
+the same kernels run in float32, and the library path is plain `x @ W.T`.
 """
 
 import numpy as np
 
 from minifd.kernels.dispatch import CPU_DEVICE_NAME, IMPLEMENTATIONS, choose_implementation, gpu_properties
-from minifd.kernels.flat_gemm import flat_gemm_emulated, flat_gemm_gpu
+from minifd.kernels.flat_gemm import flat_gemm_emulated, flat_gemm_gpu, fusable
 from minifd.kernels.gemv import gemv_emulated, gemv_gpu
+from minifd.kernels.rms_norm import rms_norm
+from minifd.kernels.silu_mul import silu_mul
 
 
 def _library_cpu(x, weight):
@@ -27,13 +32,17 @@ _CPU = {"gemv": gemv_emulated, "flat_gemm": flat_gemm_emulated, "library": _libr
 _GPU = {"gemv": gemv_gpu, "flat_gemm": flat_gemm_gpu, "library": _library_gpu}
 
 
-def linear(x, weight, *, impl=None):
-    """x: [M, K]; weight: [N, K] -> y: [M, N].
+def linear(x, weight, *, norm=None, residual=None, gated=False, impl=None, graph_captured=False):
+    """x: [M, K]; weight: [N, K] -> y: [M, N] ([M, N / 2] when gated).
 
-    impl: None (the dispatcher picks from M and the tuned table) or one of "gemv", "flat_gemm",
-    "library" to force an implementation. GPU: float16 in and out for the kernels; other dtypes take
-    the library path (forcing a kernel on them is a TypeError). CPU: float32 in and out. The GPU
-    path never synchronises with the host, so a decode step that calls it can be graph-captured.
+    norm: None or an RMSNorm (minifd.kernels.rms_norm) applied to x first; gated: the weight's rows
+    are gate/up interleaved (minifd.kernels.silu_mul) and y is SiLU(gate) * up; residual: None or
+    [M, N(/2)] added last. impl: None (the dispatcher picks from M and the tuned table) or one of
+    "gemv", "flat_gemm", "library" to force an implementation. graph_captured: the call is being
+    recorded into a CUDA graph (the dispatcher then never picks the library). GPU: float16 in and
+    out for the kernels; other dtypes take the library path (forcing a kernel on them is a
+    TypeError). CPU: float32 out. The GPU path never synchronises with the host, so a decode step
+    that calls it can be graph-captured.
     """
     m, k = x.shape
     n, weight_k = weight.shape
@@ -43,19 +52,30 @@ def linear(x, weight, *, impl=None):
         raise ValueError(f"linear: impl must be one of {IMPLEMENTATIONS} or None, not {impl!r}")
 
     if isinstance(x, np.ndarray):
-        if m == 0 or n == 0:
-            return _library_cpu(x, weight)
+        implementations = _CPU
         chosen = impl or choose_implementation(m, n, k, CPU_DEVICE_NAME)
-        return _CPU[chosen](x, weight)
+        if m == 0 or n == 0:
+            chosen = "library"
+    else:
+        import cupy
 
-    import cupy
+        implementations = _GPU
+        half_precision = x.dtype == cupy.float16 and weight.dtype == cupy.float16
+        if impl in ("gemv", "flat_gemm") and not half_precision:
+            raise TypeError(f"linear: impl={impl!r} takes float16 arrays, not {x.dtype} and {weight.dtype}")
+        if not half_precision or m == 0 or n == 0:
+            chosen = "library"
+        else:
+            chosen = impl or choose_implementation(m, n, k, gpu_properties().name, graph_captured)
+            if chosen != "library":
+                x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
 
-    half_precision = x.dtype == cupy.float16 and weight.dtype == cupy.float16
-    if impl in ("gemv", "flat_gemm") and not half_precision:
-        raise TypeError(f"linear: impl={impl!r} takes float16 arrays, not {x.dtype} and {weight.dtype}")
-    if not half_precision or m == 0 or n == 0:
-        return _library_gpu(x, weight)
-    chosen = impl or choose_implementation(m, n, k, gpu_properties().name)
-    if chosen != "library":
-        x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
-    return _GPU[chosen](x, weight)
+    if chosen == "flat_gemm" and fusable(norm, residual, gated):
+        return implementations["flat_gemm"](x, weight, norm=norm, residual=residual, gated=gated)
+    a = x if norm is None else rms_norm(x, norm.weight, norm.eps)  # [M, K]
+    y = implementations[chosen](a, weight)  # [M, N]
+    if gated:
+        y = silu_mul(y)  # [M, N / 2]
+    if residual is not None:
+        y = y + residual
+    return y

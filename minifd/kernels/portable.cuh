@@ -58,6 +58,15 @@ __device__ __forceinline__ float lane_group_max(float value) {
     return value;
 }
 
+// Lane `source` of this lane's group of `width` lanes -> its `value` (a 32-bit register's bits).
+__device__ __forceinline__ unsigned shuffle_from(unsigned value, int source, int width) {
+#if defined(MINIFD_HIP)
+    return static_cast<unsigned>(__shfl(static_cast<int>(value), source, width));
+#else
+    return __shfl_sync(0xffffffffu, value, source, width);
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float value) { return lane_group_sum<MINIFD_WARP_SIZE>(value); }
 
 __device__ __forceinline__ float warp_max(float value) { return lane_group_max<MINIFD_WARP_SIZE>(value); }
@@ -188,3 +197,52 @@ __device__ __forceinline__ mfma_float4 mfma_16x16x16(mfma_half4 a, mfma_half4 b,
     return __builtin_amdgcn_mfma_f32_16x16x16f16(a, b, acc, 0, 0, 0);
 }
 #endif
+
+// ---------------------------------------------------------------------------------------------
+// One fragment product on every target: C[16, 8] += A[16, 16] B[16, 8] in NVIDIA's m16n8k16 layout
+// ---------------------------------------------------------------------------------------------
+// A group of 32 lanes holds the fragments exactly as mma_16816 expects them (see above). On sm_80+
+// it is that instruction; elsewhere the same sums run on CUDA cores with width-32 shuffles, so a
+// kernel written against this layout compiles and computes the same on RDNA (wave 32) and CDNA
+// (each half of a 64-lane wavefront is one group): lane (g, t) first forms, for both of its rows
+// and all 8 columns c, the partial dot product over its own four k, with column c's B values taken
+// from lane (c, t); the four lanes t of a row then add their partials (xor 1, 2) and each keeps
+// its columns 2t, 2t + 1. Slow, but exact in fp32 and portable.
+__device__ __forceinline__ float2 half2_bits_to_float2(unsigned bits) {
+    __half2 pair;
+    *reinterpret_cast<unsigned*>(&pair) = bits;
+    return __half22float2(pair);
+}
+
+__device__ __forceinline__ void mma_16x8x16(float acc[4], const unsigned a[4], const unsigned b[2]) {
+#if defined(MINIFD_HAS_MMA_16816)
+    mma_16816(acc, a, b);
+#else
+    const int lane = threadIdx.x % 32, t = lane % 4;
+    float rows[2][8];  // partial C over this lane's k: [row g, row g + 8][column]
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+        const float2 b_low = half2_bits_to_float2(shuffle_from(b[0], 4 * c + t, 32));
+        const float2 b_high = half2_bits_to_float2(shuffle_from(b[1], 4 * c + t, 32));
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const float2 a_low = half2_bits_to_float2(a[h]), a_high = half2_bits_to_float2(a[h + 2]);
+            rows[h][c] = a_low.x * b_low.x + a_low.y * b_low.y + a_high.x * b_high.x + a_high.y * b_high.y;
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int c = 0; c < 8; ++c) rows[h][c] = lane_group_sum<4>(rows[h][c]);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {  // constant indices keep rows[][] in registers
+        if (c == 2 * t) {
+            acc[0] += rows[0][c];
+            acc[2] += rows[1][c];
+        } else if (c == 2 * t + 1) {
+            acc[1] += rows[0][c];
+            acc[3] += rows[1][c];
+        }
+    }
+#endif
+}

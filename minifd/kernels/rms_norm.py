@@ -1,11 +1,13 @@
-"""RMSNorm with the decoder's residual add fused in front of it.
+"""RMSNorm, for the products that do not fold it into their prologue.
 
-    h      = x + residual            (in x's dtype: the residual stream the caller keeps)
-    normed = h / sqrt(mean(h^2) + eps) * weight          (float32 arithmetic)
+    normed = x / sqrt(mean(x^2) + eps) * weight          (float32 arithmetic)
 
-On CPU the NumPy function below is the implementation; on GPU rms_norm.cu computes the same in
-one kernel that reads x and residual once and writes h and normed.
+On CPU the NumPy function below is the implementation; on GPU rms_norm.cu computes the same in one
+kernel. The decode-sized products fold this into the flat GEMM (minifd/kernels/flat_gemm.cu), which
+takes the same RMSNorm description.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -13,44 +15,45 @@ from minifd.backend import module_of
 from minifd.kernels.compile import load_module
 
 
-def rms_norm(x, weight, eps, residual=None):
-    """x: [rows, hidden], weight: [hidden], residual: None or [rows, hidden]
-    -> normed: [rows, hidden] without a residual, or (normed, h) with one, h = x + residual: [rows, hidden].
+@dataclass(frozen=True)
+class RMSNorm:
+    """The norm a product's input goes through: its gain vector and epsilon."""
 
-    Outputs have x's dtype (float16 on GPU). The GPU path launches one kernel and never waits on the device.
+    weight: object  # [hidden]
+    eps: float
+
+
+def rms_norm(x, weight, eps):
+    """x: [rows, hidden], weight: [hidden] -> normed: [rows, hidden], x's dtype (float16 on GPU).
+
+    The GPU path launches one kernel and never waits on the device.
     """
     rows, hidden = x.shape
-    if weight.shape != (hidden,) or (residual is not None and residual.shape != x.shape):
-        raise ValueError(f"rms_norm: x {x.shape}, weight {weight.shape}, residual "
-                         f"{None if residual is None else residual.shape} do not match")
+    if weight.shape != (hidden,):
+        raise ValueError(f"rms_norm: x {x.shape} and weight {weight.shape} do not match")
     if module_of(x) is np:
-        return _rms_norm_numpy(x, weight, eps, residual)
-    return _rms_norm_gpu(x, weight, eps, residual)
+        return _rms_norm_numpy(x, weight, eps)
+    return _rms_norm_gpu(x, weight, eps)
 
 
-def _rms_norm_numpy(x, weight, eps, residual):
-    h = x if residual is None else x + residual  # [rows, hidden], x's dtype
-    h32 = h.astype(np.float32)
-    scale = 1.0 / np.sqrt((h32 * h32).mean(axis=-1, keepdims=True) + eps)  # [rows, 1]
-    normed = (h32 * scale * weight.astype(np.float32)).astype(x.dtype)
-    return normed if residual is None else (normed, h)
+def _rms_norm_numpy(x, weight, eps):
+    x32 = x.astype(np.float32)
+    scale = 1.0 / np.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + eps)  # [rows, 1]
+    return (x32 * scale * weight.astype(np.float32)).astype(x.dtype)
 
 
-def _rms_norm_gpu(x, weight, eps, residual):
+def _rms_norm_gpu(x, weight, eps):
     import cupy
 
-    if any(a is not None and a.dtype != cupy.float16 for a in (x, weight, residual)):
+    if x.dtype != cupy.float16 or weight.dtype != cupy.float16:
         raise ValueError("rms_norm on GPU takes float16 arrays")
     rows, hidden = x.shape
     x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
-    residual = None if residual is None else cupy.ascontiguousarray(residual)
     normed = cupy.empty_like(x)  # [rows, hidden]
-    h = None if residual is None else cupy.empty_like(x)  # [rows, hidden]
-    arrays = [a for a in (x, weight, residual, normed, h) if a is not None]
-    vectorised = hidden % 8 == 0 and all(a.data.ptr % 16 == 0 for a in arrays)
+    vectorised = hidden % 8 == 0 and all(a.data.ptr % 16 == 0 for a in (x, weight, normed))
     chunks = hidden // 8 if vectorised else hidden
     threads = min(1024, max(64, -(-chunks // 64) * 64))  # whole warps of 32 or 64 lanes
     kernel = load_module("rms_norm.cu").get_function("rms_norm_vec8" if vectorised else "rms_norm_scalar")
     if rows:
-        kernel((rows,), (threads,), (x, residual, weight, np.float32(eps), np.int32(hidden), normed, h))
-    return normed if residual is None else (normed, h)
+        kernel((rows,), (threads,), (x, weight, np.float32(eps), np.int32(hidden), normed))
+    return normed

@@ -1,13 +1,14 @@
 """The Llama decoder, written once against an array module `xp` (numpy on CPU, cupy on GPU).
 
-    token ids -> embedding -> n_layers x [ x += Attention(RMSNorm(x)); x += SwiGLU(RMSNorm(x)) ]
+    token ids -> embedding -> n_layers x [ x = x + Attention(RMSNorm(x)); x = x + SwiGLU(RMSNorm(x)) ]
               -> RMSNorm -> LM head -> logits
 
 A prompt is prefilled in one pass (every position at once, causal attention); afterwards each
 decode step feeds one token per sequence and attends over that sequence's KV cache. The two hot
 spots go through the seams in minifd.kernels: `linear` for every projection and
-`prefill_attention` / `decode_attention` for attention; the small steps between them (RMSNorm with
-the residual add, RoPE with the KV-cache write, SiLU(gate) * up) are one fused kernel each.
+`prefill_attention` / `decode_attention` for attention. RMSNorm, the SwiGLU gate and the residual
+adds are arguments of `linear`, which folds them into the flat GEMM; RoPE with the KV-cache write is
+one kernel of its own.
 """
 
 from dataclasses import dataclass
@@ -16,14 +17,13 @@ import numpy as np
 
 from minifd.kernels.attention import decode_attention, prefill_attention
 from minifd.kernels.linear import linear
-from minifd.kernels.rms_norm import rms_norm
+from minifd.kernels.rms_norm import RMSNorm
 from minifd.kernels.rope import rope_and_cache
-from minifd.kernels.silu_mul import silu_mul
 from minifd.model.config import rope_inverse_frequencies
 
 
 # ----------------------------------------------------------------------------------------------
-# Building blocks (the small fused kernels live in minifd.kernels: rms_norm, rope, silu_mul)
+# Building blocks (the small kernels live in minifd.kernels: rms_norm, rope, silu_mul)
 # ----------------------------------------------------------------------------------------------
 
 def rope_tables(config, max_seq, xp):
@@ -72,27 +72,35 @@ class Llama:
         self.max_seq = max_seq or config.max_position_embeddings
         self.cos, self.sin = rope_tables(config, self.max_seq, xp)
 
-    def _layers(self, x, cache, positions, slots, attend):
+    def _layers(self, x, cache, positions, slots, attend, graph_captured=False):
         """The decoder stack over a block of rows, each row a token at (slot, position) of the cache.
 
-        x: [rows, hidden] embeddings; positions, slots: [rows] int32; attend(layer_index, q) -> attention
-        output [rows, n_heads, head_dim] once rope_and_cache has stored the rows' keys and values.
-        -> final-norm hidden states [rows, hidden]
+        x: [rows, hidden] the residual stream (the embeddings coming in); positions, slots: [rows]
+        int32; attend(layer_index, q) -> attention output [rows, n_heads, head_dim] once
+        rope_and_cache has stored the rows' keys and values; graph_captured: the step is being
+        recorded into a CUDA graph (minifd.kernels.linear says what changes).
+        -> the residual stream after the last layer, [rows, hidden]
 
-        The residual stream is carried next to the normalised activations: each RMSNorm kernel also
-        adds the sublayer output into the stream, so no separate add runs.
+        Each line is one step of the math; the norms, the SwiGLU gate and the residual adds run
+        inside the products where the dispatcher picks the flat GEMM (minifd/kernels/flat_gemm.cu).
         """
-        eps, layers = self.config.rms_norm_eps, self.weights.layers
-        h = rms_norm(x, layers[0].attn_norm, eps)
-        residual = x
-        for i, layer in enumerate(layers):
-            q = rope_and_cache(linear(h, layer.wqkv), self.cos, self.sin, positions, slots, cache.k[i], cache.v[i])
-            attention = attend(i, q)  # [rows, n_heads, head_dim]
-            h, residual = rms_norm(linear(attention.reshape(len(x), -1), layer.wo), layer.mlp_norm, eps, residual)
-            mlp_out = linear(silu_mul(linear(h, layer.w_gate_up)), layer.w_down)
-            next_norm = layers[i + 1].attn_norm if i + 1 < len(layers) else self.weights.norm
-            h, residual = rms_norm(mlp_out, next_norm, eps, residual)
-        return h
+        eps, rows = self.config.rms_norm_eps, len(x)
+        for i, layer in enumerate(self.weights.layers):
+            qkv = linear(x, layer.wqkv, norm=RMSNorm(layer.attn_norm, eps),
+                         graph_captured=graph_captured)  # [rows, (n_heads + 2 n_kv_heads) head_dim]
+            q = rope_and_cache(qkv, self.cos, self.sin, positions, slots, cache.k[i], cache.v[i])  # [rows, n_heads, head_dim]
+            attention = attend(i, q).reshape(rows, -1)  # [rows, n_heads head_dim]
+            x = linear(attention, layer.wo, residual=x, graph_captured=graph_captured)  # [rows, hidden]
+            mlp = linear(x, layer.w_gate_up, norm=RMSNorm(layer.mlp_norm, eps), gated=True,
+                         graph_captured=graph_captured)  # [rows, intermediate]: SiLU(gate) * up
+            x = linear(mlp, layer.w_down, residual=x, graph_captured=graph_captured)  # [rows, hidden]
+        return x
+
+    def _logits(self, x, graph_captured=False):
+        # x: [rows, hidden] residual stream -> [rows, vocab] float32
+        head = linear(x, self.weights.lm_head, norm=RMSNorm(self.weights.norm, self.config.rms_norm_eps),
+                      graph_captured=graph_captured)  # [rows, vocab]
+        return head.astype(self.xp.float32)
 
     def prefill(self, cache, slot, token_ids):
         """Run a whole prompt into cache slot `slot`; token_ids: [seq] -> logits of its last position, [vocab]."""
@@ -106,14 +114,15 @@ class Llama:
             k, v = cache.k[i][slot, :, :seq].transpose(1, 0, 2), cache.v[i][slot, :, :seq].transpose(1, 0, 2)
             return prefill_attention(q, k, v, softmax_range=self.softmax_ranges[i])
 
-        h = self._layers(self.weights.embed[ids], cache, positions, slots, attend)  # [seq, hidden]
-        return linear(h[-1:], self.weights.lm_head).astype(xp.float32)[0]
+        x = self._layers(self.weights.embed[ids], cache, positions, slots, attend)  # [seq, hidden]
+        return self._logits(x[-1:])[0]  # [vocab]
 
-    def decode(self, cache, token_ids, positions):
+    def decode(self, cache, token_ids, positions, graph_captured=False):
         """One step for every sequence of the batch.
 
         token_ids: [batch] (the newest token of each sequence), positions: [batch] int32 (where it goes
-        in the cache, i.e. the sequence's length so far) -> logits: [batch, vocab] float32
+        in the cache, i.e. the sequence's length so far); graph_captured: the step is being recorded
+        into a CUDA graph -> logits: [batch, vocab] float32
         """
         xp = self.xp
         ids = xp.asarray(token_ids)
@@ -124,5 +133,5 @@ class Llama:
         def attend(i, q):
             return decode_attention(q, cache.k[i], cache.v[i], lengths, softmax_range=self.softmax_ranges[i])
 
-        h = self._layers(self.weights.embed[ids], cache, positions, slots, attend)  # [batch, hidden]
-        return linear(h, self.weights.lm_head).astype(xp.float32)
+        x = self._layers(self.weights.embed[ids], cache, positions, slots, attend, graph_captured)  # [batch, hidden]
+        return self._logits(x, graph_captured)  # [batch, vocab]

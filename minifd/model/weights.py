@@ -1,7 +1,8 @@
 """The decoder's weights, arranged for inference: fused projections, on the compute device.
 
 From the checkpoint's per-projection matrices we build, per layer, one QKV matrix and one gate+up
-matrix, so a decode step runs two large products instead of five small ones. Tensors are converted
+matrix (rows interleaved so the SwiGLU gate can run in the product's epilogue), so a decode step
+runs two large products instead of five small ones. Tensors are converted
 one at a time, moved to the device straight away, and their mapped pages released: peak host memory
 stays near one tensor however large the checkpoint.
 """
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minifd.errors import MinifdError
+from minifd.kernels.silu_mul import interleave_gate_up, padded_features
 from minifd.progress import ProgressBar
 
 
@@ -20,8 +22,8 @@ class LayerWeights:
     wqkv: object  # [(n_heads + 2 * n_kv_heads) * head_dim, hidden]
     wo: object  # [hidden, n_heads * head_dim]
     mlp_norm: object  # [hidden]
-    w_gate_up: object  # [2 * intermediate, hidden]: gate rows first, then up rows
-    w_down: object  # [hidden, intermediate]
+    w_gate_up: object  # [2 * features, hidden]: gate and up rows interleaved in tiles (minifd.kernels.silu_mul)
+    w_down: object  # [hidden, features]; features = intermediate rounded up to whole tiles, zero columns past it
 
 
 @dataclass
@@ -89,13 +91,17 @@ def load_weights(checkpoint, config, xp, dtype, progress=None):
         names.append(head)
     bar = ProgressBar("Loading weights", sum(checkpoint.nbytes(n) for n in names), 2**20, "MiB", enabled=progress)
 
-    def fetch(*tensor_names):
-        """-> the named tensors stacked along rows, converted to dtype, on the device."""
+    def fetch(*tensor_names, arrange=None):
+        """-> the named tensors converted to dtype, stacked along rows (or put together by
+        arrange(parts)), on the device."""
         parts = []
         for name in tensor_names:
             parts.append(_to_dtype(checkpoint, name, dtype))
             bar.advance(checkpoint.nbytes(name))
-        host = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        if arrange is not None:
+            host = arrange(*parts)
+        else:
+            host = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         placed = xp.asarray(host)
         if xp is not np or host.flags.owndata:  # the file's pages are no longer read: let them go
             for name in tensor_names:
@@ -111,13 +117,25 @@ def load_weights(checkpoint, config, xp, dtype, progress=None):
             wqkv=fetch(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"),
             wo=fetch(p + "self_attn.o_proj.weight"),
             mlp_norm=fetch(p + "post_attention_layernorm.weight"),
-            w_gate_up=fetch(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-            w_down=fetch(p + "mlp.down_proj.weight"),
+            w_gate_up=fetch(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", arrange=interleave_gate_up),
+            w_down=fetch(p + "mlp.down_proj.weight", arrange=pad_down_columns),
         ))
     norm = fetch("model.norm.weight")
     lm_head = embed if head == "model.embed_tokens.weight" else fetch(head)
     bar.close()
     return Weights(embed, layers, norm, lm_head)
+
+
+def pad_down_columns(down):
+    """down: [hidden, intermediate] -> [hidden, padded_features(intermediate)], zero columns past it
+    (they meet the zero outputs of the gate/up layout's padding rows)."""
+    hidden, intermediate = down.shape
+    features = padded_features(intermediate)
+    if features == intermediate:
+        return down
+    padded = np.zeros((hidden, features), dtype=down.dtype)
+    padded[:, :intermediate] = down
+    return padded
 
 
 def _to_dtype(checkpoint, name, dtype):

@@ -29,14 +29,16 @@ from hypothesis import strategies as st
 import minifd.kernels.linear as linear_seam
 from minifd.backend import is_gpu, to_numpy
 from minifd.kernels import dispatch
-from minifd.kernels.flat_gemm import flat_gemm_emulated, flat_gemm_gpu
+from minifd.kernels.flat_gemm import FlatGemmGeometry, flat_gemm_emulated, flat_gemm_gpu
 from minifd.kernels.gemv import gemv_emulated, gemv_gpu
+from minifd.kernels.rms_norm import RMSNorm
 from minifd.properties.registry import SEEDS, Property, storage_dtype
 from minifd.properties.tolerance import (U32, PropertyFailure, absolute_floor, exactly_equal, expect_layout,
-                                         unit_roundoff, within_bound)
+                                         relative_scale, unit_roundoff, within_bound)
 
 # Sizes: on GPU, K up to 1100 crosses a staged GEMV chunk for M_TILE = 8 (1024 halves) and covers
 # K % 8 != 0 (the 2-byte paths); N up to 700 gives ragged flat-GEMM tiles and, for small N, split K.
+EPS = 1e-5  # the fused norm's epsilon
 SIZES = {"cpu": dict(m=300, n=300, k=700), "gpu": dict(m=300, n=700, k=1100)}
 
 
@@ -96,12 +98,19 @@ def _operands(case, xp):
 # ----------------------------------------------------------------------------------------------
 
 def product_cases(backend):
-    """-> a case {m, n, k, seed}; on the CPU also the multiprocessors the flat GEMM plans for."""
+    """-> a case {m, n, k, seed}."""
     sizes = SIZES[backend]
-    fields = dict(m=st.integers(1, sizes["m"]), n=st.integers(1, sizes["n"]), k=st.integers(1, sizes["k"]), seed=SEEDS)
-    if backend == "cpu":
-        fields["multiprocessors"] = st.integers(1, 200)
-    return st.fixed_dictionaries(fields)
+    return st.fixed_dictionaries(dict(m=st.integers(1, sizes["m"]), n=st.integers(1, sizes["n"]),
+                                      k=st.integers(1, sizes["k"]), seed=SEEDS))
+
+
+def flat_gemm_cases(backend):
+    """-> a product case; on the CPU also the geometry (warps, pieces) whose K split the emulation follows."""
+    cases = product_cases(backend)
+    if backend == "gpu":
+        return cases
+    geometries = st.builds(FlatGemmGeometry, warps=st.sampled_from((2, 4, 8)), pieces=st.sampled_from((1, 2, 4)))
+    return st.tuples(cases, geometries).map(lambda pair: {**pair[0], "geometry": pair[1]})
 
 
 def check_gemv(case, xp):
@@ -116,12 +125,12 @@ def check_gemv(case, xp):
 
 
 def check_flat_gemm(case, xp):
-    """flat_gemm.cu (float16) or its emulation (float32, planned for the case's multiprocessors)
-    against the float64 product; on GPU a second launch (split K re-arms its counters and adds the
-    partials in a fixed order) gives the same bits."""
+    """flat_gemm.cu (float16) or its emulation (float32, split by warp as the case's geometry
+    splits K) against the float64 product; on GPU a second launch (the warps' partials are added in
+    a fixed order, never by atomics) gives the same bits."""
     x, w = _operands(case, xp)
     if not is_gpu(xp):
-        y = flat_gemm_emulated(x, w, multiprocessors=case["multiprocessors"])
+        y = flat_gemm_emulated(x, w, geometry=case["geometry"])
         expect_layout("y", y, np.float32, (case["m"], case["n"]))
         return check_product("y", y, x, w)
     x_gpu, w_gpu = xp.asarray(x), xp.asarray(w)
@@ -129,6 +138,81 @@ def check_flat_gemm(case, xp):
     expect_layout("y", y, np.float16, (case["m"], case["n"]))
     exactly_equal("replayed y", to_numpy(flat_gemm_gpu(x_gpu, w_gpu)), to_numpy(y))
     return check_product("y", to_numpy(y), x, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# The flat GEMM's fused steps
+# ----------------------------------------------------------------------------------------------
+# y = residual + Gate(W a), a = x g / rms(x), each step optional (flat_gemm.cu). Bound, elementwise,
+# with T = rinv64 (|a64| @ |W64|^T) the size of the terms a row of W sums (rinv64 = 1 without norm):
+# - staging a = x g rounds once to the kernel's input dtype (u_in: float16 on GPU, float32 on CPU),
+#   and the float32 sum adds the product bound's 2 (K + 1) u32: e_s = (u_in + 2 (K + 2) u32) T;
+# - 1 / rms: K squares summed in float32 ((K + 1) u32), the mean, + eps and rsqrt (4 u32), halved
+#   by the square root, then one more product: (K / 2 + 6) u32 |s64|;
+# - gated, out = SiLU(G) U with |SiLU'| <= 1.1: 1.1 e_G (|U64| + e_U) + |SiLU(G64)| e_U, plus 8 u32
+#   |out64| for exp, the add, the division and the product (as silu_mul's property);
+# - residual: the float32 add rounds once, u32 |y64|;
+# - the store rounds to the output dtype: u_out |y64| + floor_out.
+# The relative error reported is against the magnitude the bound scales with (T, or for the gate
+# 1.1 T_G |U64| + |SiLU(G64)| T_U).
+
+FUSED_STEPS = ("norm", "residual", "gated_norm")
+
+
+def flat_gemm_fused_cases(backend):
+    """-> a case {m, n, k, seed, steps}: the product's sizes (n is rounded up to whole 16-row tiles
+    when gated) and which fused steps run."""
+    sizes = SIZES[backend]
+    return st.fixed_dictionaries(dict(m=st.integers(1, 70 if backend == "gpu" else 20), n=st.integers(1, 320),
+                                      k=st.integers(1, sizes["k"]), steps=st.sampled_from(FUSED_STEPS), seed=SEEDS))
+
+
+def silu64(values):
+    return values / (1.0 + np.exp(-values))
+
+
+def check_flat_gemm_fused(case, xp):
+    """flat_gemm.cu with its norm prologue, its residual or SwiGLU epilogue (float16), or the
+    emulation (float32), against the same steps in float64."""
+    dtype = storage_dtype(xp)
+    norm_in, gated = case["steps"] in ("norm", "gated_norm"), case["steps"] == "gated_norm"
+    m, k = case["m"], case["k"]
+    n = -(-case["n"] // 16) * 16 if gated else case["n"]
+    rng = np.random.default_rng(case["seed"])
+    x, w = random_operands(rng, m, n, k, dtype)
+    gain = rng.uniform(-2.0, 2.0, k).astype(dtype)
+    residual = rng.uniform(-4.0, 4.0, (m, n)).astype(dtype) if case["steps"] == "residual" else None
+
+    x64, w64, gain64 = (a.astype(np.float64) for a in (x, w, gain))
+    rinv64 = 1.0 / np.sqrt((x64 * x64).mean(axis=-1, keepdims=True) + EPS) if norm_in else np.ones((m, 1))
+    a64 = x64 * gain64 if norm_in else x64  # [m, k]
+    s64 = (a64 @ w64.T) * rinv64  # [m, n]
+    terms = (np.abs(a64) @ np.abs(w64).T) * rinv64  # [m, n]: T
+    error_s = (unit_roundoff(dtype) + 2 * (k + 2) * U32) * terms + ((k / 2 + 6) * U32 * np.abs(s64) if norm_in else 0.0)
+    if gated:
+        tiles = lambda v: v.reshape(m, n // 16, 2, 8)  # noqa: E731 - [m, tile, gate | up, 8]
+        gate, up = tiles(s64)[:, :, 0].reshape(m, -1), tiles(s64)[:, :, 1].reshape(m, -1)
+        error_gate, error_up = (tiles(error_s)[:, :, h].reshape(m, -1) for h in (0, 1))
+        terms_gate, terms_up = (tiles(terms)[:, :, h].reshape(m, -1) for h in (0, 1))
+        reference = silu64(gate) * up
+        error = 1.1 * error_gate * (np.abs(up) + error_up) + np.abs(silu64(gate)) * error_up + 8 * U32 * np.abs(reference)
+        magnitude = 1.1 * terms_gate * np.abs(up) + np.abs(silu64(gate)) * terms_up
+    elif residual is not None:
+        reference = s64 + residual.astype(np.float64)
+        error, magnitude = error_s + U32 * np.abs(reference), terms + np.abs(residual.astype(np.float64))
+    else:
+        reference, error, magnitude = s64, error_s, terms
+    u_out = unit_roundoff(dtype)
+    allowed = error * (1 + u_out) + u_out * np.abs(reference) + absolute_floor(dtype)
+
+    norm = RMSNorm(xp.asarray(gain), EPS) if norm_in else None
+    arguments = dict(norm=norm, residual=None if residual is None else xp.asarray(residual), gated=gated)
+    if is_gpu(xp):
+        y = flat_gemm_gpu(xp.asarray(x), xp.asarray(w), **arguments)
+    else:
+        y = flat_gemm_emulated(x, w, **arguments)
+    expect_layout("y", y, dtype, reference.shape)
+    return within_bound("y", to_numpy(y), reference, allowed, relative_scale(magnitude, unit_roundoff(dtype), dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +258,8 @@ def recording_implementations(on_gpu):
     originals = dict(table)
     ran = []
     for name, implementation in originals.items():
-        table[name] = lambda x, w, name=name, implementation=implementation: ran.append(name) or implementation(x, w)
+        table[name] = (lambda x, w, name=name, implementation=implementation, **fused:
+                       ran.append(name) or implementation(x, w, **fused))
     try:
         yield ran
     finally:
@@ -209,7 +294,9 @@ def check_dispatch(case, xp):
 
 PROPERTIES = (
     Property("gemv", "GEMV (ImplA) vs the float64 product", product_cases, check_gemv),
-    Property("flat_gemm", "flat GEMM with split K (ImplB) vs the float64 product", product_cases, check_flat_gemm),
+    Property("flat_gemm", "flat GEMM, flat in M (ImplB) vs the float64 product", flat_gemm_cases, check_flat_gemm),
+    Property("flat_gemm_fused", "flat GEMM with its RMSNorm prologue and residual or SwiGLU epilogue vs float64",
+             flat_gemm_fused_cases, check_flat_gemm_fused),
     Property("dispatch", "the seam runs what a temporary dispatch table says (or the forced implementation)",
              dispatch_cases, check_dispatch),
 )
