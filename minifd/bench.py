@@ -27,6 +27,14 @@ LLAMA2_7B = {
     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5,
     "rope_theta": 10000.0, "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2,
 }
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0, "max_position_embeddings": 131072, "bos_token_id": 128000, "eos_token_id": 128001,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+}
+SHAPES = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B}
 
 
 @dataclass
@@ -160,20 +168,22 @@ def hf_available():
 
 
 def run_bench(prompt_lengths=(16, 1024, 4096), batches=(1, 2, 4, 8), decode_steps=64, with_hf=True,
-              use_graph=True, weights_dir=None, out_json=None, out_png=None, log=print):
+              use_graph=True, weights_dir=None, out_json=None, out_png=None, log=print, shape_config=LLAMA2_7B,
+              attention_method="async"):
     """Run the whole sweep on the GPU -> list of BenchRow (also written as JSON / PNG when asked).
 
-    Without weights_dir the model is the Llama-2-7B shape with random float16 weights made on the GPU.
+    Without weights_dir the model has shape_config's shape (a config.json dict, SHAPES names two)
+    with random float16 weights made on the GPU. attention_method: "async" (unified max) or "sync".
     """
     xp = array_module("cuda")
     max_seq = max(prompt_lengths) + decode_steps + 16
     bandwidth = copy_bandwidth(xp)
     log(f"device-to-device copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
     if weights_dir is None:
-        config_raw = dict(LLAMA2_7B, max_position_embeddings=max_seq)
+        config_raw = dict(shape_config, max_position_embeddings=max(max_seq, shape_config.get("max_position_embeddings", 0)))
         config = LlamaConfig.from_dict(config_raw)
         weights = random_weights(config, xp, np.float16)
-        model = Llama(config, weights, xp, max_seq=max_seq)
+        model = Llama(config, weights, xp, max_seq=max_seq, attention_method=attention_method)
     else:
         from minifd.engine import Engine
 

@@ -1,5 +1,6 @@
 """The `minifd` command line: run, and the tools around it."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -110,6 +111,12 @@ def comma_ints(text):
 @main_group.command()
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Benchmark this checkpoint instead of random weights of the Llama-2-7B shape.")
+@click.option("--shape", type=click.Choice(["llama2-7b", "llama3-8b"]), default="llama2-7b", show_default=True,
+              help="Shape of the random weights (without --weights or --config).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A config.json whose shape the random weights take.")
+@click.option("--attention", "attention_method", type=click.Choice(["async", "sync"]), default="async",
+              show_default=True, help="Unified-max softmax (async) or the synchronised running max (sync).")
 @click.option("--prompts", "prompt_lengths", default="16,1024,4096", show_default=True, help="Prompt lengths.")
 @click.option("--batches", default="1,2,4,8", show_default=True, help="Batch sizes.")
 @click.option("--decode-steps", type=int, default=64, show_default=True)
@@ -117,15 +124,24 @@ def comma_ints(text):
 @click.option("--no-graph", is_flag=True, help="Decode without a CUDA graph.")
 @click.option("--json", "out_json", type=click.Path(path_type=Path), default=Path("minifd-bench.json"), show_default=True)
 @click.option("--png", "out_png", type=click.Path(path_type=Path), default=Path("minifd-bench.png"), show_default=True)
-def bench(weights, prompt_lengths, batches, decode_steps, no_hf, no_graph, out_json, out_png):
+def bench(weights, shape, config_file, attention_method, prompt_lengths, batches, decode_steps, no_hf, no_graph,
+          out_json, out_png):
     """Prefill and decode speed on the GPU against the bandwidth roofline (and HF transformers)."""
-    from minifd.bench import run_bench
+    from minifd.bench import SHAPES, run_bench
+
+    shape_config = SHAPES[shape]
+    if config_file is not None:
+        try:
+            shape_config = json.loads(config_file.read_text())
+        except (OSError, ValueError) as error:
+            raise MinifdError(f"--config {config_file}: not a readable JSON file ({error})") from None
 
     if decode_steps < 1:
         raise MinifdError(f"--decode-steps must be >= 1, not {decode_steps}")
     run_bench(comma_ints(prompt_lengths), comma_ints(batches), decode_steps, with_hf=not no_hf,
               use_graph=not no_graph, weights_dir=weights, out_json=out_json, out_png=out_png,
-              log=lambda line: click.echo(line, err=False))
+              log=lambda line: click.echo(line, err=False), shape_config=shape_config,
+              attention_method=attention_method)
 
 
 @main_group.command()

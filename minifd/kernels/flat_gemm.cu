@@ -49,7 +49,6 @@
 #endif
 #define FLAT_THREADS (FLAT_WARPS * 32)
 #define FLAT_ROWS (16 * FLAT_ROW_TILES)
-#define FLAT_X_PAD 32  // halves of padding per staged x row: B-fragment reads hit 8 distinct 16-byte bank groups
 
 #define EPILOGUE_STORE 0
 #define EPILOGUE_RESIDUAL 1
@@ -57,12 +56,9 @@
 
 template <int M_PAD>
 struct FlatChunk {
-    static constexpr int pieces = M_PAD <= 16 || FLAT_PIECES * 16 < M_PAD ? FLAT_PIECES : FLAT_PIECES * 16 / M_PAD;
-    static constexpr int width = FLAT_WARPS * 32 * pieces;  // K columns per chunk
-    static constexpr int stride = width + FLAT_X_PAD;       // halves per staged x row
-    static constexpr int x_bytes = M_PAD * stride * 2;
+    static constexpr int pieces = M_PAD <= 16 ? FLAT_PIECES : FLAT_PIECES * 16 < M_PAD ? 1 : FLAT_PIECES * 16 / M_PAD;
+    static constexpr int width = FLAT_WARPS * 32 * pieces;          // K columns per chunk
     static constexpr int sum_bytes = FLAT_WARPS * 16 * M_PAD * 4;  // one row tile's partials of every warp
-    static constexpr int shared_bytes = x_bytes > sum_bytes ? x_bytes : sum_bytes;
 };
 
 // Eight halves of `row` from column k (k % 8 == 0); zeros past K.
@@ -86,11 +82,9 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
     // -> y: [M, N], or [M, N / 2] when GATED
     typedef FlatChunk<M_PAD> C;
     constexpr int n_tiles = M_PAD / 8;
-    __shared__ __align__(16) unsigned char shared[C::shared_bytes];
-    __shared__ float square_parts[FLAT_THREADS];
+    __shared__ float partials[FLAT_WARPS * 16 * M_PAD];  // [warp][row of a tile][x row]
+    __shared__ float square_parts[FLAT_WARPS * M_PAD];   // NORM: [warp][x row]
     __shared__ float row_scale[M_PAD];
-    half_t* x_stage = reinterpret_cast<half_t*>(shared);  // [M_PAD][stride] during the K loop
-    float* partials = reinterpret_cast<float*>(shared);   // [FLAT_WARPS][16][M_PAD] in the epilogue
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int n0 = blockIdx.x * FLAT_ROWS;
@@ -115,12 +109,12 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.0f;
 
-    // Each thread stages one fixed x row, so its sum of squares belongs to that row alone.
-    const int stage_row = threadIdx.x % M_PAD;
-    float square_sum = 0.0f;
+    float square_sums[n_tiles];  // NORM: x^2 summed over this lane's columns, for x rows 8j + g
+#pragma unroll
+    for (int j = 0; j < n_tiles; ++j) square_sums[j] = 0.0f;
 
     for (int k0 = 0; k0 < K; k0 += C::width) {
-        uint4 w_pieces[C::pieces][FLAT_ROW_TILES][2];
+        uint4 w_pieces[C::pieces][FLAT_ROW_TILES][2], x_pieces[C::pieces][n_tiles];
 #pragma unroll
         for (int p = 0; p < C::pieces; ++p) {
             const int k = k0 + (warp * C::pieces + p) * 32 + 8 * t;
@@ -128,34 +122,33 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
             for (int r = 0; r < FLAT_ROW_TILES; ++r)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) w_pieces[p][r][h] = load_piece(w_rows[r][h], k, K, vector_ok);
-        }
-
-        __syncthreads();  // every warp has read the previous chunk's x
-        for (int piece = threadIdx.x / M_PAD; piece < C::width / 8; piece += FLAT_THREADS / M_PAD) {
-            const int k = k0 + 8 * piece;
-            uint4 value = {0u, 0u, 0u, 0u};
-            if (stage_row < rows_here) value = load_piece(x + (size_t)stage_row * K, k, K, vector_ok);
-            if (NORM) {
-                float values[8], gains[8];
-                halves8_to_float(value, values);
-                halves8_to_float(load_piece(norm_weight, k, K, vector_ok), gains);
 #pragma unroll
-                for (int i = 0; i < 8; ++i) {
-                    square_sum += values[i] * values[i];
-                    values[i] *= gains[i];
-                }
-                value = float_to_halves8(values);
+            for (int j = 0; j < n_tiles; ++j) {
+                const uint4 zero = {0u, 0u, 0u, 0u};
+                x_pieces[p][j] = 8 * j + g < rows_here ? load_piece(x + (size_t)(8 * j + g) * K, k, K, vector_ok) : zero;
             }
-            store16(x_stage + stage_row * C::stride + 8 * piece, value);
         }
-        __syncthreads();
 
 #pragma unroll
         for (int p = 0; p < C::pieces; ++p) {
-            const int column = (warp * C::pieces + p) * 32 + 8 * t;
+            if (NORM) {  // B = x g, rounded to fp16 as the MMA takes it
+                float gains[8];
+                halves8_to_float(load_piece(norm_weight, k0 + (warp * C::pieces + p) * 32 + 8 * t, K, vector_ok), gains);
+#pragma unroll
+                for (int j = 0; j < n_tiles; ++j) {
+                    float values[8];
+                    halves8_to_float(x_pieces[p][j], values);
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) {
+                        square_sums[j] += values[i] * values[i];
+                        values[i] *= gains[i];
+                    }
+                    x_pieces[p][j] = float_to_halves8(values);
+                }
+            }
 #pragma unroll
             for (int j = 0; j < n_tiles; ++j) {
-                const uint4 b = load16(x_stage + (8 * j + g) * C::stride + column);
+                const uint4 b = x_pieces[p][j];
                 const unsigned b_first[2] = {b.x, b.y}, b_second[2] = {b.z, b.w};
 #pragma unroll
                 for (int r = 0; r < FLAT_ROW_TILES; ++r) {
@@ -169,19 +162,23 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
         }
     }
 
-    if (NORM) {
-        square_parts[threadIdx.x] = square_sum;
+    if (NORM) {  // row m's sum: its four lanes t, then the warps in order
+#pragma unroll
+        for (int j = 0; j < n_tiles; ++j) {
+            const float lanes_sum = lane_group_sum<4>(square_sums[j]);
+            if (t == 0) square_parts[warp * M_PAD + 8 * j + g] = lanes_sum;
+        }
         __syncthreads();
         if (threadIdx.x < M_PAD) {
             float total = 0.0f;
-            for (int i = threadIdx.x; i < FLAT_THREADS; i += M_PAD) total += square_parts[i];
+            for (int v = 0; v < FLAT_WARPS; ++v) total += square_parts[v * M_PAD + threadIdx.x];
             row_scale[threadIdx.x] = rsqrtf(total / K + eps);
         }
     }
 
 #pragma unroll
     for (int r = 0; r < FLAT_ROW_TILES; ++r) {
-        __syncthreads();  // x_stage (or the previous tile's partials) is no longer read
+        __syncthreads();  // the previous tile's partials are no longer read
 #pragma unroll
         for (int j = 0; j < n_tiles; ++j) {
             float* tile = partials + (warp * 16 + g) * M_PAD + 8 * j + 2 * t;  // C layout: rows g, g + 8; cols 2t, 2t + 1

@@ -38,7 +38,7 @@ class FlatGemmGeometry:
 
     def pieces_at(self, m_pad):
         """K pieces per warp per chunk for an x tile of m_pad rows (FlatChunk::pieces)."""
-        return self.pieces if m_pad <= 16 or self.pieces * 16 < m_pad else self.pieces * 16 // m_pad
+        return self.pieces if m_pad <= 16 else max(self.pieces * 16 // m_pad, 1)
 
     def chunk_width(self, m_pad):
         return self.warps * 32 * self.pieces_at(m_pad)

@@ -2,6 +2,9 @@
 //
 // Math: y[m, n] = sum_k x[m, k] * W[n, k] for m < M, n < N (fp16 in, fp32 accumulation, fp16 out).
 // W is in the Hugging Face [N, K] layout, so every output is the dot product of two contiguous rows.
+// Two steps around it can be fused, as in flat_gemm.cu (which says why): NORM, the RMSNorm of x
+// (x g is staged, the block computes each row's 1 / rms(x) first and scales the dot products by
+// it), and RESIDUAL, y = r + the product.
 //
 // Why CUDA cores: at M = 1 or 2 the product streams W once at 2 bytes per 2M flops; tensor cores
 // would only pad M, and speed is decided by how many 16-byte loads of W each thread keeps in flight.
@@ -34,9 +37,10 @@
 __device__ __forceinline__ int gemv_min(int a, int b) { return a < b ? a : b; }
 
 // x rows [m0, m0 + M_TILE) x columns [k0, k0 + width) -> x_stage[m * chunk + k]; rows past M are zero.
+// NORM (gain != nullptr) stages x g instead of x.
 template <int M_TILE>
-__device__ __forceinline__ void stage_x_chunk(half_t* x_stage, const half_t* x, int m0, int M, int K, int k0,
-                                              int width, int vector_ok) {
+__device__ __forceinline__ void stage_x_chunk(half_t* x_stage, const half_t* x, const half_t* gain, int m0, int M,
+                                              int K, int k0, int width, int vector_ok) {
     constexpr int chunk = GEMV_STAGE_HALVES / M_TILE;
     if (vector_ok) {
         const int pieces = width / 8;
@@ -44,24 +48,71 @@ __device__ __forceinline__ void stage_x_chunk(half_t* x_stage, const half_t* x, 
             const int m = i / pieces, piece = i % pieces;
             uint4 value = {0u, 0u, 0u, 0u};
             if (m0 + m < M) value = load16(x + (size_t)(m0 + m) * K + k0 + 8 * piece);
+            if (gain != nullptr) {
+                float values[8], gains[8];
+                halves8_to_float(value, values);
+                halves8_to_float(load16(gain + k0 + 8 * piece), gains);
+                for (int j = 0; j < 8; ++j) values[j] *= gains[j];
+                value = float_to_halves8(values);
+            }
             store16(x_stage + m * chunk + 8 * piece, value);
         }
     } else {
         for (int i = threadIdx.x; i < M_TILE * width; i += GEMV_THREADS) {
             const int m = i / width, k = i % width;
-            x_stage[m * chunk + k] = (m0 + m < M) ? x[(size_t)(m0 + m) * K + k0 + k] : __float2half(0.0f);
+            float value = (m0 + m < M) ? __half2float(x[(size_t)(m0 + m) * K + k0 + k]) : 0.0f;
+            if (gain != nullptr) value *= __half2float(gain[k0 + k]);
+            x_stage[m * chunk + k] = __float2half(value);
         }
     }
 }
 
+// NORM: 1 / sqrt(mean_k x[m0 + m, k]^2 + eps) for the block's M_TILE rows -> row_scale[m] (every thread
+// sees it after the call); the warps' partial sums are added in warp order.
 template <int M_TILE>
+__device__ __forceinline__ void inverse_rms_rows(float* row_scale, const half_t* x, int m0, int M, int K, float eps,
+                                                 int vector_ok) {
+    constexpr int warps = GEMV_THREADS / MINIFD_WARP_SIZE;
+    __shared__ float warp_parts[M_TILE][warps];
+    const int warp = threadIdx.x / MINIFD_WARP_SIZE, lane = threadIdx.x % MINIFD_WARP_SIZE;
+#pragma unroll
+    for (int m = 0; m < M_TILE; ++m) {
+        float squares = 0.0f;
+        if (m0 + m < M) {
+            const half_t* row = x + (size_t)(m0 + m) * K;
+            if (vector_ok) {
+                for (int k = 8 * threadIdx.x; k < K; k += 8 * GEMV_THREADS) {
+                    float values[8];
+                    halves8_to_float(load16(row + k), values);
+                    for (int j = 0; j < 8; ++j) squares += values[j] * values[j];
+                }
+            } else {
+                for (int k = threadIdx.x; k < K; k += GEMV_THREADS) squares += __half2float(row[k]) * __half2float(row[k]);
+            }
+        }
+        squares = warp_sum(squares);
+        if (lane == 0) warp_parts[m][warp] = squares;
+    }
+    __syncthreads();
+    if (threadIdx.x < M_TILE) {
+        float total = 0.0f;
+        for (int v = 0; v < warps; ++v) total += warp_parts[threadIdx.x][v];
+        row_scale[threadIdx.x] = rsqrtf(total / K + eps);
+    }
+    __syncthreads();
+}
+
+template <int M_TILE, bool NORM, bool RESIDUAL>
 __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const half_t* __restrict__ w,
-                                          half_t* __restrict__ y, int M, int N, int K, int vector_ok) {
-    // x: [M, K], w: [N, K] -> y: [M, N]
+                                          half_t* __restrict__ y, const half_t* __restrict__ gain,
+                                          const half_t* __restrict__ residual, int M, int N, int K, float eps,
+                                          int vector_ok) {
+    // x: [M, K], w: [N, K], gain: [K] (NORM), residual: [M, N] (RESIDUAL) -> y: [M, N]
     constexpr int chunk = GEMV_STAGE_HALVES / M_TILE;
     constexpr int warps = GEMV_THREADS / MINIFD_WARP_SIZE;
     constexpr int unroll = M_TILE <= 2 ? GEMV_UNROLL : (GEMV_UNROLL + 1) / 2;
     __shared__ __align__(16) half_t x_stage[GEMV_STAGE_HALVES];
+    __shared__ float row_scale[M_TILE];
 
     const int warp = threadIdx.x / MINIFD_WARP_SIZE, lane = threadIdx.x % MINIFD_WARP_SIZE;
     const int m0 = blockIdx.y * M_TILE;
@@ -77,10 +128,11 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
 #pragma unroll
         for (int m = 0; m < M_TILE; ++m) acc[r][m] = 0.0f;
 
+    if (NORM) inverse_rms_rows<M_TILE>(row_scale, x, m0, M, K, eps, vector_ok);
     for (int k0 = 0; k0 < K; k0 += chunk) {
         const int width = gemv_min(chunk, K - k0);
         __syncthreads();  // every warp is done with the previous chunk
-        stage_x_chunk<M_TILE>(x_stage, x, m0, M, K, k0, width, vector_ok);
+        stage_x_chunk<M_TILE>(x_stage, x, NORM ? gain : nullptr, m0, M, K, k0, width, vector_ok);
         __syncthreads();
         if (vector_ok) {
             const int pieces = width / 8;
@@ -130,19 +182,30 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
     for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r)
 #pragma unroll
         for (int m = 0; m < M_TILE; ++m) {
-            const float total = warp_sum(acc[r][m]);
-            if (lane == 0 && row0 + r < N && m0 + m < M) y[(size_t)(m0 + m) * N + row0 + r] = __float2half(total);
+            float total = warp_sum(acc[r][m]);
+            if (lane == 0 && row0 + r < N && m0 + m < M) {
+                const size_t out = (size_t)(m0 + m) * N + row0 + r;
+                if (NORM) total *= row_scale[m];
+                if (RESIDUAL) total += __half2float(residual[out]);
+                y[out] = __float2half(total);
+            }
         }
 }
 
-// One kernel per M_TILE (the accumulators live in registers, so the tile is a compile-time constant).
-#define GEMV_KERNEL(M_TILE)                                                                              \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                           \
-        gemv_m##M_TILE(const half_t* x, const half_t* w, half_t* y, int M, int N, int K, int vector_ok) { \
-        gemv_rows<M_TILE>(x, w, y, M, N, K, vector_ok);                                                  \
+// One kernel per M_TILE (the accumulators live in registers, so the tile is a compile-time constant)
+// and fused step: gemv_m<M_TILE>_<store|norm|residual>.
+#define GEMV_KERNEL(M_TILE, NORM, RESIDUAL, NAME)                                                         \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                            \
+        NAME(const half_t* x, const half_t* w, half_t* y, const half_t* gain, const half_t* residual, int M, \
+             int N, int K, float eps, int vector_ok) {                                                     \
+        gemv_rows<M_TILE, NORM, RESIDUAL>(x, w, y, gain, residual, M, N, K, eps, vector_ok);              \
     }
+#define GEMV_KERNELS(M_TILE)                                          \
+    GEMV_KERNEL(M_TILE, false, false, gemv_m##M_TILE##_store)         \
+    GEMV_KERNEL(M_TILE, true, false, gemv_m##M_TILE##_norm)           \
+    GEMV_KERNEL(M_TILE, false, true, gemv_m##M_TILE##_residual)
 
-GEMV_KERNEL(1)
-GEMV_KERNEL(2)
-GEMV_KERNEL(4)
-GEMV_KERNEL(8)
+GEMV_KERNELS(1)
+GEMV_KERNELS(2)
+GEMV_KERNELS(4)
+GEMV_KERNELS(8)

@@ -1,8 +1,9 @@
 """ImplA: GEMV on CUDA cores (gemv.cu) and its NumPy emulation.
 
-y[m, n] = sum_k x[m, k] W[n, k]. The kernel takes the rows of x in tiles of M_TILE (1, 2, 4 or 8;
-one compiled kernel each) and walks K in chunks of GEMV_STAGE_HALVES / M_TILE, staging each chunk of
-x in shared memory; the emulation accumulates the same K chunks in float32 in the same order.
+y[m, n] = sum_k x[m, k] W[n, k], optionally of RMSNorm(x) and plus a residual (gemv.cu says how).
+The kernel takes the rows of x in tiles of M_TILE (1, 2, 4 or 8; one compiled kernel each) and walks
+K in chunks of GEMV_STAGE_HALVES / M_TILE, staging each chunk of x in shared memory; the emulation
+accumulates the same K chunks in float32 in the same order.
 """
 
 import functools
@@ -41,30 +42,44 @@ def gemv_m_tile(m):
     return next((tile for tile in GEMV_M_TILES if m <= tile), GEMV_M_TILES[-1])
 
 
-def gemv_emulated(x, weight, geometry=None):
-    """x: [M, K], weight: [N, K] (NumPy) -> [M, N] float32, summed over K chunks like the kernel."""
+def gemv_emulated(x, weight, geometry=None, *, norm=None, residual=None):
+    """x: [M, K], weight: [N, K] (NumPy), norm: None or an RMSNorm, residual: None or [M, N]
+    -> [M, N] float32, summed over K chunks like the kernel."""
     m, k = x.shape
     chunk = (geometry or DEFAULT_GEOMETRY).stage_halves // gemv_m_tile(m)
     x32 = x.astype(np.float32, copy=False)
+    staged = x32 if norm is None else x32 * norm.weight.astype(np.float32)
     y = np.zeros((m, weight.shape[0]), dtype=np.float32)
     for k0 in range(0, k, chunk):
-        y += x32[:, k0:k0 + chunk] @ weight[:, k0:k0 + chunk].astype(np.float32, copy=False).T
+        y += staged[:, k0:k0 + chunk] @ weight[:, k0:k0 + chunk].astype(np.float32, copy=False).T
+    if norm is not None:
+        y *= 1.0 / np.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + np.float32(norm.eps))
+    if residual is not None:
+        y += residual
     return y
 
 
-def gemv_gpu(x, weight, geometry=DEFAULT_GEOMETRY):
-    """x: [M, K] float16, weight: [N, K] float16 (CuPy, C-contiguous) -> [M, N] float16. No host sync."""
+def gemv_gpu(x, weight, geometry=DEFAULT_GEOMETRY, *, norm=None, residual=None):
+    """x: [M, K] float16, weight: [N, K] float16 (CuPy, C-contiguous), norm: None or an RMSNorm of
+    float16 weights, residual: None or [M, N] float16 -> [M, N] float16. No host sync."""
     import cupy
 
+    if norm is not None and residual is not None:
+        raise ValueError("gemv: no kernel fuses both the norm and the residual")
     m, k = x.shape
     n = weight.shape[0]
     tile = gemv_m_tile(m)
     rows_per_block = geometry.threads // gpu_properties().warp_size * geometry.rows_per_warp
     y = cupy.empty((m, n), dtype=cupy.float16)
     grid = ((n + rows_per_block - 1) // rows_per_block, (m + tile - 1) // tile)
-    _kernel(cupy.cuda.runtime.getDevice(), f"gemv_m{tile}", geometry)(
+    gain = norm.weight if norm is not None else x  # unread without NORM
+    residual_in = cupy.ascontiguousarray(residual) if residual is not None else y  # unread without RESIDUAL
+    vector_ok = vectorisable(x, weight) and gain.data.ptr % 16 == 0
+    step = "norm" if norm is not None else "residual" if residual is not None else "store"
+    _kernel(cupy.cuda.runtime.getDevice(), f"gemv_m{tile}_{step}", geometry)(
         grid, (geometry.threads,),
-        (x, weight, y, np.int32(m), np.int32(n), np.int32(k), np.int32(vectorisable(x, weight))),
+        (x, weight, y, gain, residual_in, np.int32(m), np.int32(n), np.int32(k),
+         np.float32(norm.eps if norm is not None else 0.0), np.int32(vector_ok)),
     )
     return y
 

@@ -4,7 +4,8 @@
 Every projection of the model comes through `linear`, which runs the heuristic dataflow of
 minifd/kernels/dispatch.py: GEMV for the smallest M, the flat GEMM for decode-sized M, the library
 GEMM beyond. The flat GEMM folds the norm, the SwiGLU gate and the residual add into the product
-(flat_gemm.cu); with the other two the same steps run around the product as kernels of their own.
+(flat_gemm.cu), the GEMV the norm or the residual (gemv.cu); what an implementation does not fold
+runs around the product as kernels of its own.
 On GPU (CuPy) the kernels take float16 and accumulate in float32; on CPU (NumPy) the emulations of
 the same kernels run in float32, and the library path is plain `x @ W.T`.
 """
@@ -72,8 +73,12 @@ def linear(x, weight, *, norm=None, residual=None, gated=False, impl=None, graph
 
     if chosen == "flat_gemm" and fusable(norm, residual, gated):
         return implementations["flat_gemm"](x, weight, norm=norm, residual=residual, gated=gated)
-    a = x if norm is None else rms_norm(x, norm.weight, norm.eps)  # [M, K]
-    y = implementations[chosen](a, weight)  # [M, N]
+    if chosen == "gemv":  # fuses the norm or, ungated, the residual
+        y = implementations["gemv"](x, weight, norm=norm, residual=None if gated or norm is not None else residual)
+        residual = residual if gated or norm is not None else None
+    else:
+        a = x if norm is None else rms_norm(x, norm.weight, norm.eps)  # [M, K]
+        y = implementations[chosen](a, weight)  # [M, N]
     if gated:
         y = silu_mul(y)  # [M, N / 2]
     if residual is not None:

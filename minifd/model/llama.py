@@ -65,8 +65,11 @@ class KVCache:
 # ----------------------------------------------------------------------------------------------
 
 class Llama:
-    def __init__(self, config, weights, xp, softmax_ranges=None, max_seq=None):
+    def __init__(self, config, weights, xp, softmax_ranges=None, max_seq=None, attention_method="async"):
+        """attention_method: "async" (the unified max value, with recompute) or "sync" (the
+        synchronised running max, the baseline) for every attention call."""
         self.config, self.weights, self.xp = config, weights, xp
+        self.attention_method = attention_method
         self.dtype = weights.embed.dtype
         self.softmax_ranges = softmax_ranges or [None] * config.n_layers
         self.max_seq = max_seq or config.max_position_embeddings
@@ -112,7 +115,7 @@ class Llama:
 
         def attend(i, q):
             k, v = cache.k[i][slot, :, :seq].transpose(1, 0, 2), cache.v[i][slot, :, :seq].transpose(1, 0, 2)
-            return prefill_attention(q, k, v, softmax_range=self.softmax_ranges[i])
+            return prefill_attention(q, k, v, softmax_range=self.softmax_ranges[i], method=self.attention_method)
 
         x = self._layers(self.weights.embed[ids], cache, positions, slots, attend)  # [seq, hidden]
         return self._logits(x[-1:])[0]  # [vocab]
@@ -131,7 +134,8 @@ class Llama:
         lengths = positions + 1
 
         def attend(i, q):
-            return decode_attention(q, cache.k[i], cache.v[i], lengths, softmax_range=self.softmax_ranges[i])
+            return decode_attention(q, cache.k[i], cache.v[i], lengths, softmax_range=self.softmax_ranges[i],
+                                    method=self.attention_method)
 
         x = self._layers(self.weights.embed[ids], cache, positions, slots, attend, graph_captured)  # [batch, hidden]
         return self._logits(x, graph_captured)  # [batch, vocab]

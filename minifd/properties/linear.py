@@ -141,9 +141,9 @@ def check_flat_gemm(case, xp):
 
 
 # ----------------------------------------------------------------------------------------------
-# The flat GEMM's fused steps
+# The fused steps of the flat GEMM and the GEMV
 # ----------------------------------------------------------------------------------------------
-# y = residual + Gate(W a), a = x g / rms(x), each step optional (flat_gemm.cu). Bound, elementwise,
+# y = residual + Gate(W a), a = x g / rms(x), each step optional (flat_gemm.cu, gemv.cu). Bound, elementwise,
 # with T = rinv64 (|a64| @ |W64|^T) the size of the terms a row of W sums (rinv64 = 1 without norm):
 # - staging a = x g rounds once to the kernel's input dtype (u_in: float16 on GPU, float32 on CPU),
 #   and the float32 sum adds the product bound's 2 (K + 1) u32: e_s = (u_in + 2 (K + 2) u32) T;
@@ -156,24 +156,26 @@ def check_flat_gemm(case, xp):
 # The relative error reported is against the magnitude the bound scales with (T, or for the gate
 # 1.1 T_G |U64| + |SiLU(G64)| T_U).
 
-FUSED_STEPS = ("norm", "residual", "gated_norm")
+FUSED_STEPS = {"flat_gemm": ("norm", "residual", "gated_norm"), "gemv": ("norm", "residual")}
 
 
-def flat_gemm_fused_cases(backend):
-    """-> a case {m, n, k, seed, steps}: the product's sizes (n is rounded up to whole 16-row tiles
-    when gated) and which fused steps run."""
+def fused_product_cases(backend):
+    """-> a case {impl, steps, m, n, k, seed}: the kernel, which fused steps run, and the product's
+    sizes (n is rounded up to whole 16-row tiles when gated)."""
     sizes = SIZES[backend]
-    return st.fixed_dictionaries(dict(m=st.integers(1, 70 if backend == "gpu" else 20), n=st.integers(1, 320),
-                                      k=st.integers(1, sizes["k"]), steps=st.sampled_from(FUSED_STEPS), seed=SEEDS))
+    kernels = st.one_of(*(st.tuples(st.just(impl), st.sampled_from(steps)) for impl, steps in FUSED_STEPS.items()))
+    sized = st.fixed_dictionaries(dict(m=st.integers(1, 70 if backend == "gpu" else 20), n=st.integers(1, 320),
+                                       k=st.integers(1, sizes["k"]), seed=SEEDS))
+    return st.tuples(kernels, sized).map(lambda pair: {"impl": pair[0][0], "steps": pair[0][1], **pair[1]})
 
 
 def silu64(values):
     return values / (1.0 + np.exp(-values))
 
 
-def check_flat_gemm_fused(case, xp):
-    """flat_gemm.cu with its norm prologue, its residual or SwiGLU epilogue (float16), or the
-    emulation (float32), against the same steps in float64."""
+def check_fused_product(case, xp):
+    """flat_gemm.cu or gemv.cu with a norm prologue, a residual or SwiGLU epilogue (float16), or
+    their emulations (float32), against the same steps in float64."""
     dtype = storage_dtype(xp)
     norm_in, gated = case["steps"] in ("norm", "gated_norm"), case["steps"] == "gated_norm"
     m, k = case["m"], case["k"]
@@ -207,10 +209,12 @@ def check_flat_gemm_fused(case, xp):
 
     norm = RMSNorm(xp.asarray(gain), EPS) if norm_in else None
     arguments = dict(norm=norm, residual=None if residual is None else xp.asarray(residual), gated=gated)
-    if is_gpu(xp):
-        y = flat_gemm_gpu(xp.asarray(x), xp.asarray(w), **arguments)
+    if case["impl"] == "gemv":
+        del arguments["gated"]
+        kernel = gemv_gpu if is_gpu(xp) else gemv_emulated
     else:
-        y = flat_gemm_emulated(x, w, **arguments)
+        kernel = flat_gemm_gpu if is_gpu(xp) else flat_gemm_emulated
+    y = kernel(xp.asarray(x), xp.asarray(w), **arguments)
     expect_layout("y", y, dtype, reference.shape)
     return within_bound("y", to_numpy(y), reference, allowed, relative_scale(magnitude, unit_roundoff(dtype), dtype))
 
@@ -295,8 +299,8 @@ def check_dispatch(case, xp):
 PROPERTIES = (
     Property("gemv", "GEMV (ImplA) vs the float64 product", product_cases, check_gemv),
     Property("flat_gemm", "flat GEMM, flat in M (ImplB) vs the float64 product", flat_gemm_cases, check_flat_gemm),
-    Property("flat_gemm_fused", "flat GEMM with its RMSNorm prologue and residual or SwiGLU epilogue vs float64",
-             flat_gemm_fused_cases, check_flat_gemm_fused),
+    Property("fused_product", "flat GEMM and GEMV with an RMSNorm prologue, a residual or SwiGLU epilogue vs float64",
+             fused_product_cases, check_fused_product),
     Property("dispatch", "the seam runs what a temporary dispatch table says (or the forced implementation)",
              dispatch_cases, check_dispatch),
 )
