@@ -8,7 +8,7 @@ import numpy as np
 
 from minifd.backend import array_module, free_memory_text, is_gpu, out_of_memory_errors, to_numpy
 from minifd.errors import MinifdError
-from minifd.kernels.attention import load_softmax_ranges
+from minifd.kernels.softmax_range import load_softmax_ranges
 from minifd.model.config import LlamaConfig
 from minifd.model.llama import KVCache, Llama
 from minifd.model.loader import Checkpoint

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from minifd.backend import cupy_or_none
 from minifd.errors import MinifdError
 from minifd.kernels import attention
-from minifd.kernels.decode_attention_sync import SPLIT_SIZES, choose_keys_per_split, heads_per_block
+from minifd.kernels.decode_split_kv import SPLIT_SIZES, choose_keys_per_split, heads_per_block
 from minifd.kernels.softmax_range import SoftmaxRange
 from minifd.properties import PROPERTIES
 from minifd.properties.attention_reference import decode_inputs, decode_reference, rounded_to

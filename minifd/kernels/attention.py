@@ -15,7 +15,7 @@ import numpy as np
 from minifd.kernels.decode_attention import decode_attention_emulated, decode_attention_gpu
 from minifd.kernels.decode_attention_sync import decode_attention_sync_emulated, decode_attention_sync_gpu
 from minifd.kernels.prefill_attention import prefill_attention_emulated, prefill_attention_gpu
-from minifd.kernels.softmax_range import DEFAULT_SOFTMAX_RANGE, SoftmaxRange, load_softmax_ranges  # noqa: F401
+from minifd.kernels.softmax_range import DEFAULT_SOFTMAX_RANGE
 
 METHODS = ("async", "sync")
 

@@ -12,7 +12,7 @@ float32, vectorised over batch, heads and splits.
 
 import numpy as np
 
-from minifd.kernels.decode_attention_sync import (
+from minifd.kernels.decode_split_kv import (
     CPU_KEYS_PER_SPLIT, THREADS_PER_BLOCK, plan_for, rescaled_combine, running_max_partials, split_scores,
     weighted_values)
 

@@ -1,125 +1,14 @@
 """Synchronised split-KV decode attention (FlashDecoding): NumPy emulation and CuPy launcher of
-decode_attention_sync.cu, plus the split bookkeeping that the unified-max kernel shares.
+decode_attention_sync.cu, the baseline and the recompute fallback of the unified-max kernel.
 
-Each sequence's keys are cut into splits of `keys_per_split`; split i of a row computes, in log2
-units (t = q.k * log2(e) / sqrt(head_dim)), its max m_i and
-    acc_i = sum_j exp2(t_j - m_i) v_j,   den_i = sum_j exp2(t_j - m_i);
-the combine rescales by exp2(m_i - max_i m_i), sums and divides. The emulation computes exactly
-these partials in float32, vectorised over batch, heads and splits (the kernel's running max ends at
-the split max, so only the rounding order differs).
+Split i of a row computes its max m_i and acc_i = sum_j exp2(t_j - m_i) v_j, den_i = sum_j
+exp2(t_j - m_i) (decode_split_kv.py); the combine rescales by exp2(m_i - max_i m_i), sums and
+divides. The emulation computes exactly these partials in float32, vectorised over batch, heads and
+splits (the kernel's running max ends at the split max, so only the rounding order differs).
 """
 
-import functools
-import math
-from dataclasses import dataclass
-
-import numpy as np
-
-from minifd.errors import MinifdError
-from minifd.kernels.compile import load_module
-
-LOG2E = math.log2(math.e)
-THREADS_PER_BLOCK = 128  # kThreads in decode_split_kv.cuh
-MAX_HEADS_PER_BLOCK = 8  # register budget: each query head costs 8 accumulators + 8 query floats per lane
-SPLIT_SIZES = (64, 128, 256, 512, 1024)
-CPU_KEYS_PER_SPLIT = 256
-SUPPORTED_HEAD_DIMS = (64, 128)
-
-
-# ----------------------------------------------------------------------------------------------
-# Geometry shared by the emulations and the kernels
-# ----------------------------------------------------------------------------------------------
-
-def score_scale(head_dim):
-    """log2(e) / sqrt(head_dim) as the float32 the kernels multiply the query by."""
-    return np.float32(LOG2E / math.sqrt(head_dim))
-
-
-def heads_per_block(group):
-    """Query heads one block serves: the largest divisor of the GQA group size that fits the registers."""
-    return max(h for h in range(1, MAX_HEADS_PER_BLOCK + 1) if group % h == 0)
-
-
-def choose_keys_per_split(blocks_per_split, max_seq, sm_count=None):
-    """The largest split size that still launches at least 4 blocks per SM for a cache of max_seq keys
-    (blocks_per_split = batch * n_heads / heads_per_block). Depends on the cache capacity, never on
-    the current lengths, so a captured graph stays valid. sm_count=None (CPU) -> CPU_KEYS_PER_SPLIT."""
-    if sm_count is None:
-        return CPU_KEYS_PER_SPLIT
-    for size in reversed(SPLIT_SIZES):
-        if blocks_per_split * math.ceil(max_seq / size) >= 4 * sm_count:
-            return size
-    return SPLIT_SIZES[0]
-
-
-def check_head_dim(head_dim):
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise MinifdError(f"the attention kernels support head_dim {' or '.join(map(str, SUPPORTED_HEAD_DIMS))}, "
-                          f"not {head_dim}")
-
-
-# ----------------------------------------------------------------------------------------------
-# NumPy emulation
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class SplitScores:
-    """Scores of every query head against its sequence's keys, cut into splits."""
-
-    t: np.ndarray  # [batch, n_kv_heads, group, n_splits, keys_per_split] float32, log2 units
-    valid: np.ndarray  # [batch, 1, 1, n_splits, keys_per_split] bool: key < length
-    active: np.ndarray  # [batch, 1, 1, n_splits] bool: the split holds at least one key
-    values: np.ndarray  # [batch, n_kv_heads, n_splits, keys_per_split, head_dim] float32
-
-
-def split_scores(q, k_cache, v_cache, lengths, keys_per_split):
-    """q: [batch, n_heads, head_dim]; k_cache, v_cache: [batch, n_kv_heads, max_seq, head_dim];
-    lengths: [batch] -> SplitScores covering the splits up to the longest sequence."""
-    batch, n_heads, head_dim = q.shape
-    n_kv_heads, max_seq = k_cache.shape[1], k_cache.shape[2]
-    group = n_heads // n_kv_heads
-    lengths = np.minimum(np.asarray(lengths, dtype=np.int64), max_seq)
-    n_splits = max(1, math.ceil(int(lengths.max(initial=0)) / keys_per_split))
-    n_keys = n_splits * keys_per_split
-    keys = k_cache[:, :, :n_keys].astype(np.float32, copy=False)  # [batch, n_kv_heads, n_keys, head_dim]
-    values = v_cache[:, :, :n_keys].astype(np.float32, copy=False)
-    if n_keys > max_seq:  # the last split runs past the cache: pad it with zero keys (masked anyway)
-        pad = ((0, 0), (0, 0), (0, n_keys - max_seq), (0, 0))
-        keys, values = np.pad(keys, pad), np.pad(values, pad)
-    query = q.astype(np.float32).reshape(batch, n_kv_heads, group, head_dim) * score_scale(head_dim)
-    t = query @ keys.transpose(0, 1, 3, 2)  # [batch, n_kv_heads, group, n_keys]
-    valid = np.arange(n_keys)[None, :] < lengths[:, None]  # [batch, n_keys]
-    split_shape = (batch, 1, 1, n_splits, keys_per_split)
-    return SplitScores(t.reshape(batch, n_kv_heads, group, n_splits, keys_per_split),
-                       valid.reshape(split_shape), valid.reshape(split_shape).any(axis=-1),
-                       values.reshape(batch, n_kv_heads, n_splits, keys_per_split, head_dim))
-
-
-def weighted_values(p, values):
-    """p: [batch, kv, group, splits, keys]; values: [batch, kv, splits, keys, dim] -> [batch, kv, group, splits, dim]"""
-    return (p.transpose(0, 1, 3, 2, 4) @ values).transpose(0, 1, 3, 2, 4)
-
-
-def running_max_partials(scores):
-    """SplitScores -> acc [batch, kv, group, splits, dim], den [batch, kv, group, splits],
-    max [batch, kv, group, splits] (log2 units; -inf for empty splits), each relative to its split max."""
-    split_max = np.where(scores.valid, scores.t, -np.inf).max(axis=-1)
-    shifted = scores.t - np.where(np.isfinite(split_max), split_max, 0.0)[..., None]
-    p = np.where(scores.valid, np.exp2(np.minimum(shifted, 0.0)), np.float32(0.0))
-    return weighted_values(p, scores.values), p.sum(axis=-1), split_max
-
-
-def rescaled_combine(acc, den, split_max, active, own_max_factor=None):
-    """Combine partials relative to different references by rescaling to the row max.
-    acc: [..., splits, dim]; den, split_max: [..., splits]; active: broadcastable to den;
-    own_max_factor: [..., splits] factor that brings each partial to its split max (None: already
-    there) -> [..., dim]; rows without keys give 0."""
-    row_max = np.where(active, split_max, -np.inf).max(axis=-1, keepdims=True)
-    to_row_max = np.where(active, np.exp2(split_max - np.where(np.isfinite(row_max), row_max, 0.0)), np.float32(0.0))
-    weight = to_row_max if own_max_factor is None else own_max_factor * to_row_max
-    numerator = (acc * weight[..., None]).sum(axis=-2)
-    denominator = (den * weight).sum(axis=-1)[..., None]
-    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+from minifd.kernels.decode_split_kv import (CPU_KEYS_PER_SPLIT, THREADS_PER_BLOCK, plan_for, rescaled_combine,
+                                            running_max_partials, split_scores)
 
 
 def decode_attention_sync_emulated(q, k_cache, v_cache, lengths, keys_per_split=CPU_KEYS_PER_SPLIT):
@@ -134,80 +23,6 @@ def decode_attention_sync_emulated(q, k_cache, v_cache, lengths, keys_per_split=
 # ----------------------------------------------------------------------------------------------
 # GPU launch
 # ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SplitPlan:
-    """Everything a split kernel's launch needs that follows from the shapes alone, computed once per
-    (device, kernel source, shapes): grid, split size, workspace and the compiled kernels."""
-
-    split_kernel: object
-    combine_kernel: object
-    split_grid: tuple  # (n_splits, batch * n_heads / heads_per_block)
-    rows: int  # batch * n_heads
-    shape_args: tuple  # n_heads, n_kv_heads, max_seq, keys_per_split, n_splits (int32) and score_scale (float32)
-    combine_args: tuple  # n_heads, keys_per_split, n_splits (int32)
-    head_dim: int
-    keys_per_split: int
-    partial_acc: object  # [batch * n_heads, n_splits, head_dim] float32
-    partial_den: object  # [batch * n_heads, n_splits] float32
-    partial_max: object  # [batch * n_heads, n_splits] float32, log2 units
-    split_unsafe: object  # [batch * n_heads, n_splits] int32
-
-
-_workspaces = {}
-
-
-def _workspace(cupy, device_id, rows, n_splits, head_dim):
-    """Partials buffers, shared by every plan of one device and shape: steady decoding allocates nothing."""
-    key = (device_id, rows, n_splits, head_dim)
-    if key not in _workspaces:
-        _workspaces[key] = (cupy.empty((rows, n_splits, head_dim), cupy.float32),
-                            cupy.empty((rows, n_splits), cupy.float32),
-                            cupy.empty((rows, n_splits), cupy.float32),
-                            cupy.empty((rows, n_splits), cupy.int32))
-    return _workspaces[key]
-
-
-@functools.lru_cache(maxsize=None)
-def split_plan(device_id, source_name, kernel_names, batch, n_heads, n_kv_heads, max_seq, head_dim, keys_per_split=None):
-    """-> SplitPlan for kernel_names = (split kernel, combine kernel) of source_name on the current device."""
-    import cupy
-
-    check_head_dim(head_dim)
-    per_block = heads_per_block(n_heads // n_kv_heads)
-    if keys_per_split is None:
-        sm_count = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
-        keys_per_split = choose_keys_per_split(batch * n_heads // per_block, max_seq, sm_count)
-    n_splits = math.ceil(max_seq / keys_per_split)
-    module = load_module(source_name, (f"-DHEAD_DIM={head_dim}", f"-DGROUP_SIZE={per_block}"))
-    i32 = np.int32
-    with cupy.cuda.Device(device_id):
-        workspace = _workspace(cupy, device_id, batch * n_heads, n_splits, head_dim)
-    return SplitPlan(module.get_function(kernel_names[0]), module.get_function(kernel_names[1]),
-                     (n_splits, batch * n_heads // per_block), batch * n_heads,
-                     (i32(n_heads), i32(n_kv_heads), i32(max_seq), i32(keys_per_split), i32(n_splits),
-                      score_scale(head_dim)),
-                     (i32(n_heads), i32(keys_per_split), i32(n_splits)), head_dim, keys_per_split, *workspace)
-
-
-def plan_for(source_name, kernel_names, q, k_cache, v_cache, lengths, keys_per_split=None):
-    """Check the arrays (float16, C-contiguous, 16-byte aligned, matching shapes) -> (SplitPlan,
-    lengths as a device int32 array). q: [batch, n_heads, head_dim];
-    k_cache, v_cache: [batch, n_kv_heads, max_seq, head_dim]; lengths: [batch]"""
-    import cupy
-
-    batch, n_heads, head_dim = q.shape
-    n_kv_heads, max_seq = k_cache.shape[1], k_cache.shape[2]
-    if n_heads % n_kv_heads or k_cache.shape != v_cache.shape or k_cache.shape[::3] != (batch, head_dim):
-        raise ValueError(f"decode attention shapes q {q.shape}, k {k_cache.shape}, v {v_cache.shape} do not match")
-    for name, array in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if array.dtype != cupy.float16 or not array.flags.c_contiguous or array.data.ptr % 16:
-            raise ValueError(f"decode attention needs {name} float16, C-contiguous and 16-byte aligned")
-    if not (isinstance(lengths, cupy.ndarray) and lengths.dtype == cupy.int32):
-        lengths = cupy.asarray(lengths, dtype=cupy.int32)  # a host copy: the engine passes device int32
-    plan = split_plan(q.device.id, source_name, kernel_names, batch, n_heads, n_kv_heads, max_seq, head_dim,
-                      keys_per_split)
-    return plan, lengths
 
 
 def decode_attention_sync_gpu(q, k_cache, v_cache, lengths, keys_per_split=None):

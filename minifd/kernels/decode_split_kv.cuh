@@ -28,10 +28,13 @@
 #ifndef GROUP_SIZE
 #define GROUP_SIZE 4
 #endif
+#ifndef DECODE_THREADS
+#define DECODE_THREADS 128  // decode_split_kv.py passes its THREADS_PER_BLOCK
+#endif
 
 namespace split_kv {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = DECODE_THREADS;
 constexpr int kTeam = HEAD_DIM / 8;          // lanes that share one key
 constexpr int kTeams = kThreads / kTeam;     // keys in flight per block
 constexpr int kWarps = kThreads / MINIFD_WARP_SIZE;

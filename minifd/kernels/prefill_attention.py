@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from minifd.kernels.compile import load_module
-from minifd.kernels.decode_attention_sync import check_head_dim, score_scale
+from minifd.kernels.decode_split_kv import check_head_dim, score_scale
 
 # Launch geometry of the two paths of prefill_attention.cu (kQueryTile, kThreads, kKeyTile).
 QUERY_TILE, THREADS_PER_BLOCK, KEY_TILE = 128, 128, 64  # tensor cores (NVIDIA sm_80+)

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from minifd.backend import is_gpu, to_numpy
 from minifd.kernels import attention
 from minifd.kernels.decode_attention import decode_attention_emulated, decode_attention_gpu
-from minifd.kernels.decode_attention_sync import SPLIT_SIZES, decode_attention_sync_emulated
+from minifd.kernels.decode_attention_sync import decode_attention_sync_emulated
+from minifd.kernels.decode_split_kv import SPLIT_SIZES
 from minifd.kernels.softmax_range import SoftmaxRange
 from minifd.properties.attention_reference import (attention_allowed, check_emulation, check_recompute_count,
                                                    decode_inputs, decode_reference, recompute_strategy, rounded_to,
