@@ -114,10 +114,12 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
     for (int j = 0; j < n_tiles; ++j) square_sums[j] = 0.0f;
 
     for (int k0 = 0; k0 < K; k0 += C::width) {
-        uint4 w_pieces[C::pieces][FLAT_ROW_TILES][2], x_pieces[C::pieces][n_tiles];
+        // Every load of the chunk is issued before any arithmetic uses one.
+        uint4 w_pieces[C::pieces][FLAT_ROW_TILES][2], x_pieces[C::pieces][n_tiles], gain_pieces[C::pieces];
 #pragma unroll
         for (int p = 0; p < C::pieces; ++p) {
             const int k = k0 + (warp * C::pieces + p) * 32 + 8 * t;
+            if (NORM) gain_pieces[p] = load_piece(norm_weight, k, K, vector_ok);
 #pragma unroll
             for (int r = 0; r < FLAT_ROW_TILES; ++r)
 #pragma unroll
@@ -133,7 +135,7 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
         for (int p = 0; p < C::pieces; ++p) {
             if (NORM) {  // B = x g, rounded to fp16 as the MMA takes it
                 float gains[8];
-                halves8_to_float(load_piece(norm_weight, k0 + (warp * C::pieces + p) * 32 + 8 * t, K, vector_ok), gains);
+                halves8_to_float(gain_pieces[p], gains);
 #pragma unroll
                 for (int j = 0; j < n_tiles; ++j) {
                     float values[8];
