@@ -15,7 +15,7 @@ from minifd.model.weights import load_weights
 from minifd.properties.random_model import random_tensors, tiny_config_dict
 from minifd.sampling import SamplingParams
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(cupy_or_none() is None, reason="needs a GPU visible to CuPy")]
+pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])

@@ -276,9 +276,8 @@ def test_out_of_memory_for_the_kv_cache_says_what_to_lower(capsys, model_dir, mo
     assert_one_line_error(capsys, run_args(model_dir), "out of memory for the KV cache", "lower --max-new-tokens")
 
 
+@pytest.mark.gpu  # the run-time compiler needs CuPy and a GPU
 def test_a_kernel_that_fails_to_compile_shows_the_compiler_message(tmp_path):
-    if minifd.backend.cupy_or_none() is None:
-        pytest.skip("needs CuPy and a GPU to run the run-time compiler")
     from minifd.kernels.compile import load_module
 
     (tmp_path / "broken.cu").write_text('#include "portable.cuh"\nextern "C" __global__ void k() { undeclared_name = 1; }\n')

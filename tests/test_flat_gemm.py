@@ -13,7 +13,6 @@ from minifd.properties import PROPERTIES
 from minifd.properties.linear import check_product, misaligned_on_device, random_operands
 
 cupy = cupy_or_none()
-gpu = pytest.mark.skipif(cupy is None, reason="needs a GPU through CuPy")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,7 +57,6 @@ def test_fused_steps_equal_the_steps_one_after_another(fused):
 # GPU: the kernel
 # ----------------------------------------------------------------------------------------------
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("m, n, k", [(1, 4096, 4096), (8, 300, 1000), (20, 129, 2048), (64, 1000, 4104),
                                      (70, 48, 1024)])
@@ -67,7 +65,6 @@ def test_kernel_repeats_bit_for_bit(m, n, k):
     PROPERTIES["flat_gemm"].check(dict(m=m, n=n, k=k, seed=m), cupy)
 
 
-@gpu
 @pytest.mark.gpu
 def test_kernel_with_a_weight_that_is_not_16_byte_aligned():
     x, w = random_operands(np.random.default_rng(2), 6, 200, 256, np.float16)

@@ -10,7 +10,6 @@ from minifd.properties import PROPERTIES
 from minifd.properties.linear import check_product, misaligned_on_device, random_operands
 
 cupy = cupy_or_none()
-gpu = pytest.mark.skipif(cupy is None, reason="needs a GPU through CuPy")
 
 
 def test_m_tile_is_the_smallest_compiled_tile_that_holds_m():
@@ -23,7 +22,6 @@ def test_across_several_k_chunks(xp, m):
     PROPERTIES["gemv"].check(dict(m=m, n=77, k=k, seed=m), xp)
 
 
-@gpu
 @pytest.mark.gpu
 def test_kernel_with_a_weight_that_is_not_16_byte_aligned():
     x, w = random_operands(np.random.default_rng(1), 3, 50, 64, np.float16)

@@ -12,7 +12,6 @@ from minifd.sampling import SamplingParams
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(cupy_or_none() is None, reason="needs a GPU visible to CuPy"),
     pytest.mark.skipif(not fixture_ready(), reason="SmolLM2 fixture not prepared"),
 ]
 

@@ -15,7 +15,6 @@ from minifd.properties import PROPERTIES
 from minifd.properties.linear import check_product, expected_choice, random_operands
 
 cupy = cupy_or_none()
-gpu = pytest.mark.skipif(cupy is None, reason="needs a GPU through CuPy")
 
 
 @pytest.fixture
@@ -33,7 +32,6 @@ def cache(tmp_path, monkeypatch):
 # Operands
 # ----------------------------------------------------------------------------------------------
 
-@gpu
 @pytest.mark.gpu
 def test_non_contiguous_operands_on_gpu():
     rng = np.random.default_rng(5)
@@ -46,7 +44,6 @@ def test_non_contiguous_operands_on_gpu():
         check_product(impl, linear(x_column_major, w_strided, impl=impl).get(), x, w, library=impl == "library")
 
 
-@gpu
 @pytest.mark.gpu
 def test_float32_on_gpu_takes_the_library_and_kernels_refuse_it():
     x, w = random_operands(np.random.default_rng(6), 3, 20, 16, np.float32)

@@ -11,7 +11,6 @@ from minifd.properties import PROPERTIES
 from minifd.properties.attention_reference import prefill_inputs, prefill_reference, rounded_to
 
 cupy = cupy_or_none()
-gpu = pytest.mark.skipif(cupy is None, reason="needs a CUDA or ROCm GPU through CuPy")
 FP16_TOLERANCE = dict(atol=4e-3, rtol=4e-3)
 
 
@@ -38,7 +37,6 @@ def test_rows_beyond_half_precision_are_recomputed(xp, phi, expected_rows):
     assert PROPERTIES["prefill_attention"].check(case, xp).recomputed == expected_rows
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_kernel_on_a_long_prompt_with_strided_inputs(head_dim):
@@ -57,7 +55,6 @@ def test_kernel_on_a_long_prompt_with_strided_inputs(head_dim):
     np.testing.assert_allclose(cupy.asnumpy(out).astype(np.float32), prefill_reference(q, k, v).out, **FP16_TOLERANCE)
 
 
-@gpu
 @pytest.mark.gpu
 def test_kernel_reads_keys_and_values_through_cache_slices():
     seq, max_seq, n_heads, n_kv_heads, head_dim = 300, 512, 8, 2, 128

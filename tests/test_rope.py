@@ -9,7 +9,6 @@ from minifd.kernels.rope import rope_and_cache
 from minifd.properties.fused import rope_inputs
 
 cupy = cupy_or_none()
-needs_gpu = pytest.mark.skipif(cupy is None, reason="needs a GPU through CuPy")
 
 
 def test_rope_and_cache_rejects_a_qkv_width_that_does_not_fit_the_cache():
@@ -23,7 +22,6 @@ def test_rope_and_cache_rejects_a_qkv_width_that_does_not_fit_the_cache():
 
 
 @pytest.mark.gpu
-@needs_gpu
 def test_gpu_rope_and_cache_replays_in_a_cuda_graph_with_new_positions():
     """Positions are read on the device, so one captured launch serves every decode step."""
     problem = dict(head_dim=128, n_kv_heads=2, n_heads=8, batch=4, max_seq=32, theta=10000.0, seed=0,

@@ -17,7 +17,6 @@ from minifd.kernels import dispatch
 from minifd.tuning import choose_thresholds, model_shapes, parse_shape
 
 cupy = cupy_or_none()
-gpu = pytest.mark.skipif(cupy is None, reason="needs a GPU through CuPy")
 
 
 def curves(max_m, m1, m2):
@@ -100,7 +99,7 @@ def test_tune_without_shapes_is_a_user_error(tmp_path):
     assert result.returncode == 2 and "not N,K" in result.stderr
 
 
-@gpu
+@pytest.mark.gpu
 def test_tune_on_gpu_writes_an_entry_for_this_gpu(tmp_path):
     result = minifd_tune(tmp_path, "--max-m", "12", "--shapes", "1024,512")
     assert result.returncode == 0, result.stderr

@@ -18,7 +18,9 @@ s_j = q.k_j / sqrt(d) the scores, w_j = softmax(s)_j and S = sum_j w_j |v_jc| (f
 - Perturbing every weight by a factor (1 + eps_j), |eps_j| <= eps, moves the normalised average
   sum_j w_j v_j by at most 2 eps S (first order; the constants above absorb the second).
 - The float32 sums of n terms in the numerator and denominator, in any order, and the division add
-  at most 2 (n + 4) u32 S; rounding the result to the output dtype adds u_out |out64| + floor_out.
+  at most 2 (n + 4) u32 S; rounding the result to the output dtype adds u_out |out64| + floor_out,
+  the subnormal floor (tolerance.absolute_floor: 2^-24 for float16; for float32 2^-149 per rounded
+  operation, here the n + d + 8 of the scores, the sums and the division).
 
 The relative error a property reports is |out - out64| / S: the error against the average size of
 the values the row mixes. Inputs are first rounded to the kernel's dtype, so the reference sees
@@ -142,7 +144,7 @@ def attention_allowed(reference, head_dim, phi, out_dtype, probability_roundoff=
     eps = probability_error(reference, head_dim, phi, probability_roundoff)
     per_row = 2 * eps + 2 * (reference.keys + 4) * U32  # [*rows]
     return (per_row[..., None] * reference.magnitude + unit_roundoff(out_dtype) * np.abs(reference.out)
-            + absolute_floor(out_dtype))
+            + absolute_floor(out_dtype, reference.keys[..., None] + head_dim + 8))
 
 
 def score_uncertainty(reference, head_dim, softmax_range):

@@ -8,6 +8,12 @@ product), so an example reports the relative error of its element closest to the
 element's relative bound. The example passes iff no element exceeds its bound (NaN never passes).
 
 Unit roundoffs: u = 2^-11 for float16, 2^-24 for float32 (round to nearest: |fl(a) - a| <= u |a|).
+That relative bound fails in the subnormal ranges, where numbers are spaced evenly: below 2^-14 a
+float16 result rounds in absolute steps of 2^-24, and below 2^-126 every rounded float32 operation
+may be off by up to a step of 2^-149. Every bound therefore adds an absolute floor (absolute_floor):
+2^-24 for a float16 result, 2^-149 times the number of rounded operations that produced a float32
+result (the reduction length where there is one). It matters only where values are that small:
+silu_mul's gates of -100 give outputs near 1e-41, for instance.
 """
 
 from dataclasses import dataclass
@@ -16,7 +22,8 @@ import numpy as np
 
 U16 = 2.0**-11
 U32 = 2.0**-24
-HALF_SUBNORMAL_STEP = 2.0**-25  # float16 rounds below 2^-14 in absolute steps of 2^-24: half a step
+FLOAT16_SUBNORMAL_STEP = 2.0**-24  # float16's spacing below 2^-14
+FLOAT32_SUBNORMAL_STEP = 2.0**-149  # float32's spacing below 2^-126
 
 
 def unit_roundoff(dtype):
@@ -24,10 +31,14 @@ def unit_roundoff(dtype):
     return U16 if np.dtype(dtype) == np.float16 else U32
 
 
-def absolute_floor(dtype):
-    """The absolute error rounding to `dtype` may add beyond u |value|: float16's subnormal range
-    rounds in absolute steps; float32's starts below 1e-38, where no property's values land."""
-    return HALF_SUBNORMAL_STEP if np.dtype(dtype) == np.float16 else 0.0
+def absolute_floor(dtype, operations=1):
+    """The absolute error beyond u |value| a result of `dtype` may carry from the subnormal range:
+    one float16 step (2^-24; the float32 arithmetic before the final rounding adds far less), or one
+    float32 step (2^-149) per rounded operation that produced it: `operations` is the reduction
+    length, or the count of rounded steps of an elementwise formula."""
+    if np.dtype(dtype) == np.float16:
+        return FLOAT16_SUBNORMAL_STEP
+    return FLOAT32_SUBNORMAL_STEP * operations
 
 
 def relative_scale(magnitude, relative_bound, dtype):

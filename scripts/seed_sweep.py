@@ -1,0 +1,51 @@
+"""Run the kernels' property suite (`minifd check`) over a range of hypothesis seeds and count, per
+property, the seeds it passed: the evidence that no bound fails on luck.
+
+    python3 scripts/seed_sweep.py [--device cpu|cuda] [--seeds 0-49] [--examples 200]
+
+Prints one line per property (seeds passed / seeds run, the failing seeds) and exits 1 if any failed.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+
+def seed_range(text):
+    first, _, last = text.partition("-")
+    return range(int(first), int(last or first) + 1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seeds", type=seed_range, default=seed_range("0-49"), help="first-last (inclusive)")
+    parser.add_argument("--examples", type=int, default=200)
+    args = parser.parse_args()
+    passed, failed = defaultdict(int), defaultdict(list)
+    with tempfile.TemporaryDirectory() as directory:
+        for seed in args.seeds:
+            report_path = Path(directory) / f"check-{seed}.json"
+            subprocess.run([sys.executable, "-c", "from minifd.cli import main; main()", "check", "--device",
+                            args.device, "--examples", str(args.examples), "--seed", str(seed), "--json",
+                            str(report_path)], stdout=subprocess.DEVNULL, check=False)
+            entries = json.loads(report_path.read_text())["properties"]
+            for entry in entries:
+                if entry["passed"]:
+                    passed[entry["name"]] += 1
+                else:
+                    failed[entry["name"]].append(seed)
+            print(f"seed {seed}: {sum(not entry['passed'] for entry in entries)} failed", file=sys.stderr, flush=True)
+    runs = len(args.seeds)
+    print(f"{args.device}, seeds {args.seeds.start}-{args.seeds.stop - 1}, {args.examples} examples each")
+    for name in sorted(set(passed) | set(failed)):
+        print(f"{name:30s} {passed[name]:3d} / {runs} passed" + (f"   failed seeds: {failed[name]}" if failed[name] else ""))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
