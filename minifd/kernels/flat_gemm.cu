@@ -217,21 +217,11 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
     }
 }
 
-// One kernel per (M_PAD, epilogue, norm): flat_gemm_m<M_PAD>_<store|residual|gated>[_norm].
-#define FLAT_GEMM_KERNEL(M_PAD, EPILOGUE, NORM, NAME)                                                         \
-    extern "C" __global__ void __launch_bounds__(FLAT_THREADS)                                                \
-        NAME(const half_t* x, const half_t* w, half_t* y, const half_t* norm_weight, const half_t* residual,  \
-             int M, int N, int K, float eps, int vector_ok) {                                                 \
-        flat_gemm_block<M_PAD, EPILOGUE, NORM>(x, w, y, norm_weight, residual, M, N, K, eps, vector_ok);      \
-    }
+// One kernel per (M_PAD, epilogue, norm): flat_gemm_m<M_PAD>_<store|store_norm|residual|gated_norm>.
+#define FLAT_GEMM_KERNELS(M_PAD)                                                                                   \
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store, FLAT_THREADS, flat_gemm_block<M_PAD, EPILOGUE_STORE, false>) \
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store_norm, FLAT_THREADS, flat_gemm_block<M_PAD, EPILOGUE_STORE, true>) \
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_residual, FLAT_THREADS, flat_gemm_block<M_PAD, EPILOGUE_RESIDUAL, false>) \
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_gated_norm, FLAT_THREADS, flat_gemm_block<M_PAD, EPILOGUE_GATED, true>)
 
-#define FLAT_GEMM_KERNELS(M_PAD)                                                                 \
-    FLAT_GEMM_KERNEL(M_PAD, EPILOGUE_STORE, false, flat_gemm_m##M_PAD##_store)                   \
-    FLAT_GEMM_KERNEL(M_PAD, EPILOGUE_STORE, true, flat_gemm_m##M_PAD##_store_norm)               \
-    FLAT_GEMM_KERNEL(M_PAD, EPILOGUE_RESIDUAL, false, flat_gemm_m##M_PAD##_residual)             \
-    FLAT_GEMM_KERNEL(M_PAD, EPILOGUE_GATED, true, flat_gemm_m##M_PAD##_gated_norm)
-
-FLAT_GEMM_KERNELS(8)
-FLAT_GEMM_KERNELS(16)
-FLAT_GEMM_KERNELS(32)
-FLAT_GEMM_KERNELS(64)
+FLAT_GEMM_KERNELS(8) FLAT_GEMM_KERNELS(16) FLAT_GEMM_KERNELS(32) FLAT_GEMM_KERNELS(64)

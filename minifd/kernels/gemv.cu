@@ -194,18 +194,9 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
 
 // One kernel per M_TILE (the accumulators live in registers, so the tile is a compile-time constant)
 // and fused step: gemv_m<M_TILE>_<store|norm|residual>.
-#define GEMV_KERNEL(M_TILE, NORM, RESIDUAL, NAME)                                                         \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                            \
-        NAME(const half_t* x, const half_t* w, half_t* y, const half_t* gain, const half_t* residual, int M, \
-             int N, int K, float eps, int vector_ok) {                                                     \
-        gemv_rows<M_TILE, NORM, RESIDUAL>(x, w, y, gain, residual, M, N, K, eps, vector_ok);              \
-    }
-#define GEMV_KERNELS(M_TILE)                                          \
-    GEMV_KERNEL(M_TILE, false, false, gemv_m##M_TILE##_store)         \
-    GEMV_KERNEL(M_TILE, true, false, gemv_m##M_TILE##_norm)           \
-    GEMV_KERNEL(M_TILE, false, true, gemv_m##M_TILE##_residual)
+#define GEMV_KERNELS(M_TILE)                                                                           \
+    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_store, GEMV_THREADS, gemv_rows<M_TILE, false, false>)       \
+    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_norm, GEMV_THREADS, gemv_rows<M_TILE, true, false>)         \
+    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_residual, GEMV_THREADS, gemv_rows<M_TILE, false, true>)
 
-GEMV_KERNELS(1)
-GEMV_KERNELS(2)
-GEMV_KERNELS(4)
-GEMV_KERNELS(8)
+GEMV_KERNELS(1) GEMV_KERNELS(2) GEMV_KERNELS(4) GEMV_KERNELS(8)

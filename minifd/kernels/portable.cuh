@@ -199,6 +199,18 @@ __device__ __forceinline__ mfma_float4 mfma_16x16x16(mfma_half4 a, mfma_half4 b,
 #endif
 
 // ---------------------------------------------------------------------------------------------
+// The entry point of every product kernel (gemv.cu, flat_gemm.cu)
+// ---------------------------------------------------------------------------------------------
+// x [M, K], w [N, K] -> y; the norm's gain [K] and the residual [M, N] are read only by the variants
+// that fuse them. The last argument names the device function (a template instance) that does the work.
+#define MINIFD_PRODUCT_KERNEL(NAME, THREADS, ...)                                                          \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                   \
+        NAME(const half_t* x, const half_t* w, half_t* y, const half_t* gain, const half_t* residual, int M, \
+             int N, int K, float eps, int vector_ok) {                                                      \
+        __VA_ARGS__(x, w, y, gain, residual, M, N, K, eps, vector_ok);                                     \
+    }
+
+// ---------------------------------------------------------------------------------------------
 // One fragment product on every target: C[16, 8] += A[16, 16] B[16, 8] in NVIDIA's m16n8k16 layout
 // ---------------------------------------------------------------------------------------------
 // A group of 32 lanes holds the fragments exactly as mma_16816 expects them (see above). On sm_80+
