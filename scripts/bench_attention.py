@@ -22,6 +22,7 @@ import sys
 import numpy as np
 
 from minifd.backend import cupy_or_none
+from minifd.bench import copy_bandwidth
 from minifd.kernels import attention
 from minifd.kernels.softmax_range import SoftmaxRange
 
@@ -57,14 +58,6 @@ def graph_milliseconds(cupy, function, repeats, calls_per_graph=20):
         graph = stream.end_capture()
         ms = gpu_milliseconds(cupy, lambda: graph.launch(stream), repeats)
     return ms / calls_per_graph
-
-
-def copy_bandwidth(cupy, repeats):
-    """Device-to-device copy bandwidth in GB/s (bytes read + bytes written per second) of 1 GiB."""
-    source = cupy.ones(1 << 29, dtype=cupy.float16)
-    destination = cupy.empty_like(source)
-    ms = gpu_milliseconds(cupy, lambda: cupy.copyto(destination, source), repeats)
-    return 2 * source.nbytes / ms / 1e6
 
 
 def torch_sdpa():
@@ -224,7 +217,7 @@ def main():
     print(f"device: {properties['name'].decode()}, {properties['multiProcessorCount']} SMs; "
           f"torch SDPA: {'yes' if sdpa else 'not available'}")
     if not args.prefill_only:
-        copy_gbs = copy_bandwidth(cupy, repeats)
+        copy_gbs = copy_bandwidth(cupy, repeats=repeats) / 1e9
         print(f"copy bandwidth {copy_gbs:.0f} GB/s")
         decode_lengths = ([1024, 8192, 32768, 131072] if args.quick
                           else [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072])

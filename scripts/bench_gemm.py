@@ -3,9 +3,9 @@
 For each weight shape (N, K) and M = 1, 2, 4, 8, 16, 32, 64, 128 it times, side by side in one run:
 GEMV (ImplA), flat GEMM (ImplB), cuBLAS through cupy.matmul (ImplC), torch.matmul when torch
 imports, and `linear` left to the dispatcher. Bandwidth is (bytes of W + x + y) / time as a % of the
-device-to-device copy bandwidth measured here (bytes read + written). Timing: CUDA events between
-back-to-back calls queued behind a busy GPU, the median of --repeats calls, W rotated among copies
-that exceed the L2 cache (minifd.tuning.GpuTimer, make_operands).
+device-to-device copy bandwidth measured here (minifd.bench.copy_bandwidth: bytes read + written).
+Timing: CUDA events between back-to-back calls queued behind a busy GPU, the median of --repeats
+calls, W rotated among copies that exceed the L2 cache (minifd.tuning.GpuTimer, make_operands).
 
 Targets (issue 4): for M <= 8, the better of GEMV / flat GEMM at >= 90% of copy bandwidth and
 >= 1.15x cuBLAS on average; the dispatcher's choice within 3% of the best of the three at every M.
@@ -19,6 +19,7 @@ import json
 import numpy as np
 
 from minifd.backend import cupy_or_none
+from minifd.bench import copy_bandwidth
 from minifd.kernels.dispatch import choose_implementation, gpu_properties
 from minifd.kernels.linear import linear
 from minifd.tuning import GpuTimer, WeightShape, make_operands
@@ -32,15 +33,6 @@ SHAPES = (
 MS = (1, 2, 4, 8, 16, 32, 64, 128)
 OWN = ("gemv", "flat_gemm")
 THREE = ("gemv", "flat_gemm", "library")
-
-
-def copy_bandwidth(cupy, timer, repeats):
-    """-> bytes per second of a 1 GiB device-to-device copy, counting bytes read and written."""
-    size = 1 << 30
-    source = cupy.zeros(size, dtype=cupy.uint8)
-    target = cupy.empty_like(source)
-    seconds = timer.per_call_seconds(lambda i: target.data.copy_from_device_async(source.data, size), repeats)
-    return 2 * size / float(np.median(seconds))
 
 
 def bench_shape(cupy, torch, timer, shape, repeats):
@@ -78,7 +70,7 @@ def main():
         torch = None
     repeats = args.repeats or (11 if args.quick else 41)
     timer = GpuTimer(cupy)
-    bandwidth = copy_bandwidth(cupy, timer, repeats)
+    bandwidth = copy_bandwidth(cupy, repeats=repeats)
     print(f"device: {gpu_properties().name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); "
           f"median of {repeats} calls; torch {'yes' if torch is not None else 'not importable'}")
 

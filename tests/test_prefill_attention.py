@@ -1,6 +1,7 @@
 """Prefill attention beyond its properties (minifd/properties/prefill_attention.py, run by
 test_properties.py): the seam's dtype and counter, rows that only float16 makes unsafe, a long prompt
-through strided views, and keys and values read through KV-cache slices."""
+through strided views, keys and values read through KV-cache slices, and a prompt prefilled chunk by
+chunk from the cache."""
 
 import numpy as np
 import pytest
@@ -65,3 +66,23 @@ def test_kernel_reads_keys_and_values_through_cache_slices():
     out = attention.prefill_attention(cupy.asarray(q, cupy.float16), k_cache[:, :seq].transpose(1, 0, 2),
                                       v_cache[:, :seq].transpose(1, 0, 2))
     np.testing.assert_allclose(cupy.asnumpy(out).astype(np.float32), prefill_reference(q, k, v).out, **FP16_TOLERANCE)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernel_prefills_chunk_by_chunk_from_cache_slices(head_dim):
+    seq, chunk, n_heads, n_kv_heads = 1000, 300, 8, 2  # chunks start off the 128- and 64-row tiles
+    q, k, v = rounded_to(np.float16, *prefill_inputs(np.random.default_rng(head_dim), seq, n_heads, n_kv_heads,
+                                                     head_dim, 1.0, [99.0]))
+    k_cache, v_cache = (cupy.asarray(a.transpose(1, 0, 2), cupy.float16) for a in (k, v))  # [n_kv_heads, seq, d]
+    before = attention.recompute_count()
+    chunks = []
+    for start in range(0, seq, chunk):
+        end = start + chunk  # as the engine's prefill: the chunk's queries, the keys of positions [0, end)
+        chunks.append(attention.prefill_attention(cupy.asarray(q[start:end], cupy.float16),
+                                                  k_cache[:, :end].transpose(1, 0, 2),
+                                                  v_cache[:, :end].transpose(1, 0, 2)))
+    assert attention.recompute_count() - before == 1
+    out = cupy.asnumpy(cupy.concatenate(chunks)).astype(np.float32)
+    np.testing.assert_allclose(out, prefill_reference(q, k, v).out, **FP16_TOLERANCE)

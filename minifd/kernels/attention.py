@@ -81,9 +81,11 @@ def decode_attention(q, k_cache, v_cache, lengths, softmax_range=None, method="a
 
 
 def prefill_attention(q, k, v, softmax_range=None, method="async"):
-    """Causal self-attention over a whole prompt.
+    """Causal self-attention of a prompt, or of a chunk of it whose earlier positions are cached.
 
-    q: [seq, n_heads, head_dim]; k, v: [seq, n_kv_heads, head_dim] -> [seq, n_heads, head_dim], q's dtype
+    q: [n_queries, n_heads, head_dim], the last n_queries positions of k, v: [n_keys, n_kv_heads,
+    head_dim] (n_keys = n_queries for a whole prompt) -> [n_queries, n_heads, head_dim], q's dtype.
+    Query row r sits at position r + n_keys - n_queries and attends to the keys up to it.
     """
     softmax_range = softmax_range or DEFAULT_SOFTMAX_RANGE
     _check_method(method)

@@ -2,7 +2,8 @@
 // value phi (FlashDecoding++) and an in-block synchronised recompute of rows that leave the window.
 //
 // Math (log2 units: t = (q.k) * log2(e) / sqrt(HEAD_DIM); phi, low, high also times log2 e), for
-// query row r over keys c <= r:
+// query row r over keys c <= r + offset, offset = n_keys - n_queries: the queries are the last
+// n_queries positions of the keys (a chunk of a prompt whose earlier positions are already cached):
 //   unified max:  p_rc = exp2(t_rc - phi),  out_r = sum_c p_rc v_c / sum_c p_rc
 //                 Each key tile adds to the row's sums directly: no running max, no rescaling of
 //                 the output accumulators, no max reduction across the lanes of a row.
@@ -17,7 +18,7 @@
 //                 block with any unsafe row runs this pass again over the same key tiles and writes
 //                 those rows; each such row adds 1 to a device counter.
 //
-// Launch geometry: grid (ceil(seq / kQueryTile), n_heads), block 128 threads (4 warps); the longest
+// Launch geometry: grid (ceil(n_queries / kQueryTile), n_heads), block 128 threads (4 warps); the longest
 // query tiles are scheduled first. A block owns kQueryTile query rows of one head (GQA: head h reads
 // KV head h / (n_heads / n_kv_heads)) and walks the key tiles up to its diagonal.
 // - Tensor cores (NVIDIA sm_80+), kQueryTile = 128: warp w owns query rows [32 w, 32 w + 32), two
@@ -32,7 +33,8 @@
 //   form row groups of 8: group g owns rows 4g..4g+3; lane l of the group computes the scores of key
 //   columns 4l..4l+3 and owns output dimensions [8 (l + 8 c), 8 (l + 8 c) + 8) for c < HEAD_DIM / 64;
 //   fp32 arithmetic.
-// Arrays: q [seq, n_heads, HEAD_DIM], k, v [seq, n_kv_heads, HEAD_DIM], out like q (fp16, contiguous).
+// Arrays: q [n_queries, n_heads, HEAD_DIM], k, v [n_keys, n_kv_heads, HEAD_DIM], out like q (fp16,
+// contiguous).
 #include "portable.cuh"
 
 #ifndef HEAD_DIM
@@ -51,8 +53,9 @@ struct Task {
     const half_t* v;
     half_t* out;      // row 0 of this head in out, row stride q_stride
     int q_stride, kv_stride;
-    int first_query, seq;
-    int key_end;  // keys [0, key_end) can be seen by some row of the tile
+    int first_query, n_queries, n_keys;
+    int query_offset;  // query row r sits at key position r + query_offset = r + n_keys - n_queries
+    int key_end;       // keys [0, key_end) can be seen by some row of the tile
 };
 
 // The window of the unified-max pass.
@@ -71,8 +74,8 @@ __device__ __forceinline__ bool row_is_safe(float shifted_min, float shifted_max
 }
 
 // The block's query tile of query_tile rows.
-__device__ __forceinline__ Task locate_tile(const half_t* q, const half_t* k, const half_t* v, half_t* out, int seq,
-                                            int n_heads, int n_kv_heads, int query_tile) {
+__device__ __forceinline__ Task locate_tile(const half_t* q, const half_t* k, const half_t* v, half_t* out,
+                                            int n_queries, int n_keys, int n_heads, int n_kv_heads, int query_tile) {
     const int head = blockIdx.y, kv_head = head / (n_heads / n_kv_heads);
     const int tile = gridDim.x - 1 - blockIdx.x;  // longest tiles first
     Task task;
@@ -83,8 +86,10 @@ __device__ __forceinline__ Task locate_tile(const half_t* q, const half_t* k, co
     task.q_stride = n_heads * HEAD_DIM;
     task.kv_stride = n_kv_heads * HEAD_DIM;
     task.first_query = tile * query_tile;
-    task.seq = seq;
-    task.key_end = min(task.first_query + query_tile, seq);
+    task.n_queries = n_queries;
+    task.n_keys = n_keys;
+    task.query_offset = n_keys - n_queries;
+    task.key_end = min(task.first_query + query_tile, n_queries) + task.query_offset;
     return task;
 }
 
@@ -170,14 +175,14 @@ __device__ __forceinline__ void issue_tile(half_t* tile, const half_t* base, int
 // Shared memory: the Q tile, then buffer b = [K tile, V tile] at shared + kQueryTile HEAD_DIM + 2 b kTileHalves.
 __device__ __forceinline__ void issue_key_tile(const Task& task, half_t* shared, int tile) {
     half_t* buffer = shared + kQueryTile * HEAD_DIM + (tile & 1) * 2 * kTileHalves;
-    issue_tile<kKeyTile>(buffer, task.k, task.kv_stride, tile * kKeyTile, task.seq);
-    issue_tile<kKeyTile>(buffer + kTileHalves, task.v, task.kv_stride, tile * kKeyTile, task.seq);
+    issue_tile<kKeyTile>(buffer, task.k, task.kv_stride, tile * kKeyTile, task.n_keys);
+    issue_tile<kKeyTile>(buffer + kTileHalves, task.v, task.kv_stride, tile * kKeyTile, task.n_keys);
     async_commit();
 }
 
 // S tile of one m16 tile -> P fragments (A operand of P V, fp16) and the row sums. kMasked: a tile
-// on the diagonal, where key > query is left out. score[n][e]: row first_row + g + 8 (e / 2), key
-// first_key + 8 n + 2 t + e % 2.
+// on the diagonal, where a key past the query's position is left out. score[n][e]: the query at key
+// position first_row + g + 8 (e / 2), key first_key + 8 n + 2 t + e % 2.
 template <bool kUnifiedMax, bool kMasked>
 __device__ __forceinline__ void scores_to_probabilities(float score[kScoreTiles][4], int first_key, int first_row,
                                                         const Window& window, RowTile& rows,
@@ -252,7 +257,7 @@ template <bool kUnifiedMax>
 __device__ __forceinline__ void attend_key_tiles(const Task& task, half_t* shared, const Window& window,
                                                  RowTile rows[kRowTiles]) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int first_row = task.first_query + warp * kWarpRows;
+    const int first_row = task.query_offset + task.first_query + warp * kWarpRows;  // as a key position
     const half_t* q_tile = shared;
     const int n_tiles = (task.key_end + kKeyTile - 1) / kKeyTile;
     for (int tile = 0; tile < n_tiles; ++tile) {
@@ -372,7 +377,7 @@ __device__ __forceinline__ int thread_row_query(const Task& task, int m, int r) 
 __device__ __forceinline__ half_t* start_block(const Task& task) {
     extern __shared__ uint4 dynamic_shared[];
     half_t* shared = reinterpret_cast<half_t*>(dynamic_shared);
-    issue_tile<kQueryTile>(shared, task.q, task.q_stride, task.first_query, task.seq);
+    issue_tile<kQueryTile>(shared, task.q, task.q_stride, task.first_query, task.n_queries);
     async_commit();
     issue_key_tile(task, shared, 0);
     return shared;
@@ -393,8 +398,8 @@ __device__ __forceinline__ void attend_unified_max(const Task& task, const Windo
             const float shifted_min = quad_min(rows[m].shifted_min[r]), shifted_max = quad_max(rows[m].shifted_max[r]);
             const float denominator = quad_sum(rows[m].l[r]);
             const int query = thread_row_query(task, m, r);
-            if (query >= task.seq) continue;
-            if (row_is_safe(shifted_min, shifted_max, denominator, query + 1, window)) {
+            if (query >= task.n_queries) continue;
+            if (row_is_safe(shifted_min, shifted_max, denominator, task.query_offset + query + 1, window)) {
                 store_row(task, rows[m], r, query, denominator);
             } else {
                 unsafe_rows |= 1u << (2 * m + r);
@@ -427,7 +432,7 @@ __device__ __forceinline__ void attend_synchronised(const Task& task, const Wind
         for (int r = 0; r < 2; ++r) {
             const float denominator = quad_sum(rows[m].l[r]);
             const int query = thread_row_query(task, m, r);
-            if (query < task.seq) store_row(task, rows[m], r, query, denominator);
+            if (query < task.n_queries) store_row(task, rows[m], r, query, denominator);
         }
     }
 }
@@ -508,8 +513,8 @@ __device__ __forceinline__ void attend_key_tiles(const Task& task, Shared& share
     const int group = threadIdx.x / kRowLanes, lane = threadIdx.x % kRowLanes;
     for (int first_key = 0; first_key < task.key_end; first_key += kKeyTile) {
         __syncthreads();  // the previous tile's K, V and P are no longer read
-        load_rows<kKeyTile>(task.k, task.kv_stride, first_key, task.seq, shared.k_t, nullptr);
-        load_rows<kKeyTile>(task.v, task.kv_stride, first_key, task.seq, nullptr, shared.v);
+        load_rows<kKeyTile>(task.k, task.kv_stride, first_key, task.n_keys, shared.k_t, nullptr);
+        load_rows<kKeyTile>(task.v, task.kv_stride, first_key, task.n_keys, nullptr, shared.v);
         __syncthreads();
 
         float score[kRowsPerLane][kColumnsPerLane] = {};
@@ -527,6 +532,7 @@ __device__ __forceinline__ void attend_key_tiles(const Task& task, Shared& share
 #pragma unroll
         for (int i = 0; i < kRowsPerLane; ++i) {
             const int row = group * kRowsPerLane + i, query = task.first_query + row;
+            const int position = task.query_offset + query;  // the last key the query sees
             float p[kColumnsPerLane];
             if (kUnifiedMax) {
 #pragma unroll
@@ -534,7 +540,7 @@ __device__ __forceinline__ void attend_key_tiles(const Task& task, Shared& share
                     const int key = first_key + lane * kColumnsPerLane + j;
                     const float shifted = score[i][j] * window.score_scale - window.phi;
                     p[j] = 0.0f;
-                    if (key <= query) {
+                    if (key <= position) {
                         rows.shifted_min[i] = fminf(rows.shifted_min[i], shifted);
                         rows.shifted_max[i] = fmaxf(rows.shifted_max[i], shifted);
                         p[j] = exp2f(shifted);
@@ -546,7 +552,8 @@ __device__ __forceinline__ void attend_key_tiles(const Task& task, Shared& share
 #pragma unroll
                 for (int j = 0; j < kColumnsPerLane; ++j) {
                     const int key = first_key + lane * kColumnsPerLane + j;
-                    t[j] = key <= query && query < task.seq ? score[i][j] * window.score_scale : negative_infinity();
+                    t[j] = key <= position && query < task.n_queries ? score[i][j] * window.score_scale
+                                                                       : negative_infinity();
                     tile_max = fmaxf(tile_max, t[j]);
                 }
                 const float new_max = fmaxf(rows.m[i], row_group_max(tile_max));
@@ -603,14 +610,14 @@ __device__ __forceinline__ void clear_rows(Rows& rows) {
     }
 }
 
-// out = o / l for this lane's rows i (queries below seq) whose bit i is set in `selected`.
+// out = o / l for this lane's rows i (queries below n_queries) whose bit i is set in `selected`.
 __device__ __forceinline__ void store_rows(const Task& task, const Rows& rows, const float denominators[kRowsPerLane],
                                            unsigned selected) {
     const int group = threadIdx.x / kRowLanes, lane = threadIdx.x % kRowLanes;
 #pragma unroll
     for (int i = 0; i < kRowsPerLane; ++i) {
         const int query = task.first_query + group * kRowsPerLane + i;
-        if (!(selected >> i & 1u) || query >= task.seq) continue;
+        if (!(selected >> i & 1u) || query >= task.n_queries) continue;
         const float inverse = 1.0f / denominators[i];
 #pragma unroll
         for (int c = 0; c < kChunksPerLane; ++c) {
@@ -632,7 +639,7 @@ __device__ __forceinline__ void attend_unified_max(const Task& task, const Windo
     __shared__ Shared shared;
     Rows rows;
     float denominators[kRowsPerLane];
-    load_rows<kQueryTile>(task.q, task.q_stride, task.first_query, task.seq, shared.q_t, nullptr);
+    load_rows<kQueryTile>(task.q, task.q_stride, task.first_query, task.n_queries, shared.q_t, nullptr);
     clear_rows(rows);
     attend_key_tiles<true>(task, shared, window, rows);
 
@@ -642,8 +649,8 @@ __device__ __forceinline__ void attend_unified_max(const Task& task, const Windo
 #pragma unroll
     for (int i = 0; i < kRowsPerLane; ++i) {
         const bool safe = row_is_safe(row_group_min(rows.shifted_min[i]), row_group_max(rows.shifted_max[i]),
-                                      denominators[i], first_row + i + 1, window);
-        if (!safe && first_row + i < task.seq) unsafe_rows |= 1u << i;
+                                      denominators[i], task.query_offset + first_row + i + 1, window);
+        if (!safe && first_row + i < task.n_queries) unsafe_rows |= 1u << i;
     }
     store_rows(task, rows, denominators, ~unsafe_rows);
     if (!__syncthreads_or(unsafe_rows != 0)) return;
@@ -663,7 +670,7 @@ __device__ __forceinline__ void attend_synchronised(const Task& task, const Wind
     __shared__ Shared shared;
     Rows rows;
     float denominators[kRowsPerLane];
-    load_rows<kQueryTile>(task.q, task.q_stride, task.first_query, task.seq, shared.q_t, nullptr);
+    load_rows<kQueryTile>(task.q, task.q_stride, task.first_query, task.n_queries, shared.q_t, nullptr);
     clear_rows(rows);
     attend_key_tiles<false>(task, shared, window, rows);
     row_denominators(rows, denominators);
@@ -676,16 +683,16 @@ __device__ __forceinline__ void attend_synchronised(const Task& task, const Wind
 using namespace prefill;
 
 extern "C" __global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
-prefill_unified_max(const half_t* q, const half_t* k, const half_t* v, int seq, int n_heads, int n_kv_heads,
-                    float score_scale, float phi, float low, float high, half_t* out,
+prefill_unified_max(const half_t* q, const half_t* k, const half_t* v, int n_queries, int n_keys, int n_heads,
+                    int n_kv_heads, float score_scale, float phi, float low, float high, half_t* out,
                     unsigned long long* recompute_counter) {
-    const Task task = locate_tile(q, k, v, out, seq, n_heads, n_kv_heads, kQueryTile);
+    const Task task = locate_tile(q, k, v, out, n_queries, n_keys, n_heads, n_kv_heads, kQueryTile);
     attend_unified_max(task, Window{score_scale, phi, low, high}, recompute_counter);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
-prefill_synchronised(const half_t* q, const half_t* k, const half_t* v, int seq, int n_heads, int n_kv_heads,
-                     float score_scale, half_t* out) {
-    const Task task = locate_tile(q, k, v, out, seq, n_heads, n_kv_heads, kQueryTile);
+prefill_synchronised(const half_t* q, const half_t* k, const half_t* v, int n_queries, int n_keys, int n_heads,
+                     int n_kv_heads, float score_scale, half_t* out) {
+    const Task task = locate_tile(q, k, v, out, n_queries, n_keys, n_heads, n_kv_heads, kQueryTile);
     attend_synchronised(task, Window{score_scale, 0.0f, 0.0f, 0.0f});
 }

@@ -2,7 +2,9 @@
 prefill_attention.cu.
 
 In log2 units (t = q.k * log2(e) / sqrt(head_dim); phi, low, high times log2 e), query row r gets
-    out_r = sum_{c <= r} p_rc v_c / sum_{c <= r} p_rc,   p_rc = exp2(t_rc - phi).
+    out_r = sum_{c <= r + offset} p_rc v_c / sum_{c <= r + offset} p_rc,   p_rc = exp2(t_rc - phi),
+where offset = n_keys - n_queries: the queries are the last positions of the keys, a chunk of a
+prompt whose earlier positions are already in the KV cache (offset 0 for a whole prompt).
 The row is safe when every t_rc - phi lies in (low, min(high, 15)) and the mean of its p_rc is at
 least 2^-14: on NVIDIA the tensor cores take P in fp16, so every p must stay below fp16's largest
 finite value, and terms below fp16's smallest normal may not carry the row (prefill_attention.cu says
@@ -28,38 +30,42 @@ SMALLEST_NORMAL_HALF = 2.0**-14  # kSmallestNormalHalf: a safe row's mean term i
 
 
 def prefill_attention_emulated(q, k, v, softmax_range, unified_max=True):
-    """q: [seq, n_heads, head_dim]; k, v: [seq, n_kv_heads, head_dim] -> (out [seq, n_heads, head_dim]
-    float32, number of recomputed rows). unified_max=False runs the synchronised method on every row."""
-    seq, n_heads, head_dim = q.shape
-    n_kv_heads = k.shape[1]
+    """q: [n_queries, n_heads, head_dim]; k, v: [n_keys, n_kv_heads, head_dim], n_keys >= n_queries
+    -> (out [n_queries, n_heads, head_dim] float32, number of recomputed rows). unified_max=False runs
+    the synchronised method on every row."""
+    n_queries, n_heads, head_dim = q.shape
+    n_keys, n_kv_heads = k.shape[:2]
+    offset = n_keys - n_queries  # query row r sits at key position r + offset
     group = n_heads // n_kv_heads
     phi, low, high = (np.float32(value) for value in softmax_range.in_log2_units())
     high = min(high, np.float32(LARGEST_LOG2_PROBABILITY))
-    query = q.astype(np.float32).transpose(1, 0, 2).reshape(n_kv_heads, group, seq, head_dim)
-    keys = k.astype(np.float32).transpose(1, 2, 0)[:, None]  # [n_kv_heads, 1, head_dim, seq]
-    values = v.astype(np.float32).transpose(1, 0, 2)[:, None]  # [n_kv_heads, 1, seq, head_dim]
-    out = np.empty((n_kv_heads, group, seq, head_dim), np.float32)
+    query = q.astype(np.float32).transpose(1, 0, 2).reshape(n_kv_heads, group, n_queries, head_dim)
+    keys = k.astype(np.float32).transpose(1, 2, 0)[:, None]  # [n_kv_heads, 1, head_dim, n_keys]
+    values = v.astype(np.float32).transpose(1, 0, 2)[:, None]  # [n_kv_heads, 1, n_keys, head_dim]
+    out = np.empty((n_kv_heads, group, n_queries, head_dim), np.float32)
     n_recomputed = 0
-    for first in range(0, seq, QUERY_TILE):
-        last = min(first + QUERY_TILE, seq)  # rows [first, last) see keys [0, last)
-        t = (query[:, :, first:last] @ keys[..., :last]) * score_scale(head_dim)  # [kv, group, rows, last]
-        causal = np.arange(last)[None, :] <= np.arange(first, last)[:, None]  # [rows, last]
+    for first in range(0, n_queries, QUERY_TILE):
+        last = min(first + QUERY_TILE, n_queries)
+        positions = offset + np.arange(first, last)  # [rows]
+        visible = offset + last  # rows [first, last) see keys [0, visible)
+        t = (query[:, :, first:last] @ keys[..., :visible]) * score_scale(head_dim)  # [kv, group, rows, visible]
+        causal = np.arange(visible)[None, :] <= positions[:, None]  # [rows, visible]
         if unified_max:
             shifted = t - phi
             with np.errstate(over="ignore", invalid="ignore"):  # unsafe rows are replaced below
                 p = np.exp2(np.where(causal, shifted, -np.inf))
                 denominator = p.sum(axis=-1, keepdims=True)  # [kv, group, rows, 1]
-                tile_out = (p @ values[:, :, :last]) / denominator
-            n_keys = np.arange(first, last, dtype=np.float32) + 1  # [rows]
+                tile_out = (p @ values[:, :, :visible]) / denominator
+            row_keys = (positions + 1).astype(np.float32)  # [rows]
             unsafe = ((causal & ~((shifted > low) & (shifted < high))).any(axis=-1)
-                      | (denominator[..., 0] < n_keys * np.float32(SMALLEST_NORMAL_HALF)))  # [kv, group, rows]
+                      | (denominator[..., 0] < row_keys * np.float32(SMALLEST_NORMAL_HALF)))  # [kv, group, rows]
             if unsafe.any():
-                tile_out = np.where(unsafe[..., None], _synchronised(t, causal, values[:, :, :last]), tile_out)
+                tile_out = np.where(unsafe[..., None], _synchronised(t, causal, values[:, :, :visible]), tile_out)
                 n_recomputed += int(unsafe.sum())
         else:
-            tile_out = _synchronised(t, causal, values[:, :, :last])
+            tile_out = _synchronised(t, causal, values[:, :, :visible])
         out[:, :, first:last] = tile_out
-    return out.reshape(n_heads, seq, head_dim).transpose(1, 0, 2), n_recomputed
+    return out.reshape(n_heads, n_queries, head_dim).transpose(1, 0, 2), n_recomputed
 
 
 def _synchronised(t, causal, values):
@@ -76,19 +82,20 @@ def prefill_attention_gpu(q, k, v, softmax_range, recompute_counter, unified_max
     incremented once per recomputed row."""
     import cupy
 
-    seq, n_heads, head_dim = q.shape
-    n_kv_heads = k.shape[1]
+    n_queries, n_heads, head_dim = q.shape
+    n_keys, n_kv_heads = k.shape[:2]
     check_head_dim(head_dim)
-    if n_heads % n_kv_heads or k.shape != v.shape or k.shape[::2] != (seq, head_dim):
+    if n_heads % n_kv_heads or k.shape != v.shape or k.shape[2] != head_dim or n_keys < n_queries:
         raise ValueError(f"prefill attention shapes q {q.shape}, k {k.shape}, v {v.shape} do not match")
     q, k, v = (cupy.ascontiguousarray(array, dtype=cupy.float16) for array in (q, k, v))
     out = cupy.empty(q.shape, cupy.float16)
-    if seq == 0:
+    if n_queries == 0:
         return out
     device = cupy.cuda.Device()
     query_tile, threads, shared_bytes = _launch_geometry(cupy, device, head_dim)
-    grid = (math.ceil(seq / query_tile), n_heads)
-    shape_args = (q, k, v, np.int32(seq), np.int32(n_heads), np.int32(n_kv_heads), score_scale(head_dim))
+    grid = (math.ceil(n_queries / query_tile), n_heads)
+    shape_args = (q, k, v, np.int32(n_queries), np.int32(n_keys), np.int32(n_heads), np.int32(n_kv_heads),
+                  score_scale(head_dim))
     if unified_max:
         phi, low, high = (np.float32(value) for value in softmax_range.in_log2_units())
         kernel = _kernel(device.id, head_dim, "prefill_unified_max", shared_bytes)

@@ -1,6 +1,6 @@
 """Prefill attention properties: causal attention with the unified max (prefill_attention.cu, or its
-NumPy emulation on the CPU), its recompute path, and its synchronised method, each against the
-float64 reference.
+NumPy emulation on the CPU), its recompute path, its synchronised method, and a prompt prefilled
+chunk by chunk (each chunk's queries at an offset into the keys), each against the float64 reference.
 
 Tolerance: attention_reference's bound, per output element, from the output dtype (float16 on GPU,
 float32 on CPU), the row's number of keys n = query position + 1 (the reduction length of the
@@ -59,6 +59,13 @@ def prefill_cases(draw, backend, adversarial=None, softmax_ranges=None):
                 n_kv_heads=n_kv_heads, head_dim=draw(st.sampled_from([64, 128])),
                 query_scale=draw(st.sampled_from([0.1, 1.0, 3.0])), adversarial=draw(adversarial),
                 softmax_range=draw(softmax_ranges), seed=draw(SEEDS))
+
+
+@st.composite
+def chunked_cases(draw, backend):
+    """-> a prefill case plus `chunk`: how many positions of the prompt each prefill call takes."""
+    case = draw(prefill_cases(backend))
+    return dict(case, chunk=draw(st.integers(max(1, case["seq"] // 8), case["seq"])))
 
 
 def recompute_cases(backend):
@@ -171,6 +178,32 @@ def check_synchronised(case, xp):
                         reference.magnitude)
 
 
+def check_chunked(case, xp):
+    """The prompt prefilled `chunk` positions at a time through the seam, as the engine runs a long
+    prompt: each chunk's queries against the keys of every position so far. Together the chunks must
+    meet the whole prompt's bound against its float64 reference and recompute the same rows (a row's
+    safety depends on its own scores alone)."""
+    q, k, v = case_inputs(case, xp)
+    softmax_range, head_dim, seq = SoftmaxRange(*case["softmax_range"]), case["head_dim"], case["seq"]
+    reference = prefill_reference(q, k, v)
+    certain, possible = rows_to_recompute(reference, head_dim, softmax_range)
+    dtype = storage_dtype(xp)
+    q, k, v = (xp.asarray(array, dtype) for array in (q, k, v))
+    before = attention.recompute_count()
+    chunks = []
+    for start in range(0, seq, case["chunk"]):
+        end = start + case["chunk"]  # the last chunk's slices stop at seq
+        chunks.append(attention.prefill_attention(q[start:end], k[:end], v[:end], softmax_range=softmax_range))
+    recomputed = attention.recompute_count() - before
+    out = xp.concatenate(chunks)  # [seq, n_heads, head_dim]
+    expect_layout("chunked out", out, dtype, q.shape)
+    out = to_numpy(out)
+    all_finite("chunked out", out)
+    check_recompute_count("chunked prefill", recomputed, certain, possible)
+    allowed = prefill_allowed(reference, head_dim, softmax_range.phi, xp)
+    return within_bound("chunked out", out, reference.out, allowed, reference.magnitude).with_recomputed(recomputed)
+
+
 PROPERTIES = (
     Property("prefill_attention", "unified-max causal prefill attention vs float64, recomputed rows counted exactly",
              prefill_cases, check_unified_max),
@@ -178,4 +211,6 @@ PROPERTIES = (
              "never NaN/Inf", recompute_cases, check_recompute),
     Property("prefill_attention_sync", "synchronised causal prefill attention vs float64",
              prefill_cases, check_synchronised),
+    Property("prefill_attention_chunked", "a prompt prefilled chunk by chunk (queries at a key offset) vs "
+             "the whole prompt's float64 reference", chunked_cases, check_chunked),
 )
