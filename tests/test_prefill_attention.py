@@ -68,7 +68,6 @@ def test_kernel_reads_keys_and_values_through_cache_slices():
     np.testing.assert_allclose(cupy.asnumpy(out).astype(np.float32), prefill_reference(q, k, v).out, **FP16_TOLERANCE)
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_kernel_prefills_chunk_by_chunk_from_cache_slices(head_dim):
