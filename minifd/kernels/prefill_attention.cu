@@ -99,15 +99,25 @@ __device__ __forceinline__ Task locate_tile(const half_t* q, const half_t* k, co
 // =============================================================================================
 // Tensor-core path
 // =============================================================================================
+// Tile sizes come from prefill_attention.py as -D flags (the defaults below are its values).
+#ifndef PREFILL_WARPS
+#define PREFILL_WARPS 4
+#endif
+#ifndef PREFILL_ROW_TILES
+#define PREFILL_ROW_TILES 2
+#endif
+#ifndef PREFILL_KEY_TILE
+#define PREFILL_KEY_TILE 64
+#endif
 namespace prefill {
 
-constexpr int kWarps = 4;
+constexpr int kWarps = PREFILL_WARPS;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kRowTiles = 2;  // m16 tiles of query rows per warp: each K or V fragment feeds both
+constexpr int kRowTiles = PREFILL_ROW_TILES;  // m16 tiles of query rows per warp: each K or V fragment feeds both
 constexpr int kBlocksPerMultiprocessor = 2;  // up to 255 registers; 96 KB of shared memory at HEAD_DIM 128
 constexpr int kWarpRows = 16 * kRowTiles;
 constexpr int kQueryTile = kWarps * kWarpRows;
-constexpr int kKeyTile = 64;
+constexpr int kKeyTile = PREFILL_KEY_TILE;
 constexpr int kRowChunks = HEAD_DIM / 8;        // 16-byte chunks in a row of Q, K or V
 constexpr int kTileHalves = kKeyTile * HEAD_DIM;  // one K or V tile in shared memory
 constexpr int kScoreKeys = 32;                  // keys of a key tile whose scores are live at once
@@ -443,11 +453,20 @@ __device__ __forceinline__ void attend_synchronised(const Task& task, const Wind
 // =============================================================================================
 // CUDA-core path
 // =============================================================================================
+#ifndef PREFILL_CORE_THREADS
+#define PREFILL_CORE_THREADS 128
+#endif
+#ifndef PREFILL_CORE_QUERY_TILE
+#define PREFILL_CORE_QUERY_TILE 64
+#endif
+#ifndef PREFILL_CORE_KEY_TILE
+#define PREFILL_CORE_KEY_TILE 32
+#endif
 namespace prefill {
 
-constexpr int kThreads = 128;
-constexpr int kQueryTile = 64;
-constexpr int kKeyTile = 32;
+constexpr int kThreads = PREFILL_CORE_THREADS;
+constexpr int kQueryTile = PREFILL_CORE_QUERY_TILE;
+constexpr int kKeyTile = PREFILL_CORE_KEY_TILE;
 constexpr int kBlocksPerMultiprocessor = 1;
 constexpr int kRowLanes = 8;                                       // lanes that share a group of rows
 constexpr int kRowsPerLane = kQueryTile / (kThreads / kRowLanes);  // 4

@@ -22,9 +22,14 @@ import numpy as np
 from minifd.kernels.compile import load_module
 from minifd.kernels.decode_split_kv import check_head_dim, score_scale
 
-# Launch geometry of the two paths of prefill_attention.cu (kQueryTile, kThreads, kKeyTile).
-QUERY_TILE, THREADS_PER_BLOCK, KEY_TILE = 128, 128, 64  # tensor cores (NVIDIA sm_80+)
-CUDA_CORE_QUERY_TILE, CUDA_CORE_THREADS_PER_BLOCK = 64, 128  # CUDA cores (AMD, older NVIDIA)
+# Launch geometry, passed to prefill_attention.cu as -D flags. Tensor cores (NVIDIA sm_80+): warps of
+# ROW_TILES m16 query tiles each; CUDA cores (AMD, older NVIDIA): threads, query and key tiles.
+WARPS, ROW_TILES, KEY_TILE = 4, 2, 64
+QUERY_TILE, THREADS_PER_BLOCK = WARPS * 16 * ROW_TILES, 32 * WARPS
+CUDA_CORE_QUERY_TILE, CUDA_CORE_THREADS_PER_BLOCK, CUDA_CORE_KEY_TILE = 64, 128, 32
+TILE_OPTIONS = (f"-DPREFILL_WARPS={WARPS}", f"-DPREFILL_ROW_TILES={ROW_TILES}", f"-DPREFILL_KEY_TILE={KEY_TILE}",
+                f"-DPREFILL_CORE_THREADS={CUDA_CORE_THREADS_PER_BLOCK}",
+                f"-DPREFILL_CORE_QUERY_TILE={CUDA_CORE_QUERY_TILE}", f"-DPREFILL_CORE_KEY_TILE={CUDA_CORE_KEY_TILE}")
 LARGEST_LOG2_PROBABILITY = 15.0  # kLargestLog2Probability: exp2(15) stays below fp16's 65504
 SMALLEST_NORMAL_HALF = 2.0**-14  # kSmallestNormalHalf: a safe row's mean term is at least this
 
@@ -118,7 +123,7 @@ def _launch_geometry(cupy, device, head_dim):
 @functools.lru_cache(maxsize=None)
 def _kernel(device_id, head_dim, name, shared_bytes):
     """The kernel, allowed shared_bytes of dynamic shared memory on device_id (above 48 KB needs an opt-in)."""
-    kernel = load_module("prefill_attention.cu", (f"-DHEAD_DIM={head_dim}",)).get_function(name)
+    kernel = load_module("prefill_attention.cu", (f"-DHEAD_DIM={head_dim}",) + TILE_OPTIONS).get_function(name)
     if shared_bytes:
         kernel.max_dynamic_shared_size_bytes = shared_bytes
     return kernel
