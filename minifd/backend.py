@@ -24,7 +24,7 @@ def array_module(device):
     if device == "cpu":
         return np
     if device not in ("auto", "cuda"):
-        raise MinifdError(f"--device must be auto, cpu or cuda, not {device!r}")
+        raise MinifdError(f"device must be auto, cpu or cuda, not {device!r}", parameter="device")
     cupy = cupy_or_none()
     if cupy is not None:
         return cupy
@@ -32,8 +32,9 @@ def array_module(device):
         try:
             import cupy  # noqa: F401
         except Exception:
-            raise MinifdError("--device cuda: CuPy is not installed (pip install 'minifd[cuda12]' or 'minifd[cuda13]')") from None
-        raise MinifdError("--device cuda: CuPy is installed but sees no usable GPU")
+            raise MinifdError("device cuda: CuPy is not installed (pip install 'minifd[cuda12]' or 'minifd[cuda13]')",
+                              parameter="device") from None
+        raise MinifdError("device cuda: CuPy is installed but sees no usable GPU", parameter="device")
     return np
 
 

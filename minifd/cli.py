@@ -1,6 +1,7 @@
 """The `minifd` command line: run, and the tools around it."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -11,13 +12,15 @@ from minifd.check import check_command
 from minifd.errors import MinifdError
 from minifd.tuning import tune_command
 
+# The flags whose names are not the Python parameter's with dashes (see cli_message).
+FLAG_OF_PARAMETER = {"weights_dir": "--weights"}
 
+
+# main() reads --debug from the arguments itself: errors reach it after click has returned.
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show a full traceback on errors.")
-@click.pass_context
-def main_group(ctx, debug):
+@click.option("--debug", is_flag=True, expose_value=False, help="Show a full traceback on errors.")
+def main_group():
     """minifd: a small, readable FlashDecoding++ inference engine for Llama-family models."""
-    ctx.obj = {"debug": debug}
 
 
 @main_group.command()
@@ -25,13 +28,14 @@ def main_group(ctx, debug):
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Hugging Face Llama directory (default: the prepared SmolLM2 fixture).")
 @click.option("--prompts-file", type=click.File("r", encoding="utf-8"), default=None,
-              help="Read prompts from a file, one per line (blank lines skipped).")
+              help="Read prompts from a file, one per line (blank lines skipped); - reads them from stdin.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = no limit.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = no limit.")
-@click.option("--seed", type=int, default=None, help="Same seed, same text.")
+@click.option("--seed", type=int, default=None,
+              help="Same seed, same text; none or negative: a fresh seed, shown in the summary.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
 @click.option("--max-context", type=int, default=None, help="Cap on prompt + new tokens (default: the model's).")
 @click.option("--no-graph", is_flag=True, help="Launch the GPU decode step kernel by kernel, without a CUDA graph.")
@@ -39,24 +43,46 @@ def run(prompts, weights, prompts_file, device, max_new_tokens, temperature, top
         max_context, no_graph):
     """Generate continuations of PROMPTS.
 
-    stdout carries only the generated text, streamed as it is produced; with several prompts each
-    continuation is one line, in prompt order (newlines inside it written as \\n). A summary goes to stderr.
+    With neither PROMPT nor --prompts-file, stdin is the prompt when it is not a terminal, all of it
+    (`echo "The capital of France is" | minifd run`). stdout carries only the generated text, streamed
+    as it is produced; with several prompts each continuation is one line, in prompt order (newlines
+    inside it written as \\n). A summary goes to stderr.
     """
     import minifd
     from minifd.engine import check_sampling
 
-    prompts = list(prompts)
-    if prompts_file is not None:
-        prompts += [line.rstrip("\n") for line in prompts_file if line.strip()]
-    if not prompts:
-        raise MinifdError("no prompt given (pass PROMPT arguments or --prompts-file)")
+    prompts = gather_prompts(prompts, prompts_file)
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if temperature == 0 and (top_k != 0 or top_p != 1.0):
+        note("--top-k and --top-p shape sampling, and --temperature 0 decodes greedily: they have no effect")
     engine = minifd.load(resolve_weights(weights), device=device, max_context=max_context, use_graph=not no_graph)
+    window = engine.config.max_position_embeddings
+    if max_context is not None and max_context > window:
+        note(f"--max-context {max_context} is above the model's window of {window} positions: using {window}")
     writer = StreamWriter(len(prompts))
     result = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, seed=seed, ignore_eos=ignore_eos, on_text=writer.write,
                              on_finish=writer.finish)
     click.echo(f"[minifd] {engine.device}: {result.stats.summary()}", err=True)
+
+
+def gather_prompts(arguments, prompts_file):
+    """The PROMPT arguments, then the lines of --prompts-file; with neither, all of stdin as one prompt
+    when stdin is not a terminal."""
+    prompts = list(arguments)
+    if prompts_file is not None:
+        prompts += [line.rstrip("\n") for line in prompts_file if line.strip()]
+    elif not prompts and sys.stdin is not None and not sys.stdin.isatty():
+        piped = sys.stdin.read().removesuffix("\n")  # the newline that ends echo's output is not the prompt's
+        prompts = [piped] if piped else []
+    if not prompts:
+        raise MinifdError("no prompt given (pass PROMPT arguments or --prompts-file FILE, or pipe one into stdin)")
+    return prompts
+
+
+def note(message):
+    """One line on stderr about a setting that does not do what it says; the run goes on."""
+    click.echo(f"minifd: note: {message}", err=True)
 
 
 def resolve_weights(weights):
@@ -152,43 +178,47 @@ def info(weights):
     import numpy
 
     from minifd.backend import cupy_or_none
+    from minifd.check import describe_platform
     from minifd.kernels import dispatch
-    from minifd.kernels.softmax_range import load_softmax_ranges, softmax_ranges_path
+    from minifd.tuning import dispatch_table_lines
 
+    calibration = calibration_line(weights) if weights is not None else None  # a bad --weights stops us first
     click.echo(f"minifd {minifd_version()}, numpy {numpy.__version__}")
     cupy = cupy_or_none()
     if cupy is None:
-        click.echo("backend: numpy (CPU, float32): CuPy is not installed or sees no GPU")
+        click.echo(f"backend: {describe_platform(numpy)['summary']}: CuPy is not installed or sees no GPU")
+        device = dispatch.CPU_DEVICE_NAME
     else:
-        runtime = cupy.cuda.runtime
-        platform = "ROCm/HIP" if getattr(runtime, "is_hip", False) else "CUDA"
-        click.echo(f"backend: cupy {cupy.__version__} ({platform} runtime {runtime.runtimeGetVersion()}, "
-                   f"driver {runtime.driverGetVersion()})")
+        click.echo(f"backend: {describe_platform(cupy)['summary']}")
         gpu = dispatch.gpu_properties()
-        free, total = runtime.memGetInfo()
-        click.echo(f"GPU: {gpu.name}, {gpu.multiprocessors} multiprocessors, warp {gpu.warp_size}, "
-                   f"L2 {gpu.l2_bytes / 2**20:.0f} MiB, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
+        free, total = cupy.cuda.runtime.memGetInfo()
+        click.echo(f"GPU: {gpu.multiprocessors} multiprocessors, L2 {gpu.l2_bytes / 2**20:.0f} MiB, "
+                   f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
         for source, error in compile_every_kernel():
             click.echo(f"kernel {source}: " + ("compiles" if error is None else f"FAILED: {error}"))
-    table = dispatch.read_table(dispatch.table_path())
-    device = "cpu" if cupy is None else dispatch.gpu_properties().name
-    entries = table.get(device, {})
-    if entries:
-        shapes = ", ".join(f"[{key}]: M1={v['m1']} M2={v['m2']}" for key, v in sorted(entries.items()))
-        click.echo(f"dispatch table: {dispatch.table_path()} ({device}: {shapes})")
-    else:
-        m1, m2 = dispatch.DEFAULT_THRESHOLDS
-        click.echo(f"dispatch table: none for {device} (defaults: GEMV for M < {m1}, flat GEMM for M < {m2}, "
-                   "library beyond; run `minifd tune`)")
-    if weights is not None:
-        from minifd.model.config import LlamaConfig
+        device = gpu.name
+    for line in dispatch_table_lines(dispatch.table_path(), [device]):
+        click.echo(line)
+    if calibration is not None:
+        click.echo(calibration)
 
-        config = LlamaConfig.from_dir(weights)
-        path = softmax_ranges_path(weights)
-        ranges = load_softmax_ranges(weights, config.n_layers)
-        phis = [r.phi for r in ranges]
-        source = str(path) if path.is_file() else "none (default range)"
-        click.echo(f"calibration: {source}; phi from {min(phis):.2f} to {max(phis):.2f} over {len(ranges)} layers")
+
+def calibration_line(weights_dir):
+    """The unified max values phi the kernels use for this checkpoint, in one line."""
+    from minifd.engine import check_weights_dir
+    from minifd.kernels.softmax_range import DEFAULT_SOFTMAX_RANGE, load_softmax_ranges, softmax_ranges_path
+    from minifd.model.config import LlamaConfig
+
+    weights_dir = check_weights_dir(weights_dir)
+    config = LlamaConfig.from_dir(weights_dir)
+    path = softmax_ranges_path(weights_dir)
+    ranges = load_softmax_ranges(weights_dir, config.n_layers)
+    if not path.is_file():
+        default = DEFAULT_SOFTMAX_RANGE
+        return (f"calibration: none ({path} does not exist): all {config.n_layers} layers use phi = {default.phi:.2f}, "
+                f"safe window ({default.low:.0f}, {default.high:.0f}); `minifd calibrate` fits phi per layer")
+    phis = [r.phi for r in ranges]
+    return f"calibration: {path}: phi from {min(phis):.2f} to {max(phis):.2f} over {len(ranges)} layers"
 
 
 def minifd_version():
@@ -219,7 +249,7 @@ main_group.add_command(tune_command)
 
 
 def main(argv=None):
-    """Entry point: user errors print one line on stderr and exit 2, never a traceback."""
+    """Entry point: user errors print one line on stderr and exit 2, never a traceback (but with --debug)."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         main_group.main(args=argv, prog_name="minifd", standalone_mode=False)
@@ -232,5 +262,13 @@ def main(argv=None):
     except MinifdError as error:
         if debug:
             raise
-        click.echo(f"minifd: error: {error}", err=True)
+        click.echo(f"minifd: error: {cli_message(error)}", err=True)
         sys.exit(2)
+
+
+def cli_message(error):
+    """A MinifdError as a CLI user reads it: the Python parameter it names becomes the flag that sets it."""
+    if error.parameter is None:
+        return str(error)
+    flag = FLAG_OF_PARAMETER.get(error.parameter, "--" + error.parameter.replace("_", "-"))
+    return re.sub(rf"\b{error.parameter}\b", flag, str(error))

@@ -12,10 +12,14 @@ from minifd.kernels.softmax_range import load_softmax_ranges
 from minifd.model.config import LlamaConfig
 from minifd.model.llama import KVCache, Llama
 from minifd.model.loader import Checkpoint
-from minifd.model.tokenizer import IncrementalDecoder, Tokenizer
+from minifd.model.tokenizer import IncrementalDecoder, Tokenizer, without_incomplete_character
 from minifd.model.weights import expected_shapes, load_weights
 from minifd.decode_step import NON_FINITE, DecodeStep
-from minifd.sampling import SamplingParams, sample, uniform_source
+from minifd.progress import ProgressBar
+from minifd.sampling import SamplingParams, draw_seed, sample, uniform_source
+
+PREFILL_CHUNK_TOKENS = 512  # prompt positions per prefill call: bounds the activations of a long prompt
+PREFILL_PROGRESS_DELAY = 2.0  # seconds a prefill runs before its progress bar shows
 
 
 @dataclass
@@ -35,6 +39,7 @@ class Stats:
     decode_steps: int = 0
     bytes_read: int = 0  # weights + KV cache read over all decode steps
     first_tokens: int = 0  # tokens chosen from the prefill logits (not decode steps)
+    seed: int | None = None  # the sampling seed, which repeats the run (None when decoding greedily)
 
     @property
     def decode_tokens_per_second(self):
@@ -48,7 +53,8 @@ class Stats:
     def summary(self):
         return (f"prompt tokens: {self.prompt_tokens}, generated tokens: {self.generated_tokens}, "
                 f"time to first token: {self.prefill_seconds * 1000:.0f} ms, "
-                f"decode: {self.decode_tokens_per_second:.1f} tokens/s, {self.achieved_gb_per_second:.1f} GB/s")
+                f"decode: {self.decode_tokens_per_second:.1f} tokens/s, {self.achieved_gb_per_second:.1f} GB/s"
+                + ("" if self.seed is None else f", seed: {self.seed}"))
 
 
 @dataclass
@@ -58,20 +64,27 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, weights_dir, config, tokenizer, model, xp, use_graph=True):
+    def __init__(self, weights_dir, config, tokenizer, model, xp, use_graph=True, progress=None,
+                 prefill_chunk=PREFILL_CHUNK_TOKENS):
         self.weights_dir, self.config, self.tokenizer, self.model, self.xp = weights_dir, config, tokenizer, model, xp
         self.use_graph = use_graph  # capture the GPU decode step as a CUDA graph
+        self.progress = progress  # progress bars on stderr: True, False, or None for "when it is a terminal"
+        self.prefill_chunk = prefill_chunk
 
     @classmethod
-    def load(cls, weights_dir, device="auto", max_context=None, progress=None, use_graph=True):
-        """weights_dir: a Hugging Face Llama directory (config.json, tokenizer.json, *.safetensors)."""
-        weights_dir = Path(weights_dir)
-        if not weights_dir.exists():
-            raise MinifdError(f"--weights {weights_dir}: no such directory")
-        if not weights_dir.is_dir():
-            raise MinifdError(f"--weights {weights_dir}: not a directory")
+    def load(cls, weights_dir, device="auto", max_context=None, progress=None, use_graph=True,
+             prefill_chunk=PREFILL_CHUNK_TOKENS):
+        """weights_dir: a Hugging Face Llama directory (config.json, tokenizer.json, *.safetensors).
+
+        max_context: the most positions (prompt + new tokens) a sequence may take, at most the model's
+        window; progress: progress bars on stderr (None: when stderr is a terminal); prefill_chunk:
+        prompt positions per prefill call.
+        """
+        weights_dir = check_weights_dir(weights_dir)
         if max_context is not None and max_context < 1:
-            raise MinifdError(f"--max-context must be >= 1, not {max_context}")
+            raise MinifdError(f"max_context must be >= 1, not {max_context}", parameter="max_context")
+        if prefill_chunk < 1:
+            raise MinifdError(f"prefill_chunk must be >= 1, not {prefill_chunk}", parameter="prefill_chunk")
         xp = array_module(device)
         config = LlamaConfig.from_dir(weights_dir)
         tokenizer = Tokenizer.from_dir(weights_dir, config)
@@ -86,7 +99,7 @@ class Engine:
                               "use a smaller model or another device") from None
         max_seq = min(max_context or config.max_position_embeddings, config.max_position_embeddings)
         model = Llama(config, weights, xp, load_softmax_ranges(weights_dir, config.n_layers), max_seq)
-        return cls(weights_dir, config, tokenizer, model, xp, use_graph)
+        return cls(weights_dir, config, tokenizer, model, xp, use_graph, progress, prefill_chunk)
 
     @property
     def device(self):
@@ -96,13 +109,15 @@ class Engine:
                  ignore_eos=False, on_text=None, on_finish=None):
         """Generate continuations of several prompts together.
 
-        prompts: list of str; on_text(prompt_index, text): called with each new piece of text as
-        it is produced; on_finish(prompt_index): called once a prompt's continuation is complete.
-        -> GenerationResult with one Completion per prompt, in order.
+        prompts: list of str; seed: the sampling seed, same seed same text (None or negative: a fresh
+        one, reported in the result's stats); on_text(prompt_index, text): called with each new piece
+        of text as it is produced; on_finish(prompt_index): called once a prompt's continuation is
+        complete. -> GenerationResult with one Completion per prompt, in order.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
         params = check_sampling(max_new_tokens, temperature, top_k, top_p)
+        seed = draw_seed(seed)
         prompt_ids = [self._encode(i, p, max_new_tokens) for i, p in enumerate(prompts)]
         batch = len(prompt_ids)
         max_seq = max(len(ids) for ids in prompt_ids) + max_new_tokens
@@ -112,12 +127,13 @@ class Engine:
             needed = KVCache.nbytes_needed(self.config, batch, max_seq, self.model.dtype)
             raise MinifdError(f"out of memory for the KV cache: {batch} sequence(s) x {max_seq} positions need "
                               f"{needed / 2**30:.2f} GiB ({free_memory_text(self.xp) or 'host memory'}); "
-                              "lower --max-new-tokens, the prompt count or the prompt lengths") from None
+                              "lower max_new_tokens, the prompt count or the prompt lengths",
+                              parameter="max_new_tokens") from None
         uniforms = uniform_source(seed)
         decoders = [IncrementalDecoder(self.tokenizer, ids) for ids in prompt_ids]
         generated = [[] for _ in range(batch)]
         finish = ["length"] * batch
-        stats = Stats(prompt_tokens=sum(len(ids) for ids in prompt_ids))
+        stats = Stats(prompt_tokens=sum(len(ids) for ids in prompt_ids), seed=seed if params.temperature > 0 else None)
 
         running = [True] * batch
 
@@ -150,7 +166,7 @@ class Engine:
                 if on_finish is not None:
                     on_finish(b)
         else:
-            logits = self.xp.stack([self.model.prefill(cache, b, ids) for b, ids in enumerate(prompt_ids)])
+            logits = self._prefill(cache, prompt_ids)  # [batch, vocab]
             tokens = self._choose(logits, params, uniforms)
             if NON_FINITE in tokens:
                 raise_non_finite(tokens, 0)
@@ -173,9 +189,24 @@ class Engine:
             any_running = accept(tokens)
         stats.decode_seconds = time.perf_counter() - start
 
-        completions = [Completion(ids, gen, self.tokenizer.decode(gen), reason)
+        completions = [Completion(ids, gen, without_incomplete_character(self.tokenizer.decode(gen)), reason)
                        for ids, gen, reason in zip(prompt_ids, generated, finish)]
         return GenerationResult(completions, stats)
+
+    def _prefill(self, cache, prompt_ids):
+        """Each prompt into its cache slot, prefill_chunk positions per call, with a progress bar once
+        that takes a while -> logits of each prompt's last position, [batch, vocab]."""
+        bar = ProgressBar("Prefill", sum(len(ids) for ids in prompt_ids), unit="tokens", enabled=self.progress,
+                          delay=PREFILL_PROGRESS_DELAY)
+        last_logits = []
+        for slot, ids in enumerate(prompt_ids):
+            for start in range(0, len(ids), self.prefill_chunk):
+                chunk = ids[start:start + self.prefill_chunk]
+                logits = self.model.prefill(cache, slot, chunk, start)  # [vocab]
+                bar.advance(len(chunk))
+            last_logits.append(logits)
+        bar.close()
+        return self.xp.stack(last_logits)
 
     def _encode(self, index, prompt, max_new_tokens):
         if not prompt:
@@ -184,8 +215,8 @@ class Engine:
         limit = self.model.max_seq
         if len(ids) + max_new_tokens > limit:
             raise MinifdError(
-                f"prompt {index + 1} has {len(ids)} tokens; with --max-new-tokens {max_new_tokens} that is "
-                f"{len(ids) + max_new_tokens}, over the context of {limit} tokens"
+                f"prompt {index + 1} has {len(ids)} tokens; with max_new_tokens {max_new_tokens} that is "
+                f"{len(ids) + max_new_tokens}, over the context of {limit} tokens", parameter="max_new_tokens"
             )
         return ids
 
@@ -203,14 +234,24 @@ def raise_non_finite(tokens, step):
                       "or overflow float16")
 
 
+def check_weights_dir(weights_dir):
+    """-> weights_dir as a Path, once it is known to be a directory."""
+    weights_dir = Path(weights_dir)
+    if not weights_dir.exists():
+        raise MinifdError(f"weights_dir {weights_dir}: no such directory", parameter="weights_dir")
+    if not weights_dir.is_dir():
+        raise MinifdError(f"weights_dir {weights_dir}: not a directory", parameter="weights_dir")
+    return weights_dir
+
+
 def check_sampling(max_new_tokens, temperature, top_k, top_p):
     """Validate the generation settings -> SamplingParams."""
     if max_new_tokens < 0:
-        raise MinifdError(f"--max-new-tokens must be >= 0, not {max_new_tokens}")
+        raise MinifdError(f"max_new_tokens must be >= 0, not {max_new_tokens}", parameter="max_new_tokens")
     if temperature < 0:
-        raise MinifdError(f"--temperature must be >= 0, not {temperature}")
+        raise MinifdError(f"temperature must be >= 0, not {temperature}", parameter="temperature")
     if top_k < 0:
-        raise MinifdError(f"--top-k must be >= 0, not {top_k}")
+        raise MinifdError(f"top_k must be >= 0, not {top_k}", parameter="top_k")
     if not 0 < top_p <= 1:
-        raise MinifdError(f"--top-p must be in (0, 1], not {top_p}")
+        raise MinifdError(f"top_p must be in (0, 1], not {top_p}", parameter="top_p")
     return SamplingParams(temperature, top_k, top_p)

@@ -5,17 +5,22 @@ import time
 
 
 class ProgressBar:
-    def __init__(self, label, total, unit_scale=1.0, unit="", enabled=None, width=30):
+    """delay: seconds of work before the bar first shows, so that work which ends sooner shows none."""
+
+    def __init__(self, label, total, unit_scale=1.0, unit="", enabled=None, width=30, delay=0.0):
         self.label, self.total, self.unit_scale, self.unit, self.width = label, max(total, 1), unit_scale, unit, width
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.done = 0
+        self._shown_from = time.monotonic() + delay
         self._last_draw = 0.0
+        self._drawn = False
 
     def advance(self, amount):
         self.done += amount
         now = time.monotonic()
-        if self.enabled and (now - self._last_draw > 0.1 or self.done >= self.total):
+        if self.enabled and now >= self._shown_from and (now - self._last_draw > 0.1 or self.done >= self.total):
             self._last_draw = now
+            self._drawn = True
             filled = int(self.width * self.done / self.total)
             bar = "#" * filled + "." * (self.width - filled)
             shown, total = self.done / self.unit_scale, self.total / self.unit_scale
@@ -23,6 +28,6 @@ class ProgressBar:
             sys.stderr.flush()
 
     def close(self):
-        if self.enabled:
+        if self._drawn:
             sys.stderr.write("\n")
             sys.stderr.flush()

@@ -1,5 +1,6 @@
 """Next-token choice: greedy, or temperature with optional top-k and top-p (nucleus) filtering."""
 
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,14 @@ def sample(logits, params, uniforms):
     return xp.take_along_axis(order, picks[:, None], axis=-1)[:, 0]
 
 
+def draw_seed(seed):
+    """seed as given, or a fresh one when it is None or negative ("pick one"): a run always has a seed
+    that repeats it."""
+    if seed is None or seed < 0:
+        return secrets.randbelow(2**31)
+    return seed
+
+
 def uniform_source(seed):
-    """A seeded generator of the per-step uniforms (fresh entropy when seed is None)."""
+    """A seeded generator of the per-step uniforms."""
     return np.random.default_rng(seed)

@@ -8,6 +8,10 @@ forth, so (M1, M2) is the pair whose three-region policy has the least total slo
 best implementation, summed over the sweep; when each pair of curves crosses once, that is the
 paper's definition.
 
+The table is the per-user one every run reads (minifd.kernels.dispatch.table_path), or --out FILE.
+Tuning measures a GPU: on the CPU, where the products are NumPy emulations whose timings say nothing
+about any GPU, the command only writes a table given as --out.
+
 Timing on GPU: CUDA events between back-to-back calls, queued behind device copies that keep the GPU
 busy while the host enqueues (so host launch cost never shows), with the weight rotated among copies
 that together exceed the L2 cache (so every call streams W from memory, as in a real decode step).
@@ -205,21 +209,27 @@ def choose_thresholds(times):
 @click.option("--max-m", type=click.IntRange(1, 4096), default=256, show_default=True, help="Sweep M = 1..this.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--show", is_flag=True, help="Print the dispatch table and exit.")
-def tune_command(weights, use_shapes, shape_texts, max_m, device, show):
+@click.option("--out", "out_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write (with --show: read) this table instead of the per-user one every run reads.")
+def tune_command(weights, use_shapes, shape_texts, max_m, device, show, out_path):
     """Find, per weight shape, where flat GEMM beats GEMV (M1) and the library beats flat GEMM (M2).
 
-    minifd tune --weights DIR | --shapes N,K [N,K ...]; minifd tune --show
+    minifd tune --weights DIR | --shapes N,K [N,K ...] [--out FILE]; minifd tune --show
     """
-    path = table_path()
+    path = table_path() if out_path is None else out_path
     if show:
-        _show(path)
+        for line in dispatch_table_lines(path):
+            click.echo(line)
         return
+    xp = array_module(device)
+    if not is_gpu(xp) and out_path is None:
+        raise MinifdError("tuning measures a GPU, and this run has none (CuPy sees no GPU, or --device cpu): "
+                          f"{path} is left as it is (--out FILE writes the CPU emulations' timings there)")
     if shape_texts and not use_shapes:
         raise MinifdError(f"unexpected argument {shape_texts[0]!r} (weight shapes follow --shapes)")
     shapes = (model_shapes(weights) if weights is not None else []) + [parse_shape(t) for t in shape_texts]
     if not shapes:
         raise MinifdError("nothing to tune: give --weights DIR or --shapes N,K [N,K ...]")
-    xp = array_module(device)
     device_name = gpu_properties().name if is_gpu(xp) else CPU_DEVICE_NAME
     timer = GpuTimer(xp) if is_gpu(xp) else CpuTimer()
     click.echo(f"tuning on {device_name}, M = 1..{max_m}")
@@ -241,18 +251,39 @@ def _timings_line(times, max_m):
     return "; ".join(parts)
 
 
-def _show(path):
+# ----------------------------------------------------------------------------------------------
+# The table as text (`minifd tune --show`, `minifd info`)
+# ----------------------------------------------------------------------------------------------
+
+def dispatch_table_lines(path, device_names=None):
+    """The dispatch table at `path` -> lines of text: per device (those in device_names, or all) and
+    weight shape, the M each implementation covers, and what every other shape uses."""
     devices = read_table(path)
-    m1, m2 = DEFAULT_THRESHOLDS
-    if not devices:
-        click.echo(f"no dispatch table at {path}: every shape uses M1 = {m1}, M2 = {m2}")
-        return
-    click.echo(f"{path} (shapes not listed use M1 = {m1}, M2 = {m2})")
-    for device_name in sorted(devices):
-        click.echo(device_name)
-        for key, entry in sorted(devices[device_name].items(), key=lambda item: [int(v) for v in item[0].split(",")]):
+    shown = sorted(name for name in devices if device_names is None or name in device_names)
+    defaults = implementation_ranges(*DEFAULT_THRESHOLDS)
+    if not shown:
+        where = f"no dispatch table at {path}" if not devices else f"{path} has no entry for {', '.join(device_names)}"
+        return [f"dispatch: {where}; every shape uses the defaults: {defaults} (`minifd tune` on a GPU measures it)"]
+    lines = [f"dispatch table: {path} (shapes not listed: {defaults})"]
+    for name in shown:
+        lines.append(f"  {name}")
+        for key, entry in sorted(devices[name].items(), key=lambda item: [int(v) for v in item[0].split(",")]):
             n, k = key.split(",")
-            click.echo(
-                f"  {n} x {k}: gemv M < {entry['m1']}, flat_gemm {entry['m1']} <= M < {entry['m2']}, "
-                f"library M >= {entry['m2']} (swept M <= {entry['max_m']})"
-            )
+            lines.append(f"    {n} x {k}: {implementation_ranges(entry['m1'], entry['m2'])} "
+                         f"(swept M <= {entry['max_m']})")
+    return lines
+
+
+def implementation_ranges(m1, m2):
+    """Thresholds -> the M each implementation covers, e.g. (2, 2) -> 'GEMV for M = 1, flat GEMM for
+    none, library for M >= 2'."""
+    return f"GEMV for {_m_range(1, m1 - 1)}, flat GEMM for {_m_range(m1, m2 - 1)}, library for {_m_range(m2, None)}"
+
+
+def _m_range(first, last):
+    """M = first..last in words; last None: no end."""
+    if last is None:
+        return "every M" if first == 1 else f"M >= {first}"
+    if last < first:
+        return "none"
+    return f"M = {first}" if first == last else f"M = {first}..{last}"

@@ -1,5 +1,6 @@
-"""`minifd tune`: the threshold choice on known timing curves, the model's shapes, and the command
-end to end on the CPU backend (and on a GPU when there is one)."""
+"""`minifd tune`: the threshold choice on known timing curves, the model's shapes, the table in
+words, and the command end to end: refused on the CPU unless --out names a table, run on a GPU when
+there is one."""
 
 import json
 import os
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from minifd.backend import cupy_or_none
 from minifd.errors import MinifdError
 from minifd.kernels import dispatch
-from minifd.tuning import choose_thresholds, model_shapes, parse_shape
+from minifd.tuning import choose_thresholds, implementation_ranges, model_shapes, parse_shape
 
 cupy = cupy_or_none()
 
@@ -77,25 +78,46 @@ def minifd_tune(cache, *args):
                           timeout=300, env=env)
 
 
-def test_tune_on_cpu_writes_the_table_and_show_prints_it(tmp_path):
-    assert "no dispatch table" in minifd_tune(tmp_path, "--show").stdout
-    result = minifd_tune(tmp_path, "--device", "cpu", "--max-m", "6", "--shapes", "40,24", "7,9")
+def test_tune_on_the_cpu_ends_in_one_line_and_leaves_the_per_user_table_alone(tmp_path):
+    result = minifd_tune(tmp_path, "--device", "cpu", "--max-m", "6", "--shapes", "40,24")
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "tuning measures a GPU" in result.stderr and "--out FILE" in result.stderr
+    assert not (tmp_path / dispatch.TABLE_FILE).exists()
+
+
+def test_tune_out_writes_that_table_and_show_prints_it(tmp_path):
+    out = tmp_path / "elsewhere.json"
+    assert "no dispatch table at " + str(out) in minifd_tune(tmp_path, "--show", "--out", str(out)).stdout
+    result = minifd_tune(tmp_path, "--device", "cpu", "--max-m", "6", "--out", str(out), "--shapes", "40,24", "7,9")
     assert result.returncode == 0, result.stderr
-    devices = json.loads((tmp_path / dispatch.TABLE_FILE).read_text())["devices"]
+    assert not (tmp_path / dispatch.TABLE_FILE).exists()
+    devices = json.loads(out.read_text())["devices"]
     assert set(devices["cpu"]) == {"40,24", "7,9"}
     for entry in devices["cpu"].values():
         assert 1 <= entry["m1"] <= entry["m2"] <= 7 and entry["max_m"] == 6
-    shown = minifd_tune(tmp_path, "--show").stdout
-    assert "cpu" in shown and "40 x 24" in shown and "7 x 9" in shown
+    shown = minifd_tune(tmp_path, "--show", "--out", str(out)).stdout
+    assert "cpu" in shown and "40 x 24: GEMV for " in shown and "7 x 9: GEMV for " in shown
     # a second shape set merges into the table rather than replacing it
-    assert minifd_tune(tmp_path, "--device", "cpu", "--max-m", "2", "--shapes", "5,5").returncode == 0
-    assert set(json.loads((tmp_path / dispatch.TABLE_FILE).read_text())["devices"]["cpu"]) == {"40,24", "7,9", "5,5"}
+    assert minifd_tune(tmp_path, "--device", "cpu", "--max-m", "2", "--out", str(out), "--shapes", "5,5").returncode == 0
+    assert set(json.loads(out.read_text())["devices"]["cpu"]) == {"40,24", "7,9", "5,5"}
+
+
+@pytest.mark.parametrize("m1, m2, words", [
+    (2, 2, "GEMV for M = 1, flat GEMM for none, library for M >= 2"),
+    (3, 9, "GEMV for M = 1..2, flat GEMM for M = 3..8, library for M >= 9"),
+    (1, 2, "GEMV for none, flat GEMM for M = 1, library for M >= 2"),
+    (1, 1, "GEMV for none, flat GEMM for none, library for every M"),
+])
+def test_thresholds_read_as_the_m_each_implementation_covers(m1, m2, words):
+    assert implementation_ranges(m1, m2) == words
 
 
 def test_tune_without_shapes_is_a_user_error(tmp_path):
-    result = minifd_tune(tmp_path, "--device", "cpu")
+    out = str(tmp_path / "table.json")
+    result = minifd_tune(tmp_path, "--device", "cpu", "--out", out)
     assert result.returncode == 2 and "give --weights DIR or --shapes" in result.stderr
-    result = minifd_tune(tmp_path, "--device", "cpu", "--shapes", "12,x")
+    result = minifd_tune(tmp_path, "--device", "cpu", "--out", out, "--shapes", "12,x")
     assert result.returncode == 2 and "not N,K" in result.stderr
 
 

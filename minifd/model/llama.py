@@ -3,7 +3,7 @@
     token ids -> embedding -> n_layers x [ x = x + Attention(RMSNorm(x)); x = x + SwiGLU(RMSNorm(x)) ]
               -> RMSNorm -> LM head -> logits
 
-A prompt is prefilled in one pass (every position at once, causal attention); afterwards each
+A prompt is prefilled chunk by chunk (a chunk's positions at once, causal attention); afterwards each
 decode step feeds one token per sequence and attends over that sequence's KV cache. The two hot
 spots go through the seams in minifd.kernels: `linear` for every projection and
 `prefill_attention` / `decode_attention` for attention. RMSNorm, the SwiGLU gate and the residual
@@ -105,19 +105,23 @@ class Llama:
                       graph_captured=graph_captured)  # [rows, vocab]
         return head.astype(self.xp.float32)
 
-    def prefill(self, cache, slot, token_ids):
-        """Run a whole prompt into cache slot `slot`; token_ids: [seq] -> logits of its last position, [vocab]."""
+    def prefill(self, cache, slot, token_ids, start=0):
+        """Run prompt tokens into cache slot `slot` at positions [start, start + chunk): a whole prompt,
+        or one chunk of it once the cache holds its positions before `start`.
+        token_ids: [chunk] -> logits of the chunk's last position, [vocab]."""
         xp = self.xp
-        ids = xp.asarray(np.asarray(token_ids, dtype=np.int64))
-        seq = ids.shape[0]
-        positions = xp.arange(seq, dtype=xp.int32)
-        slots = xp.full(seq, slot, dtype=xp.int32)
+        ids = xp.asarray(np.asarray(token_ids, dtype=np.int64))  # [chunk]
+        end = start + ids.shape[0]
+        positions = xp.arange(start, end, dtype=xp.int32)  # [chunk]
+        slots = xp.full(ids.shape[0], slot, dtype=xp.int32)  # [chunk]
 
         def attend(i, q):
-            k, v = cache.k[i][slot, :, :seq].transpose(1, 0, 2), cache.v[i][slot, :, :seq].transpose(1, 0, 2)
-            return prefill_attention(q, k, v, softmax_range=self.softmax_ranges[i], method=self.attention_method)
+            # q: [chunk, n_heads, head_dim] attends to the keys and values of positions [0, end)
+            k, v = cache.k[i][slot, :, :end].transpose(1, 0, 2), cache.v[i][slot, :, :end].transpose(1, 0, 2)
+            return prefill_attention(q, k, v, softmax_range=self.softmax_ranges[i],
+                                     method=self.attention_method)  # [chunk, n_heads, head_dim]
 
-        x = self._layers(self.weights.embed[ids], cache, positions, slots, attend)  # [seq, hidden]
+        x = self._layers(self.weights.embed[ids], cache, positions, slots, attend)  # [chunk, hidden]
         return self._logits(x[-1:])[0]  # [vocab]
 
     def decode(self, cache, token_ids, positions, graph_captured=False):

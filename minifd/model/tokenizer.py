@@ -7,6 +7,9 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from minifd.errors import MinifdError
 
+# What decoding gives for bytes that stop partway through a UTF-8 character.
+INCOMPLETE_CHARACTER = "\ufffd"
+
 
 class Tokenizer:
     def __init__(self, tokenizer, bos_id, add_bos, eos_ids):
@@ -76,17 +79,22 @@ class IncrementalDecoder:
         self.ids.append(int(token_id))
         seen = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
         text = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        if len(text) <= len(seen) or text.endswith("\ufffd"):
+        if len(text) <= len(seen) or text.endswith(INCOMPLETE_CHARACTER):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return text[len(seen) :]
 
     def flush(self):
-        """-> whatever push() still holds back (an incomplete character decodes as U+FFFD)."""
+        """-> whatever push() still holds back, but for a character whose last bytes never came."""
         seen = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
         text = self.tokenizer.decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return text[len(seen) :]
+        return without_incomplete_character(text[len(seen) :])
+
+
+def without_incomplete_character(text):
+    """text less the U+FFFD at its end that the bytes of a cut-off character decode to."""
+    return text.removesuffix(INCOMPLETE_CHARACTER)
 
 
 def _read_json(path):
