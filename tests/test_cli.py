@@ -10,6 +10,7 @@ import pytest
 import minifd
 import minifd.engine
 from minifd import oracle
+from minifd.cli import main
 from tiny_model import byte_tokenizer, tiny_config_dict, tiny_model, write_checkpoint
 
 
@@ -200,3 +201,14 @@ def test_prefill_shows_a_progress_bar_only_once_it_takes_a_while(model_dir, caps
     engine.generate([prompt], max_new_tokens=2)
     err = capsys.readouterr().err
     assert err.startswith("\rPrefill [") and err.endswith("] 41/41 tokens\n")
+
+
+# --- minifd info ---------------------------------------------------------------------------------
+
+def test_info_states_what_each_implementation_covers_and_the_phi_in_use(model_dir, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("MINIFD_CACHE", str(tmp_path))  # no dispatch table: the defaults
+    main(["info", "--weights", str(model_dir)])
+    out = capsys.readouterr().out
+    assert "GEMV for M = 1, flat GEMM for none, library for M >= 2" in out
+    calibration, = [line for line in out.splitlines() if line.startswith("calibration:")]
+    assert calibration.startswith("calibration: none (") and "all 2 layers use phi = 0.00" in calibration

@@ -193,6 +193,27 @@ def test_empty_prompt(capsys, model_dir):
                           "prompt 2 is empty")
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda engine: engine.generate(["hi"], max_new_tokens=-1), "max_new_tokens must be >= 0, not -1"),
+    (lambda engine: engine.generate(["hi"], temperature=-1), "temperature must be >= 0, not -1"),
+    (lambda engine: engine.generate(["hi"], top_k=-1), "top_k must be >= 0, not -1"),
+    (lambda engine: engine.generate(["hi"], top_p=0), "top_p must be in (0, 1], not 0"),
+    (lambda engine: engine.generate(["hello"], max_new_tokens=251), "with max_new_tokens 251 that is 257"),
+    (lambda engine: minifd.load(engine.weights_dir, device="cpu", max_context=0), "max_context must be >= 1, not 0"),
+    (lambda engine: minifd.load(engine.weights_dir, device="tpu"), "device must be auto, cpu or cuda, not 'tpu'"),
+    (lambda engine: minifd.load(engine.weights_dir / "nope"), "weights_dir {dir}/nope: no such directory"),
+])
+def test_the_python_api_names_its_parameters_not_the_flags(model_dir, call, message):
+    engine = minifd.load(model_dir, device="cpu", progress=False)
+    with pytest.raises(MinifdError) as error:
+        call(engine)
+    assert message.format(dir=model_dir) in str(error.value) and "--" not in str(error.value)
+
+
+def test_info_with_missing_weights_prints_nothing_before_its_error(capsys, tmp_path):
+    assert_one_line_error(capsys, ["info", "--weights", str(tmp_path / "nope")], "--weights", "no such directory")
+
+
 def test_debug_flag_shows_the_traceback(model_dir):
     with pytest.raises(MinifdError):
         main(["--debug", *run_args(model_dir, "--top-k", "-1")])
@@ -221,8 +242,8 @@ def test_nan_that_appears_mid_decode_names_its_step(model_dir):
     engine = minifd.load(model_dir, device="cpu", progress=False)
     decode = engine.model.decode
 
-    def poisoned_decode(cache, tokens, positions, graph_captured=False):
-        logits = decode(cache, tokens, positions, graph_captured)
+    def poisoned_decode(cache, tokens, positions, graph_captured):
+        logits = decode(cache, tokens, positions, graph_captured=graph_captured)
         if positions[0] >= 8:
             logits[0, 0] = np.inf
         return logits
@@ -276,8 +297,9 @@ def test_out_of_memory_for_the_kv_cache_says_what_to_lower(capsys, model_dir, mo
     assert_one_line_error(capsys, run_args(model_dir), "out of memory for the KV cache", "lower --max-new-tokens")
 
 
-@pytest.mark.gpu  # the run-time compiler needs CuPy and a GPU
 def test_a_kernel_that_fails_to_compile_shows_the_compiler_message(tmp_path):
+    if minifd.backend.cupy_or_none() is None:
+        pytest.skip("needs CuPy and a GPU to run the run-time compiler")
     from minifd.kernels.compile import load_module
 
     (tmp_path / "broken.cu").write_text('#include "portable.cuh"\nextern "C" __global__ void k() { undeclared_name = 1; }\n')

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minifd.sampling import SamplingParams, sample
+from minifd.sampling import SamplingParams, draw_seed, sample
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -42,3 +42,9 @@ def test_temperature_sampling_follows_the_distribution():
     picks = [int(sample(logits, SamplingParams(1.0), rng.random(1))[0]) for _ in range(4000)]
     frequencies = np.bincount(picks, minlength=3) / len(picks)
     np.testing.assert_allclose(frequencies, [0.5, 0.3, 0.2], atol=0.03)
+
+
+def test_a_missing_or_negative_seed_is_drawn_and_a_given_one_kept():
+    assert draw_seed(7) == 7 and draw_seed(0) == 0
+    drawn = {draw_seed(None) for _ in range(5)} | {draw_seed(-1) for _ in range(5)}
+    assert all(isinstance(seed, int) and seed >= 0 for seed in drawn) and len(drawn) > 1

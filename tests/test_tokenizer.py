@@ -25,3 +25,12 @@ def test_multibyte_characters_wait_for_their_last_byte():
     decoder = IncrementalDecoder(TOKENIZER, [256])
     assert decoder.push(ids[0]) == ""
     assert decoder.push(ids[1]) == "é"
+
+
+def test_flush_drops_a_character_whose_last_bytes_never_came():
+    pizza = TOKENIZER.tokenizer.encode("🍕", add_special_tokens=False).ids
+    assert len(pizza) == 4
+    decoder = IncrementalDecoder(TOKENIZER, [256])
+    assert [decoder.push(token) for token in pizza + pizza[:2]] == ["", "", "", "🍕", "", ""]
+    assert decoder.flush() == ""
+
