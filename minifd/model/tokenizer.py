@@ -11,12 +11,18 @@ from minifd.errors import MinifdError
 INCOMPLETE_CHARACTER = "\ufffd"
 
 
+# The special tokens tokenizer_config.json may name; chat templates see them as variables.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
 class Tokenizer:
-    def __init__(self, tokenizer, bos_id, add_bos, eos_ids):
+    def __init__(self, tokenizer, bos_id, add_bos, eos_ids, special_tokens=None):
+        """special_tokens: {"bos_token": "<s>", ...}, those tokenizer_config.json names."""
         self.tokenizer = tokenizer
         self.bos_id = bos_id
         self.add_bos = add_bos and bos_id is not None
         self.eos_ids = frozenset(eos_ids)
+        self.special_tokens = dict(special_tokens or {})
 
     @classmethod
     def from_dir(cls, weights_dir, config):
@@ -29,8 +35,8 @@ class Tokenizer:
             tokenizer = HFTokenizer.from_file(str(path))
         except Exception as error:
             raise MinifdError(f"{path}: cannot be read as a tokenizer ({error})") from None
-        tokenizer_config = _read_json(weights_dir / "tokenizer_config.json")
-        generation_config = _read_json(weights_dir / "generation_config.json")
+        tokenizer_config = read_json_object(weights_dir / "tokenizer_config.json")
+        generation_config = read_json_object(weights_dir / "generation_config.json")
 
         bos_id = generation_config.get("bos_token_id", config.bos_token_id)
         bos_token = _token_text(tokenizer_config.get("bos_token"))
@@ -49,12 +55,15 @@ class Tokenizer:
         eos_token = _token_text(tokenizer_config.get("eos_token"))
         if eos_token is not None and tokenizer.token_to_id(eos_token) is not None:
             eos_ids.add(tokenizer.token_to_id(eos_token))
-        return cls(tokenizer, bos_id, add_bos, eos_ids)
+        special_tokens = {name: _token_text(tokenizer_config.get(name)) for name in SPECIAL_TOKEN_NAMES}
+        return cls(tokenizer, bos_id, add_bos, eos_ids,
+                   {name: text for name, text in special_tokens.items() if text is not None})
 
-    def encode(self, text):
-        """str -> [token id], with BOS first when the model expects it."""
+    def encode(self, text, add_bos=True):
+        """str -> [token id], with BOS first when the model expects it and add_bos is set (a rendered
+        chat template writes its own). Special tokens written in the text become their ids."""
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return [self.bos_id] + ids if self.add_bos else ids
+        return [self.bos_id] + ids if add_bos and self.add_bos else ids
 
     def decode(self, ids):
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -97,7 +106,8 @@ def without_incomplete_character(text):
     return text.removesuffix(INCOMPLETE_CHARACTER)
 
 
-def _read_json(path):
+def read_json_object(path):
+    """-> the JSON object in path ({} when the file is missing or holds something else)."""
     if not path.is_file():
         return {}
     try:
