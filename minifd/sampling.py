@@ -1,4 +1,6 @@
-"""Next-token choice: greedy, or temperature with optional top-k and top-p (nucleus) filtering."""
+"""Next-token choice: greedy, or temperature with optional top-k, top-p (nucleus) and min-p filtering;
+either after an optional repetition penalty. Each step means what it means in Hugging Face transformers
+(RepetitionPenaltyLogitsProcessor, then the Temperature, TopK, TopP and MinP warpers)."""
 
 import secrets
 from dataclasses import dataclass
@@ -13,15 +15,21 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = no limit
     top_p: float = 1.0  # 1 = no limit
+    min_p: float = 0.0  # 0 = no limit; else keep the tokens at least min_p times as likely as the likeliest
+    repetition_penalty: float = 1.0  # 1 = none; else the logits of tokens the sequence holds are discouraged
 
 
-def sample(logits, params, uniforms):
+def sample(logits, params, uniforms, seen=None):
     """logits: [batch, vocab] float32, uniforms: [batch] in [0, 1) -> token ids: [batch] int64.
+    seen: [batch, vocab] bool, the tokens each sequence holds so far (prompt and generated), which
+    the repetition penalty needs (and only it).
 
     Sampling draws by inverse CDF from the given uniforms, so a seeded host generator decides the
     text on CPU and GPU alike.
     """
     xp = module_of(logits)
+    if params.repetition_penalty != 1.0:
+        logits = penalize_repetition(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
         return logits.argmax(axis=-1)
     vocab = logits.shape[-1]
@@ -35,11 +43,36 @@ def sample(logits, params, uniforms):
     if params.top_p < 1.0:
         mass_before = xp.cumsum(probs, axis=-1) - probs  # [batch, vocab]
         keep &= mass_before < params.top_p  # the smallest prefix whose mass reaches top_p
+    if params.min_p > 0:
+        keep &= probs >= params.min_p * probs[:, :1]  # probs[:, 0] is the likeliest token's
     probs = xp.where(keep, probs, 0.0)
     cdf = xp.cumsum(probs, axis=-1)  # [batch, vocab]
     threshold = xp.asarray(uniforms, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
     picks = xp.minimum((cdf <= threshold).sum(axis=-1), vocab - 1)  # [batch]
     return xp.take_along_axis(order, picks[:, None], axis=-1)[:, 0]
+
+
+def penalize_repetition(logits, seen, penalty):
+    """HF's repetition penalty: a seen token's logit is divided by penalty when positive and multiplied
+    by it when negative, so a penalty above 1 makes it less likely either way. -> new logits"""
+    xp = module_of(logits)
+    return xp.where(seen, xp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def tokens_seen(token_ids, vocab):
+    """token_ids: one list of ids per sequence -> [batch, vocab] bool host array, True where a sequence
+    holds the token."""
+    seen = np.zeros((len(token_ids), vocab), dtype=bool)
+    for row, ids in enumerate(token_ids):
+        seen[row, np.asarray(ids, dtype=np.int64)] = True
+    return seen
+
+
+def mark_seen(seen, tokens):
+    """seen: [batch, vocab] bool, updated in place with tokens: [batch] (one new token per sequence;
+    a negative one marks nothing). Elementwise, so a captured decode step can run it."""
+    xp = module_of(seen)
+    seen |= xp.arange(seen.shape[1])[None, :] == tokens[:, None]
 
 
 def draw_seed(seed):
