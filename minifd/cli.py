@@ -1,8 +1,11 @@
-"""The `minifd` command line: run, and the tools around it."""
+"""The `minifd` command line: run, chat, and the tools around it."""
 
 import json
 import re
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -23,24 +26,44 @@ def main_group():
     """minifd: a small, readable FlashDecoding++ inference engine for Llama-family models."""
 
 
+def generation_options(command):
+    """The options `run` and `chat` share: weights, device, sampling, lengths, stop rules, chat template."""
+    options = [
+        click.option("--weights", type=click.Path(path_type=Path), default=None,
+                     help="Hugging Face Llama directory (default: the prepared SmolLM2 fixture)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--max-new-tokens", type=int, default=128, show_default=True),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 = no limit."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = no limit."),
+        click.option("--min-p", type=float, default=0.0, show_default=True,
+                     help="Keep only tokens with at least this fraction of the likeliest one's probability; 0 = no limit."),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True,
+                     help="Above 1 discourages tokens the text already holds (HF's meaning); 1 = none."),
+        click.option("--seed", type=int, default=None,
+                     help="Same seed, same text; none or negative: a fresh seed, shown in the summary."),
+        click.option("--stop", multiple=True, help="End the text where this string appears (it is not printed); "
+                     "repeatable."),
+        click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence tokens."),
+        click.option("--max-context", type=int, default=None, help="Cap on prompt + new tokens (default: the model's)."),
+        click.option("--chat-template", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="A Jinja chat template to use instead of the checkpoint's."),
+        click.option("--system", default=None, help="The system prompt of the chat."),
+        click.option("--no-graph", is_flag=True, help="Launch the GPU decode step kernel by kernel, without a CUDA graph."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main_group.command()
 @click.argument("prompts", nargs=-1)
-@click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="Hugging Face Llama directory (default: the prepared SmolLM2 fixture).")
 @click.option("--prompts-file", type=click.File("r", encoding="utf-8"), default=None,
               help="Read prompts from a file, one per line (blank lines skipped); - reads them from stdin.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no limit.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = no limit.")
-@click.option("--seed", type=int, default=None,
-              help="Same seed, same text; none or negative: a fresh seed, shown in the summary.")
-@click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
-@click.option("--max-context", type=int, default=None, help="Cap on prompt + new tokens (default: the model's).")
-@click.option("--no-graph", is_flag=True, help="Launch the GPU decode step kernel by kernel, without a CUDA graph.")
-def run(prompts, weights, prompts_file, device, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
-        max_context, no_graph):
+@click.option("--chat", "as_chat", is_flag=True,
+              help="Each prompt is a user message, put in the model's chat template; the reply is printed.")
+@generation_options
+def run(prompts, prompts_file, as_chat, system, **options):
     """Generate continuations of PROMPTS.
 
     With neither PROMPT nor --prompts-file, stdin is the prompt when it is not a terminal, all of it
@@ -48,22 +71,128 @@ def run(prompts, weights, prompts_file, device, max_new_tokens, temperature, top
     as it is produced; with several prompts each continuation is one line, in prompt order (newlines
     inside it written as \\n). A summary goes to stderr.
     """
+    prompts = gather_prompts(prompts, prompts_file)
+    if not as_chat and (system is not None or options["chat_template"] is not None):
+        note("--system and --chat-template shape a chat, and without --chat there is none: they have no effect")
+    engine, generation = load_engine(options)
+    if as_chat:
+        prompts = [engine.apply_chat_template(conversation_start(system) + [user_message(prompt)])
+                   for prompt in prompts]
+    writer = StreamWriter(len(prompts))
+    result = engine.generate(prompts, on_text=writer.write, on_finish=writer.finish, **generation)
+    click.echo(f"[minifd] {engine.device}: {result.stats.summary()}", err=True)
+
+
+@main_group.command()
+@generation_options
+def chat(system, **options):
+    """Talk with an instruct model, keeping the conversation.
+
+    Each line typed is a user message and the reply streams back; the model sees the whole
+    conversation through its chat template, and only what is new since the last reply is prefilled.
+    /reset starts over, /system TEXT sets the system prompt (/system alone removes it), /quit ends;
+    Ctrl-C stops a reply, Ctrl-D ends. From a pipe (`printf 'Hi\\nAnd now?\\n' | minifd chat`) each
+    line is a message and stdout holds only the replies, one after another, each ending in a newline.
+    """
+    engine, generation = load_engine(options)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        click.echo(f"minifd chat with {engine.weights_dir} on {engine.device}: /reset starts over, /system TEXT "
+                   "sets the system prompt, /quit ends; Ctrl-C stops a reply, Ctrl-D ends", err=True)
+    messages = conversation_start(system)
+    for line in user_lines(interactive):
+        command, _, argument = line.partition(" ")
+        if command == "/quit":
+            break
+        if command == "/reset":
+            messages = conversation_start(system)
+            continue
+        if command == "/system":
+            system = argument.strip() or None
+            messages = conversation_start(system) + [m for m in messages if m["role"] != "system"]
+            continue
+        reply = chat_reply(engine, messages + [user_message(line)], generation, interactive)
+        if reply is not None:
+            messages += [user_message(line), {"role": "assistant", "content": reply}]
+
+
+def conversation_start(system):
+    """The messages a conversation opens with: the system prompt, if there is one."""
+    return [] if system is None else [{"role": "system", "content": system}]
+
+
+def user_message(text):
+    return {"role": "user", "content": text}
+
+
+def user_lines(interactive):
+    """The user's messages, one per line, blank ones skipped; Ctrl-C while typing starts the line over."""
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            continue
+        except EOFError:
+            return
+        if not interactive and not line:
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def chat_reply(engine, messages, generation, interactive):
+    """Stream the reply to messages on stdout -> its text; None when it failed and, at a terminal, the
+    session goes on (from a pipe the error ends it)."""
+    cancel = threading.Event()
+
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        with interrupt_sets(cancel):
+            reply = engine.chat(messages, on_text=write, cancel=cancel, **generation)
+    except MinifdError as error:
+        if not interactive:
+            raise
+        click.echo(f"minifd: error: {cli_message(error)}", err=True)
+        return None
+    write("\n")
+    return reply
+
+
+@contextmanager
+def interrupt_sets(event):
+    """Within it Ctrl-C sets event, which stops the reply after its current token, instead of raising
+    KeyboardInterrupt."""
+    previous = signal.signal(signal.SIGINT, lambda signal_number, frame: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def load_engine(options):
+    """Check the generation settings among the command's options, then load the engine the others name
+    -> (engine, the settings for generate() or chat())."""
     import minifd
     from minifd.engine import check_sampling
 
-    prompts = gather_prompts(prompts, prompts_file)
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
-    if temperature == 0 and (top_k != 0 or top_p != 1.0):
-        note("--top-k and --top-p shape sampling, and --temperature 0 decodes greedily: they have no effect")
-    engine = minifd.load(resolve_weights(weights), device=device, max_context=max_context, use_graph=not no_graph)
+    weights, device, max_context, no_graph, chat_template = (
+        options.pop(name) for name in ("weights", "device", "max_context", "no_graph", "chat_template"))
+    check_sampling(options["max_new_tokens"], options["temperature"], options["top_k"], options["top_p"],
+                   options["min_p"], options["repetition_penalty"])
+    if options["temperature"] == 0 and (options["top_k"] != 0 or options["top_p"] != 1.0 or options["min_p"] != 0):
+        note("--top-k, --top-p and --min-p shape sampling, and --temperature 0 decodes greedily: they have no effect")
+    engine = minifd.load(resolve_weights(weights), device=device, max_context=max_context, use_graph=not no_graph,
+                         chat_template=chat_template)
     window = engine.config.max_position_embeddings
     if max_context is not None and max_context > window:
         note(f"--max-context {max_context} is above the model's window of {window} positions: using {window}")
-    writer = StreamWriter(len(prompts))
-    result = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                             top_p=top_p, seed=seed, ignore_eos=ignore_eos, on_text=writer.write,
-                             on_finish=writer.finish)
-    click.echo(f"[minifd] {engine.device}: {result.stats.summary()}", err=True)
+    return engine, options
 
 
 def gather_prompts(arguments, prompts_file):

@@ -1,7 +1,7 @@
 """One decode step of the whole batch as a function of fixed device buffers.
 
-Everything a step reads (the newest token of each sequence, its position, the sampling draws) and
-writes (the chosen tokens) lives in buffers allocated once, and the step advances its own inputs
+Everything a step reads (the newest token of each sequence, its position, the sampling draws, the
+tokens each sequence holds where a repetition penalty needs them) and writes (the chosen tokens) lives in buffers allocated once, and the step advances its own inputs
 on the device. So on a GPU the step can be captured once as a CUDA graph and replayed per token:
 the host only uploads the draws and fetches the chosen tokens to print.
 """
@@ -11,18 +11,21 @@ import sys
 import numpy as np
 
 from minifd.backend import is_gpu, to_numpy
-from minifd.sampling import sample
+from minifd.sampling import mark_seen, sample
 
 NON_FINITE = -1  # the token a row reports when its logits hold NaN or Inf
 
 
 class DecodeStep:
-    def __init__(self, model, cache, params, first_tokens, positions, use_graph=True):
-        """first_tokens: [batch] the tokens chosen from the prefill; positions: [batch] where they go."""
+    def __init__(self, model, cache, params, first_tokens, positions, seen=None, use_graph=True):
+        """first_tokens: [batch] the tokens chosen from the prefill; positions: [batch] where they go;
+        seen: [batch, vocab] bool host array of the tokens each sequence holds, first tokens included
+        (what sample() needs for a repetition penalty; None without one)."""
         xp = model.xp
         self.model, self.cache, self.params, self.xp = model, cache, params, xp
         self.tokens = xp.array(np.asarray(first_tokens, dtype=np.int64))  # [batch], a copy: the step advances it
         self.positions = xp.array(np.asarray(positions, dtype=np.int32))  # [batch], a copy likewise
+        self.seen = None if seen is None else xp.array(seen)  # [batch, vocab], a copy likewise
         self.uniforms = xp.zeros(self.tokens.shape, dtype=xp.float32)  # [batch]
         self.chosen = None  # [batch] int64, written by each step
         self.use_graph = use_graph and is_gpu(xp)
@@ -40,7 +43,9 @@ class DecodeStep:
         # how the step is launched, not what it computes.
         logits = self.model.decode(self.cache, self.tokens, self.positions, graph_captured=is_gpu(xp))  # [batch, vocab]
         finite = xp.isfinite(logits).all(axis=-1)
-        chosen = xp.where(finite, sample(logits, self.params, self.uniforms), NON_FINITE)
+        chosen = xp.where(finite, sample(logits, self.params, self.uniforms, self.seen), NON_FINITE)
+        if self.seen is not None:
+            mark_seen(self.seen, chosen)
         if self.chosen is None:
             self.chosen = chosen
         else:

@@ -2,6 +2,7 @@
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -9,14 +10,16 @@ import numpy as np
 from minifd.backend import array_module, free_memory_text, is_gpu, out_of_memory_errors, to_numpy
 from minifd.errors import MinifdError
 from minifd.kernels.softmax_range import load_softmax_ranges
+from minifd.model.chat_template import ChatTemplate
 from minifd.model.config import LlamaConfig
 from minifd.model.llama import KVCache, Llama
 from minifd.model.loader import Checkpoint
-from minifd.model.tokenizer import IncrementalDecoder, Tokenizer, without_incomplete_character
+from minifd.model.tokenizer import Tokenizer
 from minifd.model.weights import expected_shapes, load_weights
 from minifd.decode_step import NON_FINITE, DecodeStep
 from minifd.progress import ProgressBar
-from minifd.sampling import SamplingParams, draw_seed, sample, uniform_source
+from minifd.sampling import SamplingParams, draw_seed, mark_seen, sample, tokens_seen, uniform_source
+from minifd.sequence import Sequence
 
 PREFILL_CHUNK_TOKENS = 512  # prompt positions per prefill call: bounds the activations of a long prompt
 PREFILL_PROGRESS_DELAY = 2.0  # seconds a prefill runs before its progress bar shows
@@ -26,8 +29,8 @@ PREFILL_PROGRESS_DELAY = 2.0  # seconds a prefill runs before its progress bar s
 class Completion:
     prompt_token_ids: list
     token_ids: list  # generated tokens, the EOS that ended it excluded
-    text: str
-    finish_reason: str  # "eos" or "length"
+    text: str  # as streamed, cut before a stop string
+    finish_reason: str  # "eos", "stop" (a stop string), "length" or "cancelled"
 
 
 @dataclass
@@ -65,20 +68,24 @@ class GenerationResult:
 
 class Engine:
     def __init__(self, weights_dir, config, tokenizer, model, xp, use_graph=True, progress=None,
-                 prefill_chunk=PREFILL_CHUNK_TOKENS):
+                 prefill_chunk=PREFILL_CHUNK_TOKENS, chat_template=None):
         self.weights_dir, self.config, self.tokenizer, self.model, self.xp = weights_dir, config, tokenizer, model, xp
         self.use_graph = use_graph  # capture the GPU decode step as a CUDA graph
         self.progress = progress  # progress bars on stderr: True, False, or None for "when it is a terminal"
         self.prefill_chunk = prefill_chunk
+        self.chat_template = chat_template  # a ChatTemplate, or None when the checkpoint has none
+        self._chat_cache = None  # the KV cache chat() keeps between calls, and the tokens it holds
+        self._chat_ids = []
 
     @classmethod
     def load(cls, weights_dir, device="auto", max_context=None, progress=None, use_graph=True,
-             prefill_chunk=PREFILL_CHUNK_TOKENS):
+             prefill_chunk=PREFILL_CHUNK_TOKENS, chat_template=None):
         """weights_dir: a Hugging Face Llama directory (config.json, tokenizer.json, *.safetensors).
 
         max_context: the most positions (prompt + new tokens) a sequence may take, at most the model's
         window; progress: progress bars on stderr (None: when stderr is a terminal); prefill_chunk:
-        prompt positions per prefill call.
+        prompt positions per prefill call; chat_template: a Jinja chat template file to use instead of
+        the checkpoint's own.
         """
         weights_dir = check_weights_dir(weights_dir)
         if max_context is not None and max_context < 1:
@@ -88,6 +95,10 @@ class Engine:
         xp = array_module(device)
         config = LlamaConfig.from_dir(weights_dir)
         tokenizer = Tokenizer.from_dir(weights_dir, config)
+        if chat_template is not None:
+            chat_template = ChatTemplate.from_file(chat_template, tokenizer.special_tokens)
+        else:
+            chat_template = ChatTemplate.from_dir(weights_dir, tokenizer.special_tokens)
         dtype = np.float16 if is_gpu(xp) else np.float32
         checkpoint = Checkpoint(weights_dir)
         try:
@@ -99,86 +110,124 @@ class Engine:
                               "use a smaller model or another device") from None
         max_seq = min(max_context or config.max_position_embeddings, config.max_position_embeddings)
         model = Llama(config, weights, xp, load_softmax_ranges(weights_dir, config.n_layers), max_seq)
-        return cls(weights_dir, config, tokenizer, model, xp, use_graph, progress, prefill_chunk)
+        return cls(weights_dir, config, tokenizer, model, xp, use_graph, progress, prefill_chunk, chat_template)
 
     @property
     def device(self):
         return "cuda" if is_gpu(self.xp) else "cpu"
 
-    def generate(self, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None,
-                 ignore_eos=False, on_text=None, on_finish=None):
+    def generate(self, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                 repetition_penalty=1.0, seed=None, ignore_eos=False, stop=(), on_text=None, on_finish=None,
+                 cancel=None):
         """Generate continuations of several prompts together.
 
-        prompts: list of str; seed: the sampling seed, same seed same text (None or negative: a fresh
-        one, reported in the result's stats); on_text(prompt_index, text): called with each new piece
+        prompts: list of str (encoded with BOS where the model wants one) or of token-id lists (used as
+        they are, e.g. a rendered chat); seed: the sampling seed, same seed same text (None or negative:
+        a fresh one, reported in the result's stats); stop: strings that end a continuation where they
+        appear (its text is cut before them); on_text(prompt_index, text): called with each new piece
         of text as it is produced; on_finish(prompt_index): called once a prompt's continuation is
-        complete. -> GenerationResult with one Completion per prompt, in order.
+        complete; cancel: an object whose is_set() (a threading.Event) ends every continuation after
+        its current token. -> GenerationResult with one Completion per prompt, in order.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
-        params = check_sampling(max_new_tokens, temperature, top_k, top_p)
-        seed = draw_seed(seed)
-        prompt_ids = [self._encode(i, p, max_new_tokens) for i, p in enumerate(prompts)]
-        batch = len(prompt_ids)
-        max_seq = max(len(ids) for ids in prompt_ids) + max_new_tokens
-        try:
-            cache = KVCache.allocate(self.config, batch, max_seq, self.xp, self.model.dtype)
-        except out_of_memory_errors(self.xp):
-            needed = KVCache.nbytes_needed(self.config, batch, max_seq, self.model.dtype)
-            raise MinifdError(f"out of memory for the KV cache: {batch} sequence(s) x {max_seq} positions need "
-                              f"{needed / 2**30:.2f} GiB ({free_memory_text(self.xp) or 'host memory'}); "
-                              "lower max_new_tokens, the prompt count or the prompt lengths",
-                              parameter="max_new_tokens") from None
+        params = check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
+        prompt_ids = [self._prompt_ids(f"prompt {i + 1}", p, max_new_tokens) for i, p in enumerate(prompts)]
+        cache = self._allocate_cache(len(prompt_ids), max(len(ids) for ids in prompt_ids) + max_new_tokens)
+        sequences = [self._sequence(ids, max_new_tokens, ignore_eos, stop, on_text and partial(on_text, i))
+                     for i, ids in enumerate(prompt_ids)]
+        stats = self._run(cache, sequences, params, draw_seed(seed), on_finish, cancel)
+        completions = [Completion(s.prompt_ids, s.token_ids, s.text, s.finish_reason) for s in sequences]
+        return GenerationResult(completions, stats)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        """messages: [{"role": "system" | "user" | "assistant", "content": str}, ...] -> the prompt's token
+        ids, as transformers' apply_chat_template gives them for this checkpoint. add_generation_prompt:
+        end with the header that opens the assistant's reply."""
+        if self.chat_template is None:
+            raise MinifdError(f"{self.weights_dir} ships no chat template; give one with chat_template=FILE "
+                              "(a Jinja file)", parameter="chat_template")
+        return self.tokenizer.encode(self.chat_template.render(messages, add_generation_prompt), add_bos=False)
+
+    def chat(self, messages, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+             repetition_penalty=1.0, seed=None, ignore_eos=False, stop=(), on_text=None, cancel=None):
+        """The assistant's reply to a conversation (messages as apply_chat_template takes them) -> str.
+
+        Calls share one KV cache: the part of the prompt that agrees with the tokens the previous call
+        left in it is not prefilled again, so a conversation continued message by message prefills
+        only what is new. on_text(text): called with each new piece of the reply; the other settings
+        are generate()'s.
+        """
+        params = check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
+        ids = self._prompt_ids("the conversation", self.apply_chat_template(messages), max_new_tokens)
+        reused = common_prefix_length(self._chat_ids, ids[:-1])  # the last position is prefilled for its logits
+        cache = self._chat_cache_for(len(ids) + max_new_tokens, reused)
+        sequence = self._sequence(ids, max_new_tokens, ignore_eos, stop, on_text, cached=reused)
+        self._chat_ids = ids[:reused]  # all the cache is sure to hold should the run not end normally
+        self._run(cache, [sequence], params, draw_seed(seed), cancel=cancel)
+        self._chat_ids = sequence.ids_in_cache()
+        return sequence.text
+
+    def _chat_cache_for(self, positions, held):
+        """The chat's one-sequence KV cache with room for `positions`, doubled (its first `held`
+        positions copied) when the conversation outgrows it."""
+        cache = self._chat_cache
+        if cache is None or cache.max_seq < positions:
+            grown = self._allocate_cache(1, min(self.model.max_seq, max(positions, 2 * (cache.max_seq if cache else 0))))
+            if cache is not None:
+                for old, new in zip(cache.k + cache.v, grown.k + grown.v):
+                    new[:, :, :held] = old[:, :, :held]
+            self._chat_cache = grown
+        return self._chat_cache
+
+    def _run(self, cache, sequences, params, seed, on_finish=None, cancel=None):
+        """Continue each sequence in its cache slot (sequence i in slot i) until all have finished: prefill
+        each prompt past the positions its slot already holds, choose the first tokens, then decode the
+        batch step by step. -> Stats"""
+        batch = len(sequences)
+        stats = Stats(prompt_tokens=sum(len(s.prompt_ids) for s in sequences),
+                      seed=seed if params.temperature > 0 else None)
         uniforms = uniform_source(seed)
-        decoders = [IncrementalDecoder(self.tokenizer, ids) for ids in prompt_ids]
-        generated = [[] for _ in range(batch)]
-        finish = ["length"] * batch
-        stats = Stats(prompt_tokens=sum(len(ids) for ids in prompt_ids), seed=seed if params.temperature > 0 else None)
-
-        running = [True] * batch
-
-        def emit(b, text):
-            if text and on_text is not None:
-                on_text(b, text)
 
         def accept(tokens):
-            """Record one token per unfinished sequence; -> whether any sequence still runs."""
-            for b, token in enumerate(tokens):
-                if not running[b]:
+            """Record one token per running sequence; -> whether any still runs."""
+            cancelled = cancel is not None and cancel.is_set()
+            for b, (sequence, token) in enumerate(zip(sequences, tokens)):
+                if not sequence.running:
                     continue
-                if token in self.tokenizer.eos_ids and not ignore_eos:
-                    finish[b] = "eos"
-                else:
-                    generated[b].append(token)
-                    stats.generated_tokens += 1
-                    emit(b, decoders[b].push(token))
-                if finish[b] == "eos" or len(generated[b]) >= max_new_tokens:
-                    running[b] = False
-                    emit(b, decoders[b].flush())
-                    if on_finish is not None:
-                        on_finish(b)
-            return any(running)
+                sequence.accept(token)
+                if sequence.running and cancelled:
+                    sequence.finish("cancelled")
+                if not sequence.running and on_finish is not None:
+                    on_finish(b)
+            return any(s.running for s in sequences)
 
         start = time.perf_counter()
-        if max_new_tokens == 0:
-            any_running = False
-            for b in range(batch):
+        if sequences[0].max_new_tokens == 0:
+            for b, sequence in enumerate(sequences):
+                sequence.finish("length")
                 if on_finish is not None:
                     on_finish(b)
+            any_running = False
         else:
-            logits = self._prefill(cache, prompt_ids)  # [batch, vocab]
-            tokens = self._choose(logits, params, uniforms)
+            seen = None
+            if params.repetition_penalty != 1.0:  # the penalty reads every token a sequence holds
+                seen = tokens_seen([s.prompt_ids for s in sequences], self.config.vocab_size)
+            logits = self._prefill(cache, sequences)  # [batch, vocab]
+            tokens = self._choose(logits, params, uniforms, seen)
             if NON_FINITE in tokens:
                 raise_non_finite(tokens, 0)
+            if seen is not None:
+                mark_seen(seen, np.asarray(tokens))
             any_running = accept(tokens)
-            stats.first_tokens = stats.generated_tokens
+        stats.first_tokens = sum(len(s.token_ids) for s in sequences)
         stats.prefill_seconds = time.perf_counter() - start
 
-        lengths = np.array([len(ids) for ids in prompt_ids], dtype=np.int32)
+        lengths = np.array([len(s.prompt_ids) for s in sequences], dtype=np.int32)
         weight_bytes = self.model.weights.nbytes_streamed_per_step()
         start = time.perf_counter()
         if any_running:
-            step = DecodeStep(self.model, cache, params, tokens, lengths, use_graph=self.use_graph)
+            step = DecodeStep(self.model, cache, params, tokens, lengths, seen, use_graph=self.use_graph)
         while any_running:
             tokens = [int(t) for t in step(uniforms.random(batch))]
             stats.bytes_read += weight_bytes + int((lengths + 1).sum()) * cache.nbytes_per_position()
@@ -188,19 +237,35 @@ class Engine:
                 raise_non_finite(tokens, stats.decode_steps)
             any_running = accept(tokens)
         stats.decode_seconds = time.perf_counter() - start
+        stats.generated_tokens = sum(len(s.token_ids) for s in sequences)
+        return stats
 
-        completions = [Completion(ids, gen, without_incomplete_character(self.tokenizer.decode(gen)), reason)
-                       for ids, gen, reason in zip(prompt_ids, generated, finish)]
-        return GenerationResult(completions, stats)
+    def _sequence(self, prompt_ids, max_new_tokens, ignore_eos, stop, on_text, cached=0):
+        if isinstance(stop, str):
+            stop = [stop]
+        stop_ids = frozenset() if ignore_eos else self.tokenizer.eos_ids
+        return Sequence(prompt_ids, self.tokenizer, max_new_tokens, stop_ids, stop, cached, on_text)
 
-    def _prefill(self, cache, prompt_ids):
-        """Each prompt into its cache slot, prefill_chunk positions per call, with a progress bar once
-        that takes a while -> logits of each prompt's last position, [batch, vocab]."""
-        bar = ProgressBar("Prefill", sum(len(ids) for ids in prompt_ids), unit="tokens", enabled=self.progress,
-                          delay=PREFILL_PROGRESS_DELAY)
+    def _allocate_cache(self, batch, max_seq):
+        try:
+            return KVCache.allocate(self.config, batch, max_seq, self.xp, self.model.dtype)
+        except out_of_memory_errors(self.xp):
+            needed = KVCache.nbytes_needed(self.config, batch, max_seq, self.model.dtype)
+            raise MinifdError(f"out of memory for the KV cache: {batch} sequence(s) x {max_seq} positions need "
+                              f"{needed / 2**30:.2f} GiB ({free_memory_text(self.xp) or 'host memory'}); "
+                              "lower max_new_tokens, the prompt count or the prompt lengths",
+                              parameter="max_new_tokens") from None
+
+    def _prefill(self, cache, sequences):
+        """Each prompt into its cache slot from the first position the slot does not hold yet,
+        prefill_chunk positions per call, with a progress bar once that takes a while -> logits of each
+        prompt's last position, [batch, vocab]."""
+        bar = ProgressBar("Prefill", sum(len(s.prompt_ids) - s.cached for s in sequences), unit="tokens",
+                          enabled=self.progress, delay=PREFILL_PROGRESS_DELAY)
         last_logits = []
-        for slot, ids in enumerate(prompt_ids):
-            for start in range(0, len(ids), self.prefill_chunk):
+        for slot, sequence in enumerate(sequences):
+            ids = sequence.prompt_ids
+            for start in range(sequence.cached, len(ids), self.prefill_chunk):
                 chunk = ids[start:start + self.prefill_chunk]
                 logits = self.model.prefill(cache, slot, chunk, start)  # [vocab]
                 bar.advance(len(chunk))
@@ -208,22 +273,25 @@ class Engine:
         bar.close()
         return self.xp.stack(last_logits)
 
-    def _encode(self, index, prompt, max_new_tokens):
+    def _prompt_ids(self, what, prompt, max_new_tokens):
+        """A prompt as text or token ids -> its token ids, once they are known to fit the context."""
         if not prompt:
-            raise MinifdError(f"prompt {index + 1} is empty")
-        ids = self.tokenizer.encode(prompt)
+            raise MinifdError(f"{what} is empty")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(token) for token in prompt]
         limit = self.model.max_seq
         if len(ids) + max_new_tokens > limit:
             raise MinifdError(
-                f"prompt {index + 1} has {len(ids)} tokens; with max_new_tokens {max_new_tokens} that is "
+                f"{what} has {len(ids)} tokens; with max_new_tokens {max_new_tokens} that is "
                 f"{len(ids) + max_new_tokens}, over the context of {limit} tokens", parameter="max_new_tokens"
             )
         return ids
 
-    def _choose(self, logits, params, uniforms):
-        # logits: [batch, vocab] -> list of batch token ids (NON_FINITE where a row's logits are not finite)
+    def _choose(self, logits, params, uniforms, seen):
+        # logits: [batch, vocab]; seen: [batch, vocab] host bool or None -> list of batch token ids
+        # (NON_FINITE where a row's logits are not finite)
         finite = self.xp.isfinite(logits).all(axis=-1)
-        chosen = self.xp.where(finite, sample(logits, params, uniforms.random(logits.shape[0])), NON_FINITE)
+        seen = None if seen is None else self.xp.asarray(seen)
+        chosen = self.xp.where(finite, sample(logits, params, uniforms.random(logits.shape[0]), seen), NON_FINITE)
         return [int(t) for t in to_numpy(chosen)]
 
 
@@ -244,7 +312,17 @@ def check_weights_dir(weights_dir):
     return weights_dir
 
 
-def check_sampling(max_new_tokens, temperature, top_k, top_p):
+def common_prefix_length(a, b):
+    """How many leading tokens the lists a and b share."""
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p, min_p=0.0, repetition_penalty=1.0):
     """Validate the generation settings -> SamplingParams."""
     if max_new_tokens < 0:
         raise MinifdError(f"max_new_tokens must be >= 0, not {max_new_tokens}", parameter="max_new_tokens")
@@ -254,4 +332,8 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p):
         raise MinifdError(f"top_k must be >= 0, not {top_k}", parameter="top_k")
     if not 0 < top_p <= 1:
         raise MinifdError(f"top_p must be in (0, 1], not {top_p}", parameter="top_p")
-    return SamplingParams(temperature, top_k, top_p)
+    if not 0 <= min_p <= 1:
+        raise MinifdError(f"min_p must be in [0, 1], not {min_p}", parameter="min_p")
+    if repetition_penalty <= 0:
+        raise MinifdError(f"repetition_penalty must be > 0, not {repetition_penalty}", parameter="repetition_penalty")
+    return SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
