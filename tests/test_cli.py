@@ -50,6 +50,23 @@ def test_greedy_tokens_match_the_oracle(model_dir):
         ids.append(token)
 
 
+def test_greedy_tokens_with_a_repetition_penalty_match_the_oracle(model_dir):
+    # The penalty reads every token the sequence holds, the prompt's and those the decode step chose.
+    engine = minifd.load(model_dir, device="cpu", progress=False)
+    completion = engine.generate(["abcabc", "xy"], max_new_tokens=10, ignore_eos=True,
+                                 repetition_penalty=3.0).completions[0]
+    checkpoint = minifd.model.loader.Checkpoint(model_dir)
+    ids = list(completion.prompt_token_ids)
+    for token in completion.token_ids:
+        logits = oracle.forward(checkpoint, engine.config, ids)[-1]
+        held = np.unique(ids)
+        logits[held] = np.where(logits[held] < 0, logits[held] * 3.0, logits[held] / 3.0)
+        assert token == int(np.argmax(logits))
+        ids.append(token)
+    plain = engine.generate(["abcabc"], max_new_tokens=10, ignore_eos=True).completions[0]
+    assert plain.token_ids != completion.token_ids
+
+
 def test_several_prompts_give_one_line_each_in_order(model_dir, tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("second prompt\n\nthird, longer prompt here\n")
@@ -88,6 +105,8 @@ def test_generation_stops_at_eos(model_dir):
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--top-k", "-3"], "--top-k must be >= 0"),
     (["--max-new-tokens", "300"], "over the context of 256 tokens"),
+    (["--min-p", "1.5"], "--min-p must be in [0, 1]"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
 ])
 def test_bad_flags_end_in_one_line_and_exit_2(model_dir, flags, message):
     result = minifd_cli("run", "--weights", str(model_dir), *flags, "hello", check=False)
@@ -157,10 +176,10 @@ def test_a_continuation_cut_inside_a_character_ends_before_it(tmp_path):
 
 # --- settings that do not do what they say -----------------------------------------------------
 
-def test_top_k_and_top_p_at_temperature_0_say_they_have_no_effect(model_dir):
+def test_top_k_top_p_and_min_p_at_temperature_0_say_they_have_no_effect(model_dir):
     args = ("run", "--weights", str(model_dir), "--max-new-tokens", "6", "--ignore-eos", "hi")
     plain = minifd_cli(*args)
-    for flags in (["--top-k", "5"], ["--top-p", "0.5"], ["--top-k", "5", "--top-p", "0.5"]):
+    for flags in (["--top-k", "5"], ["--top-p", "0.5"], ["--min-p", "0.2"], ["--top-k", "5", "--top-p", "0.5"]):
         noted = minifd_cli(*args, *flags)
         assert noted.stdout == plain.stdout
         notes = [line for line in noted.stderr.splitlines() if line.startswith("minifd: note:")]

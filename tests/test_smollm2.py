@@ -10,6 +10,7 @@ from minifd import oracle
 from minifd.fixture import fixture_dir, fixture_ready
 from minifd.model.llama import KVCache
 from minifd.model.loader import Checkpoint
+from test_cli import minifd_cli
 
 # The README's test command prepares the fixture and sets this, so there the tests cannot be skipped.
 if not fixture_ready():
@@ -35,3 +36,50 @@ def test_last_position_logits_match_the_oracle(engine):
     expected = oracle.forward(Checkpoint(fixture_dir()), engine.config, tokens)[-1]
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-3
     assert got.argmax() == expected.argmax()
+
+
+# --- chat: the fixture ships SmolLM2's template, which inserts a default system prompt -------------
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Hello!"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Übersetze: «Guten Morgen» 🌅"}],
+]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(fixture_dir())
+
+
+def hf_chat_ids(hf_tokenizer, messages):
+    return list(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_chat_template_ids_equal_transformers(engine, hf_tokenizer, messages):
+    assert engine.apply_chat_template(messages) == hf_chat_ids(hf_tokenizer, messages)
+
+
+def test_run_chat_answers_as_generating_from_transformers_ids(engine, hf_tokenizer):
+    result = minifd_cli("run", "--chat", "--weights", str(fixture_dir()), "--max-new-tokens", "24",
+                        "What is the capital of France?")
+    ids = hf_chat_ids(hf_tokenizer, CONVERSATIONS[0])
+    expected = engine.generate([ids], max_new_tokens=24).completions[0]
+    assert expected.finish_reason == "eos" and "Paris" in expected.text
+    assert result.stdout == expected.text + "\n"
+
+
+def test_a_piped_chat_replies_as_rendering_each_turn_from_scratch(engine):
+    result = minifd_cli("chat", "--weights", str(fixture_dir()), "--max-new-tokens", "24",
+                        stdin="What is the capital of France?\nAnd of Germany?\n")
+    history, expected = [], ""
+    for message in ("What is the capital of France?", "And of Germany?"):
+        history.append({"role": "user", "content": message})
+        reply = engine.generate([engine.apply_chat_template(history)], max_new_tokens=24).completions[0]
+        assert reply.finish_reason == "eos"  # <|im_end|> ends each reply
+        history.append({"role": "assistant", "content": reply.text})
+        expected += reply.text + "\n"
+    assert result.stdout == expected
