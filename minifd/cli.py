@@ -95,6 +95,7 @@ def chat(system, **options):
     line is a message and stdout holds only the replies, one after another, each ending in a newline.
     """
     engine, generation = load_engine(options)
+    engine.require_chat_template()  # before the first message, not at it
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())

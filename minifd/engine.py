@@ -144,10 +144,17 @@ class Engine:
         """messages: [{"role": "system" | "user" | "assistant", "content": str}, ...] -> the prompt's token
         ids, as transformers' apply_chat_template gives them for this checkpoint. add_generation_prompt:
         end with the header that opens the assistant's reply."""
+        rendered = self.require_chat_template().render(messages, add_generation_prompt)
+        return self.tokenizer.encode(rendered, add_bos=False)
+
+    def require_chat_template(self):
+        """-> the ChatTemplate, compiled (so that a missing jinja2 or a broken template shows now);
+        a MinifdError when the checkpoint ships none and none was given."""
         if self.chat_template is None:
             raise MinifdError(f"{self.weights_dir} ships no chat template; give one with chat_template=FILE "
                               "(a Jinja file)", parameter="chat_template")
-        return self.tokenizer.encode(self.chat_template.render(messages, add_generation_prompt), add_bos=False)
+        self.chat_template.compiled()
+        return self.chat_template
 
     def chat(self, messages, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
              repetition_penalty=1.0, seed=None, ignore_eos=False, stop=(), on_text=None, cancel=None):

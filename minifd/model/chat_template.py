@@ -17,7 +17,6 @@ from minifd.errors import MinifdError
 from minifd.model.tokenizer import read_json_object
 
 TEMPLATE_FILE = "chat_template.jinja"  # what newer transformers write beside tokenizer_config.json
-INSTALL_HINT = "pip install 'minifd[chat]'"
 
 
 class ChatTemplate:
@@ -25,6 +24,7 @@ class ChatTemplate:
         """source: the Jinja text; special_tokens: {"bos_token": "<s>", ...}, as the template sees them;
         origin: where the source came from, for error messages."""
         self.source, self.special_tokens, self.origin = source, dict(special_tokens), origin
+        self._template = None  # compiled on first use: a checkpoint's template needs jinja2 only for chat
 
     @classmethod
     def from_dir(cls, weights_dir, special_tokens):
@@ -55,12 +55,11 @@ class ChatTemplate:
     def render(self, messages, add_generation_prompt=True):
         """messages: [{"role": ..., "content": ...}, ...] -> the prompt text. add_generation_prompt: end
         with the header that opens the assistant's reply."""
-        import jinja2
-
         if not messages or not all(isinstance(message, dict) for message in messages):
             raise MinifdError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts",
                               parameter="messages")
-        template = self._compiled()
+        template = self.compiled()
+        import jinja2  # there once the template compiled
         # As transformers does: keys whose value is None are left out (templates test for presence),
         # and the template gets copies, never the caller's objects.
         conversation = [{key: value for key, value in message.items() if value is not None} for message in messages]
@@ -75,18 +74,22 @@ class ChatTemplate:
             raise MinifdError(f"chat template {self.origin}: fails on this conversation "
                               f"({type(error).__name__}: {error})") from None
 
-    def _compiled(self):
+    def compiled(self):
+        """-> the jinja2 Template, compiled once."""
+        if self._template is not None:
+            return self._template
         try:
             environment = sandboxed_environment()
         except ImportError:
-            raise MinifdError(f"chat templates need jinja2: {INSTALL_HINT}") from None
+            raise MinifdError("chat templates need jinja2: pip install 'minifd[chat]'") from None
         import jinja2
 
         try:
-            return environment.from_string(self.source)
+            self._template = environment.from_string(self.source)
         except jinja2.exceptions.TemplateSyntaxError as error:
             raise MinifdError(f"chat template {self.origin}: not a valid Jinja template "
                               f"(line {error.lineno}: {error.message})") from None
+        return self._template
 
 
 @lru_cache(maxsize=1)
