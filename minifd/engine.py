@@ -1,4 +1,7 @@
-"""The engine: load a model directory once, then generate text for batches of prompts."""
+"""The engine: load a model directory once, then generate text for batches of prompts, or chat.
+
+Both go through one loop (Engine._run): sequences are prefilled from the first position their KV-cache
+slot does not hold yet, then decoded together step by step until their stop rules end them."""
 
 import time
 from dataclasses import dataclass, field
@@ -210,7 +213,7 @@ class Engine:
             return any(s.running for s in sequences)
 
         start = time.perf_counter()
-        if sequences[0].max_new_tokens == 0:
+        if sequences[0].max_new_tokens == 0:  # the same for every sequence of a run
             for b, sequence in enumerate(sequences):
                 sequence.finish("length")
                 if on_finish is not None:
