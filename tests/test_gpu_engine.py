@@ -96,3 +96,36 @@ def test_gpu_memory_is_flat_over_many_generate_calls(engines):
     growth = pool.used_bytes() - before
     print(f"GPU pool bytes in use grew by {growth} over 200 generate calls")
     assert growth < 16 * 2**20
+
+
+def test_chat_on_gpu_answers_and_reuses_its_cache(engines):
+    gpu = engines[1]
+    first = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = gpu.chat(first, max_new_tokens=24)
+    assert "Paris" in reply, reply
+    second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And of Germany?"}]
+    continued = gpu.chat(second, max_new_tokens=24)  # prefilled past the first turn's cached tokens
+    assert "Berlin" in continued, continued
+    # The cache holds what a fresh prefill of the tokens it claims gives, within float16 rounding.
+    import cupy
+
+    held = gpu._chat_ids
+    fresh = KVCache.allocate(gpu.config, 1, len(held), cupy, np.float16)
+    gpu.model.prefill(fresh, 0, held)
+    for cached, expected in zip(gpu._chat_cache.k + gpu._chat_cache.v, fresh.k + fresh.v):
+        np.testing.assert_allclose(cupy.asnumpy(cached[0, :, :len(held)]).astype(np.float32),
+                                   cupy.asnumpy(expected[0]).astype(np.float32), rtol=2e-2, atol=2e-2)
+
+
+def test_repetition_penalty_in_the_cuda_graph_equals_eager_launches(engines):
+    """The seen-token mask the penalty reads is kept on the device by the captured step itself."""
+    gpu = engines[1]
+    args = dict(max_new_tokens=24, ignore_eos=True, repetition_penalty=1.3)
+    replayed = gpu.generate(["Once upon a time"], **args).completions[0].token_ids
+    gpu.use_graph = False
+    try:
+        launched = gpu.generate(["Once upon a time"], **args).completions[0].token_ids
+    finally:
+        gpu.use_graph = True
+    assert replayed == launched
+    assert replayed != gpu.generate(["Once upon a time"], max_new_tokens=24, ignore_eos=True).completions[0].token_ids
