@@ -47,9 +47,11 @@ class Sequence:
         self.prompt_ids, self.max_new_tokens, self.stop_ids, self.cached = list(prompt_ids), max_new_tokens, stop_ids, cached
         self.decoder = IncrementalDecoder(tokenizer, prompt_ids)
         self.stop_strings = StopStrings(stop_strings)
+        # A stop string that is a special token (`<|eot_id|>`) never shows in the decoded text: its id stops.
+        self.stop_string_ids = tokenizer.special_token_ids(stop_strings)
         self.on_text = on_text
         self.chosen = []  # every token chosen for it, the stop id that ended it included
-        self.token_ids = []  # the generated tokens, without that stop id
+        self.token_ids = []  # the generated tokens, without that stop id or special-token stop string
         self.pieces = []  # the text streamed
         self.finish_reason = None  # "eos", "stop", "length" or "cancelled" once it has ended
 
@@ -73,8 +75,8 @@ class Sequence:
     def accept(self, token):
         """Take the next chosen token (the sequence must be running)."""
         self.chosen.append(token)
-        if token in self.stop_ids:
-            self.finish("eos")
+        if token in self.stop_ids or token in self.stop_string_ids:
+            self.finish("eos" if token in self.stop_ids else "stop")
             return
         self.token_ids.append(token)
         if self._stream(self.decoder.push(token)):

@@ -16,7 +16,7 @@ from minifd.cli import interrupt_sets
 from minifd.errors import MinifdError
 from minifd.model import chat_template
 from minifd.model.llama import KVCache
-from minifd.sequence import StopStrings
+from minifd.sequence import Sequence, StopStrings
 from test_cli import minifd_cli
 from tiny_model import tiny_model
 
@@ -79,6 +79,16 @@ def test_generation_ends_before_a_stop_string_spanning_tokens(model_dir):
     assert stopped.finish_reason == "stop"
     assert stopped.text == "".join(pieces) == free.text[:free.text.find(stop)]
     assert stopped.token_ids == free.token_ids[:len(stopped.token_ids)]
+
+
+def test_a_stop_string_that_is_a_special_token_stops_at_its_id(model_dir):
+    tokenizer = load(model_dir).tokenizer
+    assert tokenizer.special_token_ids(["</s>", "s>", "hello", "<s>"]) == {256, 257}
+    hi = tokenizer.encode("hi", add_bos=False)
+    sequence = Sequence([256, hi[0]], tokenizer, max_new_tokens=5, stop_strings=["</s>"])
+    sequence.accept(hi[1])
+    sequence.accept(257)  # decoded text leaves </s> out, so no text could ever match it
+    assert (sequence.finish_reason, sequence.token_ids, sequence.text) == ("stop", hi[1:], "i")
 
 
 def test_every_eos_id_of_generation_config_ends_generation(tmp_path):

@@ -68,6 +68,12 @@ class Tokenizer:
     def decode(self, ids):
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def special_token_ids(self, texts):
+        """-> the ids of those texts that are special tokens, which decode() leaves out of the text."""
+        special = {token.content: token_id for token_id, token in self.tokenizer.get_added_tokens_decoder().items()
+                   if token.special}
+        return {special[text] for text in texts if text in special}
+
 
 class IncrementalDecoder:
     """Turns a growing token sequence into text deltas, holding back incomplete UTF-8 characters.
