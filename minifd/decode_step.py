@@ -11,14 +11,17 @@ import sys
 import numpy as np
 
 from minifd.backend import is_gpu, to_numpy
+from minifd.kernels.launch import Launch, overlap_supported
 from minifd.sampling import sample
 
 NON_FINITE = -1  # the token a row reports when its logits hold NaN or Inf
 
 
 class DecodeStep:
-    def __init__(self, model, cache, params, first_tokens, positions, use_graph=True):
-        """first_tokens: [batch] the tokens chosen from the prefill; positions: [batch] where they go."""
+    def __init__(self, model, cache, params, first_tokens, positions, use_graph=True, overlap=None):
+        """first_tokens: [batch] the tokens chosen from the prefill; positions: [batch] where they go;
+        overlap: launch each kernel so it overlaps the previous one's tail (minifd.kernels.launch);
+        None = wherever the GPU and software support it."""
         xp = model.xp
         self.model, self.cache, self.params, self.xp = model, cache, params, xp
         self.tokens = xp.array(np.asarray(first_tokens, dtype=np.int64))  # [batch], a copy: the step advances it
@@ -26,6 +29,10 @@ class DecodeStep:
         self.uniforms = xp.zeros(self.tokens.shape, dtype=xp.float32)  # [batch]
         self.chosen = None  # [batch] int64, written by each step
         self.use_graph = use_graph and is_gpu(xp)
+        # Captured or not, the step runs the kernels a CUDA graph can record, so --no-graph changes
+        # how the step is launched, not what it computes.
+        supported = is_gpu(xp) and overlap_supported()[0]
+        self.launch = Launch(graph_captured=is_gpu(xp), overlap=supported if overlap is None else overlap and supported)
         self.stream = None
         if is_gpu(xp):
             # Steps run on their own stream (capture needs one); it starts after the prefill's work.
@@ -36,9 +43,7 @@ class DecodeStep:
 
     def _step(self):
         xp = self.xp
-        # Captured or not, the step runs the kernels a CUDA graph can record, so --no-graph changes
-        # how the step is launched, not what it computes.
-        logits = self.model.decode(self.cache, self.tokens, self.positions, graph_captured=is_gpu(xp))  # [batch, vocab]
+        logits = self.model.decode(self.cache, self.tokens, self.positions, self.launch)  # [batch, vocab]
         finite = xp.isfinite(logits).all(axis=-1)
         chosen = xp.where(finite, sample(logits, self.params, self.uniforms), NON_FINITE)
         if self.chosen is None:
