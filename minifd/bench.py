@@ -221,8 +221,13 @@ def run_bench(prompt_lengths=(16, 1024, 4096), batches=(1, 2, 4, 8), decode_step
             reference = hf_model("eager" if engine == "hf-eager" else "sdpa", config_raw, weights_dir)
             for prompt_tokens in prompt_lengths:
                 for batch in batches:
-                    row = bench_hf(reference, engine, config, prompt_tokens, batch, decode_steps,
-                                   ours[(prompt_tokens, batch)])
+                    try:
+                        row = bench_hf(reference, engine, config, prompt_tokens, batch, decode_steps,
+                                       ours[(prompt_tokens, batch)])
+                    except Exception as error:  # one comparison engine failing leaves the others' rows
+                        log(f"{engine} prompt {prompt_tokens} batch {batch}: failed ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''})")
+                        continue
                     rows.append(row)
                     log(format_row(row))
             del reference

@@ -35,8 +35,8 @@
 // W: every block reads the same x, so those loads hit L1 and L2, and the K loop needs no staging and
 // no barrier. All loads of a chunk are issued before its first MMA. At the end each warp holds
 // partial sums over its own pieces; they are added in warp order through shared memory
-// (deterministic, no atomics) and the epilogue writes y. Before any of this the block asks L2 for
-// its rows of W and waits for the previous kernel (MINIFD_PRODUCT_KERNEL, launch.py).
+// (deterministic, no atomics) and the epilogue writes y. Before any of this the block waits for the
+// previous kernel (MINIFD_PRODUCT_KERNEL, launch.py).
 // vector_ok == 0 (K % 8 != 0 or a pointer not 16-byte aligned) loads the same pieces 2 bytes at a time.
 #include "portable.cuh"
 
@@ -221,9 +221,9 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
 
 // One kernel per (M_PAD, epilogue, norm): flat_gemm_m<M_PAD>_<store|store_norm|residual|gated_norm>.
 #define FLAT_GEMM_KERNELS(M_PAD)                                                                                   \
-    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store, FLAT_THREADS, FLAT_ROWS, flat_gemm_block<M_PAD, EPILOGUE_STORE, false>) \
-    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store_norm, FLAT_THREADS, FLAT_ROWS, flat_gemm_block<M_PAD, EPILOGUE_STORE, true>) \
-    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_residual, FLAT_THREADS, FLAT_ROWS, flat_gemm_block<M_PAD, EPILOGUE_RESIDUAL, false>) \
-    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_gated_norm, FLAT_THREADS, FLAT_ROWS, flat_gemm_block<M_PAD, EPILOGUE_GATED, true>)
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store, FLAT_THREADS, flat_gemm_block<M_PAD, EPILOGUE_STORE, false>) \
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store_norm, FLAT_THREADS, flat_gemm_block<M_PAD, EPILOGUE_STORE, true>) \
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_residual, FLAT_THREADS, flat_gemm_block<M_PAD, EPILOGUE_RESIDUAL, false>) \
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_gated_norm, FLAT_THREADS, flat_gemm_block<M_PAD, EPILOGUE_GATED, true>)
 
 FLAT_GEMM_KERNELS(8) FLAT_GEMM_KERNELS(16) FLAT_GEMM_KERNELS(32) FLAT_GEMM_KERNELS(64)

@@ -17,8 +17,7 @@
 // row in flight (GEMV_UNROLL for M_TILE <= 2, where the arithmetic is light; half that above, where
 // registers go to the accumulators), and a warp_sum closes each dot product. vector_ok == 0 (K not a multiple of 8, or a
 // pointer not 16-byte aligned) walks the same geometry with 2-byte loads.
-// Before any of this the block asks L2 for its rows of W and waits for the previous kernel
-// (MINIFD_PRODUCT_KERNEL in portable.cuh, launch.py).
+// Before any of this the block waits for the previous kernel (MINIFD_PRODUCT_KERNEL, launch.py).
 #include "portable.cuh"
 
 // The geometry can be set at compile time (-D...) so a sweep can compare variants; gemv.py passes
@@ -194,13 +193,11 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
         }
 }
 
-#define GEMV_BLOCK_ROWS (GEMV_THREADS / MINIFD_WARP_SIZE * GEMV_ROWS_PER_WARP)
-
 // One kernel per M_TILE (the accumulators live in registers, so the tile is a compile-time constant)
 // and fused step: gemv_m<M_TILE>_<store|norm|residual>.
 #define GEMV_KERNELS(M_TILE)                                                                           \
-    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_store, GEMV_THREADS, GEMV_BLOCK_ROWS, gemv_rows<M_TILE, false, false>)       \
-    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_norm, GEMV_THREADS, GEMV_BLOCK_ROWS, gemv_rows<M_TILE, true, false>)         \
-    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_residual, GEMV_THREADS, GEMV_BLOCK_ROWS, gemv_rows<M_TILE, false, true>)
+    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_store, GEMV_THREADS, gemv_rows<M_TILE, false, false>)       \
+    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_norm, GEMV_THREADS, gemv_rows<M_TILE, true, false>)         \
+    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_residual, GEMV_THREADS, gemv_rows<M_TILE, false, true>)
 
 GEMV_KERNELS(1) GEMV_KERNELS(2) GEMV_KERNELS(4) GEMV_KERNELS(8)

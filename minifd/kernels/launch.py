@@ -7,17 +7,15 @@ the next kernel's blocks ramp up (about 3 us, BENCHMARKS.md). With programmatic 
 (CUDA 12.3+, compute capability 9.0+), a kernel launched with the attribute
 CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION may start as soon as every block of the kernel
 before it has executed `griddepcontrol.launch_dependents`. Every minifd kernel the decode step
-launches follows one protocol (portable.cuh):
-
-    let_next_kernel_start();      // the next kernel may now be scheduled on free SM slots
-    prefetch_to_l2(own weights);  // products only: input that no earlier kernel writes
-    wait_for_previous_kernel();   // griddepcontrol.wait: the kernel before has completed, its writes
-                                  // visible; nothing is read or written before this point
-    ... the kernel ...
-
-so a product's weight reads start during the previous kernel's tail, and correctness never depends
-on the overlap: waiting for the previous kernel's completion makes the order transitive, and
-without the attribute the wait returns at once.
+launches begins with `start_after_previous_kernel()` (portable.cuh): it lets the next kernel be
+scheduled, then waits in `griddepcontrol.wait` until the previous kernel has completed and its
+writes are visible, and touches no memory before. So the next kernel's blocks are already resident
+and past their launch when the last blocks of the previous one drain, and correctness never
+depends on the overlap: each kernel waits for the completion of the one before, which waited for
+the one before it, and without the attribute the wait returns at once. On the H200 this gives
+3-4% more decode tokens/s at batch 1 and 8 (BENCHMARKS.md); asking L2 for the product's weights
+before the wait made every step slower (the prefetches doubled the requests of the blocks that do
+not start early), so the kernels do nothing before waiting.
 
 The launch goes through CUDA's own Python bindings (`cuda-bindings`, the optional extra
 `minifd[overlap]`), since CuPy's kernel call cannot set launch attributes. A stream capture records

@@ -36,31 +36,15 @@ typedef __half half_t;
 // ---------------------------------------------------------------------------------------------
 // Overlapping a kernel's start with the previous kernel's tail (minifd/kernels/launch.py)
 // ---------------------------------------------------------------------------------------------
-// Every kernel the decode step launches begins: let_next_kernel_start(); [prefetch_to_l2 of input
-// no kernel writes]; wait_for_previous_kernel(); and touches no other memory before the wait. On
-// sm_90+ these are griddepcontrol instructions (programmatic dependent launch), which do nothing
-// when the kernel was launched without the attribute; elsewhere they compile to nothing.
-#if defined(MINIFD_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void let_next_kernel_start() { asm volatile("griddepcontrol.launch_dependents;\n" ::); }
-__device__ __forceinline__ void wait_for_previous_kernel() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-#else
-__device__ __forceinline__ void let_next_kernel_start() {}
-__device__ __forceinline__ void wait_for_previous_kernel() {}
-#endif
-
-// The prologue of a kernel with nothing to prefetch.
+// Every kernel the decode step launches begins with start_after_previous_kernel() and touches no
+// memory before it. On sm_90+ it lets the next kernel in the stream be scheduled on free SM slots
+// (griddepcontrol.launch_dependents), then waits until the previous kernel has completed and its
+// writes are visible (griddepcontrol.wait); launched without the attribute, both do nothing.
+// Elsewhere it compiles to nothing.
 __device__ __forceinline__ void start_after_previous_kernel() {
-    let_next_kernel_start();
-    wait_for_previous_kernel();
-}
-
-// Ask L2 for the 128-byte lines of [start, start + bytes), spread over the block's threads. L2 is
-// where every SM's writes land, so a prefetch never returns stale data.
-__device__ __forceinline__ void prefetch_to_l2(const void* start, size_t bytes) {
-#if defined(MINIFD_CUDA)
-    const char* base = static_cast<const char*>(start);
-    for (size_t offset = 128 * (size_t)threadIdx.x; offset < bytes; offset += 128 * (size_t)blockDim.x)
-        asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base + offset));
+#if defined(MINIFD_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::);
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
 
@@ -233,19 +217,13 @@ __device__ __forceinline__ mfma_float4 mfma_16x16x16(mfma_half4 a, mfma_half4 b,
 // The entry point of every product kernel (gemv.cu, flat_gemm.cu)
 // ---------------------------------------------------------------------------------------------
 // x [M, K], w [N, K] -> y; the norm's gain [K] and the residual [M, N] are read only by the variants
-// that fuse them. Block b owns rows [b ROWS, (b + 1) ROWS) of W. Before waiting for the previous
-// kernel (launch.py), the first block of each row range asks L2 for those rows: W is the one input
-// no kernel writes, and the bulk of what the product reads. The last argument names the device
-// function (a template instance) that does the work.
-#define MINIFD_PRODUCT_KERNEL(NAME, THREADS, ROWS, ...)                                                     \
+// that fuse them. The last argument names the device function (a template instance) that does the
+// work; it starts once the previous kernel has finished (launch.py).
+#define MINIFD_PRODUCT_KERNEL(NAME, THREADS, ...)                                                          \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                   \
         NAME(const half_t* x, const half_t* w, half_t* y, const half_t* gain, const half_t* residual, int M, \
              int N, int K, float eps, int vector_ok) {                                                      \
-        let_next_kernel_start();                                                                            \
-        const int first_row = blockIdx.x * (ROWS);                                                         \
-        if (blockIdx.y == 0 && first_row < N)                                                               \
-            prefetch_to_l2(w + (size_t)first_row * K, (size_t)((N - first_row < (ROWS)) ? N - first_row : (ROWS)) * K * sizeof(half_t)); \
-        wait_for_previous_kernel();                                                                         \
+        start_after_previous_kernel();                                                                      \
         __VA_ARGS__(x, w, y, gain, residual, M, N, K, eps, vector_ok);                                     \
     }
 
