@@ -4,7 +4,9 @@ Decode at small batch is memory-bound: each step must read every weight and the 
 so (bytes read per step) / (measured device-to-device copy bandwidth) is the fastest a step can be.
 The benchmark reports each configuration as tokens/s and as a share of that roofline, and, where
 torch and transformers import, runs Hugging Face `generate` on the same shapes in the same process
-so the ratios compare like with like.
+so the ratios compare like with like: eager and sdpa attention, and `hf-compiled`, HF's static KV
+cache with its decode forward compiled by torch.compile (mode reduce-overhead: CUDA graphs), the
+way PyTorch users make a decoder fast.
 """
 
 import json
@@ -17,6 +19,7 @@ import numpy as np
 
 from minifd.backend import array_module
 from minifd.decode_step import DecodeStep
+from minifd.kernels.launch import overlap_supported
 from minifd.model.config import LlamaConfig
 from minifd.model.llama import KVCache, Llama
 from minifd.model.weights import LayerWeights, Weights
@@ -39,7 +42,7 @@ SHAPES = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B}
 
 @dataclass
 class BenchRow:
-    engine: str  # "minifd", "hf-eager", "hf-sdpa"
+    engine: str  # "minifd", "hf-eager", "hf-sdpa", "hf-compiled"
     prompt_tokens: int
     batch: int
     prefill_ms: float
@@ -87,8 +90,9 @@ def copy_bandwidth(xp, nbytes=2 * 2**30, repeats=10):
     return 2 * nbytes / float(np.median(times))
 
 
-def bench_minifd(model, config, prompt_tokens, batch, decode_steps, bandwidth, use_graph=True, seed=0):
-    """-> BenchRow for one (prompt length, batch): prefill every sequence, then `decode_steps` decode steps."""
+def bench_minifd(model, config, prompt_tokens, batch, decode_steps, bandwidth, use_graph=True, overlap=None, seed=0):
+    """-> BenchRow for one (prompt length, batch): prefill every sequence, then `decode_steps` decode steps.
+    overlap: DecodeStep's (None = wherever supported)."""
     xp = model.xp
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, config.vocab_size, (batch, prompt_tokens))
@@ -100,7 +104,7 @@ def bench_minifd(model, config, prompt_tokens, batch, decode_steps, bandwidth, u
     prefill_seconds = time.perf_counter() - start
 
     lengths = np.full(batch, prompt_tokens, dtype=np.int32)
-    step = DecodeStep(model, cache, SamplingParams(), first, lengths, use_graph=use_graph)
+    step = DecodeStep(model, cache, SamplingParams(), first, lengths, use_graph=use_graph, overlap=overlap)
     draws = np.zeros(batch, dtype=np.float32)
     for _ in range(2):  # the eager first step and the graph capture stay out of the timing
         step(draws)
@@ -134,26 +138,33 @@ def hf_model(attention, config_raw, weights_dir=None):
     return model.eval()
 
 
-def bench_hf(model, attention, config, prompt_tokens, batch, decode_steps, bandwidth_row):
-    """The same configuration through Hugging Face transformers `generate`."""
+def bench_hf(model, engine, config, prompt_tokens, batch, decode_steps, bandwidth_row):
+    """The same configuration through Hugging Face transformers `generate`; engine: "hf-eager", "hf-sdpa"
+    or "hf-compiled" (sdpa attention, static cache, the decode forward compiled with CUDA graphs)."""
     import torch
 
     prompts = torch.randint(0, config.vocab_size, (batch, prompt_tokens), device="cuda")
+    compiled = {}
+    if engine == "hf-compiled":
+        from transformers import CompileConfig
+
+        compiled = {"cache_implementation": "static",
+                    "compile_config": CompileConfig(fullgraph=True, mode="reduce-overhead")}
 
     def timed_generate(new_tokens):
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.inference_mode():
             model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **compiled)
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    timed_generate(2)
+    timed_generate(decode_steps + 1)  # compiles (hf-compiled) and warms up at the timed cache size
     prefill = timed_generate(1)
     total = timed_generate(decode_steps + 1)
     step_seconds = (total - prefill) / decode_steps
-    return BenchRow(f"hf-{attention}", prompt_tokens, batch, prefill * 1000, batch / step_seconds,
+    return BenchRow(engine, prompt_tokens, batch, prefill * 1000, batch / step_seconds,
                     step_seconds * 1000, bandwidth_row.roofline_step_ms,
                     100 * bandwidth_row.roofline_step_ms / (step_seconds * 1000))
 
@@ -169,11 +180,12 @@ def hf_available():
 
 def run_bench(prompt_lengths=(16, 1024, 4096), batches=(1, 2, 4, 8), decode_steps=64, with_hf=True,
               use_graph=True, weights_dir=None, out_json=None, out_png=None, log=print, shape_config=LLAMA2_7B,
-              attention_method="async"):
+              attention_method="async", overlap=None):
     """Run the whole sweep on the GPU -> list of BenchRow (also written as JSON / PNG when asked).
 
     Without weights_dir the model has shape_config's shape (a config.json dict, SHAPES names two)
-    with random float16 weights made on the GPU. attention_method: "async" (unified max) or "sync".
+    with random float16 weights made on the GPU. attention_method: "async" (unified max) or "sync";
+    overlap: launch decode kernels overlapping (minifd.kernels.launch; None = wherever supported).
     """
     xp = array_module("cuda")
     max_seq = max(prompt_lengths) + decode_steps + 16
@@ -190,23 +202,32 @@ def run_bench(prompt_lengths=(16, 1024, 4096), batches=(1, 2, 4, 8), decode_step
         model = Engine.load(weights_dir, device="cuda", max_context=max_seq).model
         config, weights, config_raw = model.config, model.weights, None
     log(f"weights: {weights.nbytes_streamed_per_step() / 1e9:.2f} GB read per decode step")
-    bench_minifd(model, config, 64, 2, 4, bandwidth, use_graph)  # compiles every kernel before timing
+    supported, why_not = overlap_supported()
+    overlapping = supported if overlap is None else overlap and supported
+    why_not = "" if overlapping else " (turned off)" if overlap is False else f" ({why_not})"
+    log(f"decode kernels overlap the previous kernel's tail: {'yes' if overlapping else 'no'}{why_not}")
+    bench_minifd(model, config, 64, 2, 4, bandwidth, use_graph, overlapping)  # compiles every kernel before timing
     rows = []
     for prompt_tokens in prompt_lengths:
         for batch in batches:
-            row = bench_minifd(model, config, prompt_tokens, batch, decode_steps, bandwidth, use_graph)
+            row = bench_minifd(model, config, prompt_tokens, batch, decode_steps, bandwidth, use_graph, overlapping)
             rows.append(row)
             log(format_row(row))
     if with_hf and hf_available():
         del model, weights
         xp.get_default_memory_pool().free_all_blocks()
         ours = {(r.prompt_tokens, r.batch): r for r in rows}
-        for attention in ("eager", "sdpa"):
-            reference = hf_model(attention, config_raw, weights_dir)
+        for engine in ("hf-eager", "hf-sdpa", "hf-compiled"):
+            reference = hf_model("eager" if engine == "hf-eager" else "sdpa", config_raw, weights_dir)
             for prompt_tokens in prompt_lengths:
                 for batch in batches:
-                    row = bench_hf(reference, attention, config, prompt_tokens, batch, decode_steps,
-                                   ours[(prompt_tokens, batch)])
+                    try:
+                        row = bench_hf(reference, engine, config, prompt_tokens, batch, decode_steps,
+                                       ours[(prompt_tokens, batch)])
+                    except Exception as error:  # one comparison engine failing leaves the others' rows
+                        log(f"{engine} prompt {prompt_tokens} batch {batch}: failed ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''})")
+                        continue
                     rows.append(row)
                     log(format_row(row))
             del reference
@@ -231,14 +252,14 @@ def format_row(row):
 def summary_table(rows):
     """Markdown table: minifd per configuration, with the ratios to HF in the same run."""
     hf = {(r.engine, r.prompt_tokens, r.batch): r for r in rows if r.engine != "minifd"}
-    lines = ["| prompt | batch | prefill ms | decode tok/s | % roofline | x HF eager | x HF sdpa | prefill x sdpa |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| prompt | batch | prefill ms | decode tok/s | % roofline | x HF eager | x HF sdpa | x HF compiled "
+             "| prefill x sdpa |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in (r for r in rows if r.engine == "minifd"):
-        eager, sdpa = hf.get(("hf-eager", r.prompt_tokens, r.batch)), hf.get(("hf-sdpa", r.prompt_tokens, r.batch))
+        eager, sdpa, compiled = (hf.get((engine, r.prompt_tokens, r.batch)) for engine in ("hf-eager", "hf-sdpa", "hf-compiled"))
         ratio = (lambda other: f"{r.decode_tokens_per_s / other.decode_tokens_per_s:.2f}" if other else "-")
         prefill_ratio = f"{sdpa.prefill_ms / r.prefill_ms:.2f}" if sdpa else "-"
         lines.append(f"| {r.prompt_tokens} | {r.batch} | {r.prefill_ms:.1f} | {r.decode_tokens_per_s:.1f} | "
-                     f"{r.roofline_percent:.0f}% | {ratio(eager)} | {ratio(sdpa)} | {prefill_ratio} |")
+                     f"{r.roofline_percent:.0f}% | {ratio(eager)} | {ratio(sdpa)} | {ratio(compiled)} | {prefill_ratio} |")
     return "\n".join(lines)
 
 

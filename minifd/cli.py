@@ -278,10 +278,12 @@ def comma_ints(text):
 @click.option("--decode-steps", type=int, default=64, show_default=True)
 @click.option("--no-hf", is_flag=True, help="Skip the Hugging Face transformers comparison.")
 @click.option("--no-graph", is_flag=True, help="Decode without a CUDA graph.")
+@click.option("--no-overlap", is_flag=True,
+              help="Launch decode kernels one after another, without programmatic dependent launch.")
 @click.option("--json", "out_json", type=click.Path(path_type=Path), default=Path("minifd-bench.json"), show_default=True)
 @click.option("--png", "out_png", type=click.Path(path_type=Path), default=Path("minifd-bench.png"), show_default=True)
 def bench(weights, shape, config_file, attention_method, prompt_lengths, batches, decode_steps, no_hf, no_graph,
-          out_json, out_png):
+          no_overlap, out_json, out_png):
     """Prefill and decode speed on the GPU against the bandwidth roofline (and HF transformers)."""
     from minifd.bench import SHAPES, run_bench
 
@@ -297,7 +299,7 @@ def bench(weights, shape, config_file, attention_method, prompt_lengths, batches
     run_bench(comma_ints(prompt_lengths), comma_ints(batches), decode_steps, with_hf=not no_hf,
               use_graph=not no_graph, weights_dir=weights, out_json=out_json, out_png=out_png,
               log=lambda line: click.echo(line, err=False), shape_config=shape_config,
-              attention_method=attention_method)
+              attention_method=attention_method, overlap=False if no_overlap else None)
 
 
 @main_group.command()

@@ -1,9 +1,10 @@
 """One decode step of the whole batch as a function of fixed device buffers.
 
 Everything a step reads (the newest token of each sequence, its position, the sampling draws, the
-tokens each sequence holds where a repetition penalty needs them) and writes (the chosen tokens) lives in buffers allocated once, and the step advances its own inputs
-on the device. So on a GPU the step can be captured once as a CUDA graph and replayed per token:
-the host only uploads the draws and fetches the chosen tokens to print.
+tokens each sequence holds where a repetition penalty needs them) and writes (the chosen tokens)
+lives in buffers allocated once, and the step advances its own inputs on the device. So on a GPU the
+step can be captured once as a CUDA graph and replayed per token: the host only uploads the draws
+and fetches the chosen tokens to print.
 """
 
 import sys
@@ -11,16 +12,19 @@ import sys
 import numpy as np
 
 from minifd.backend import is_gpu, to_numpy
+from minifd.kernels.launch import Launch, overlap_supported
 from minifd.sampling import mark_seen, sample
 
 NON_FINITE = -1  # the token a row reports when its logits hold NaN or Inf
 
 
 class DecodeStep:
-    def __init__(self, model, cache, params, first_tokens, positions, seen=None, use_graph=True):
+    def __init__(self, model, cache, params, first_tokens, positions, seen=None, use_graph=True, overlap=None):
         """first_tokens: [batch] the tokens chosen from the prefill; positions: [batch] where they go;
         seen: [batch, vocab] bool host array of the tokens each sequence holds, first tokens included
-        (what sample() needs for a repetition penalty; None without one)."""
+        (what sample() needs for a repetition penalty; None without one); overlap: launch each kernel
+        so it overlaps the previous one's tail (minifd.kernels.launch); None = wherever the GPU and
+        software support it."""
         xp = model.xp
         self.model, self.cache, self.params, self.xp = model, cache, params, xp
         self.tokens = xp.array(np.asarray(first_tokens, dtype=np.int64))  # [batch], a copy: the step advances it
@@ -29,6 +33,10 @@ class DecodeStep:
         self.uniforms = xp.zeros(self.tokens.shape, dtype=xp.float32)  # [batch]
         self.chosen = None  # [batch] int64, written by each step
         self.use_graph = use_graph and is_gpu(xp)
+        # Captured or not, the step runs the kernels a CUDA graph can record, so --no-graph changes
+        # how the step is launched, not what it computes.
+        supported = is_gpu(xp) and overlap_supported()[0]
+        self.launch = Launch(graph_captured=is_gpu(xp), overlap=supported if overlap is None else overlap and supported)
         self.stream = None
         if is_gpu(xp):
             # Steps run on their own stream (capture needs one); it starts after the prefill's work.
@@ -39,9 +47,7 @@ class DecodeStep:
 
     def _step(self):
         xp = self.xp
-        # Captured or not, the step runs the kernels a CUDA graph can record, so --no-graph changes
-        # how the step is launched, not what it computes.
-        logits = self.model.decode(self.cache, self.tokens, self.positions, graph_captured=is_gpu(xp))  # [batch, vocab]
+        logits = self.model.decode(self.cache, self.tokens, self.positions, self.launch)  # [batch, vocab]
         finite = xp.isfinite(logits).all(axis=-1)
         chosen = xp.where(finite, sample(logits, self.params, self.uniforms, self.seen), NON_FINITE)
         if self.seen is not None:

@@ -242,8 +242,8 @@ def test_nan_that_appears_mid_decode_names_its_step(model_dir):
     engine = minifd.load(model_dir, device="cpu", progress=False)
     decode = engine.model.decode
 
-    def poisoned_decode(cache, tokens, positions, graph_captured):
-        logits = decode(cache, tokens, positions, graph_captured=graph_captured)
+    def poisoned_decode(cache, tokens, positions, launch):
+        logits = decode(cache, tokens, positions, launch)
         if positions[0] >= 8:
             logits[0, 0] = np.inf
         return logits

@@ -14,6 +14,7 @@ import numpy as np
 
 from minifd.kernels.decode_attention import decode_attention_emulated, decode_attention_gpu
 from minifd.kernels.decode_attention_sync import decode_attention_sync_emulated, decode_attention_sync_gpu
+from minifd.kernels.launch import PLAIN
 from minifd.kernels.prefill_attention import prefill_attention_emulated, prefill_attention_gpu
 from minifd.kernels.softmax_range import DEFAULT_SOFTMAX_RANGE
 
@@ -60,12 +61,13 @@ def _count_cpu_rows(n_rows):
 # The two entry points
 # ----------------------------------------------------------------------------------------------
 
-def decode_attention(q, k_cache, v_cache, lengths, softmax_range=None, method="async"):
+def decode_attention(q, k_cache, v_cache, lengths, softmax_range=None, method="async", launch=PLAIN):
     """Attention of one new query token per sequence over that sequence's cached keys and values.
 
     q: [batch, n_heads, head_dim]; k_cache, v_cache: [batch, n_kv_heads, max_seq, head_dim];
     lengths: [batch] int32 (valid cache entries per sequence; a device array on GPU, never read by
-    the host) -> [batch, n_heads, head_dim], q's dtype. Sequences of length 0 give zeros.
+    the host) -> [batch, n_heads, head_dim], q's dtype. Sequences of length 0 give zeros. launch: how
+    the GPU kernels are launched (minifd.kernels.launch).
     """
     softmax_range = softmax_range or DEFAULT_SOFTMAX_RANGE
     _check_method(method)
@@ -76,8 +78,8 @@ def decode_attention(q, k_cache, v_cache, lengths, softmax_range=None, method="a
         _count_cpu_rows(n_recomputed)
         return out.astype(q.dtype)
     if method == "sync":
-        return decode_attention_sync_gpu(q, k_cache, v_cache, lengths)
-    return decode_attention_gpu(q, k_cache, v_cache, lengths, softmax_range, _device_counter(q))
+        return decode_attention_sync_gpu(q, k_cache, v_cache, lengths, launch=launch)
+    return decode_attention_gpu(q, k_cache, v_cache, lengths, softmax_range, _device_counter(q), launch=launch)
 
 
 def prefill_attention(q, k, v, softmax_range=None, method="async"):

@@ -27,6 +27,7 @@ decode_split_unified_max(const half_t* q, const half_t* k_cache, const half_t* v
                          int n_heads, int n_kv_heads, int max_seq, int keys_per_split, int n_splits,
                          float score_scale, float phi, float low, float high, float* partial_acc,
                          float* partial_den, float* partial_max, int* split_unsafe) {
+    start_after_previous_kernel();
     SplitTask task;
     if (!locate_split(k_cache, v_cache, lengths, n_heads, n_kv_heads, max_seq, keys_per_split, task)) return;
     const Partials partials{partial_acc, partial_den, partial_max, n_splits};
@@ -60,6 +61,7 @@ extern "C" __global__ void decode_combine_unified_max(const int* lengths, int n_
                                                       float phi, const float* partial_acc, const float* partial_den,
                                                       const float* partial_max, const int* split_unsafe, half_t* out,
                                                       unsigned long long* recompute_counter) {
+    start_after_previous_kernel();
     const int row = blockIdx.x, d = threadIdx.x;
     const int n_active = active_splits(lengths[row / n_heads], keys_per_split, n_splits);
     const size_t first = (size_t)row * n_splits;

@@ -15,6 +15,7 @@ import numpy as np
 from minifd.kernels.decode_split_kv import (
     CPU_KEYS_PER_SPLIT, THREADS_PER_BLOCK, plan_for, rescaled_combine, running_max_partials, split_scores,
     weighted_values)
+from minifd.kernels.launch import PLAIN
 
 
 def decode_attention_emulated(q, k_cache, v_cache, lengths, softmax_range, keys_per_split=CPU_KEYS_PER_SPLIT):
@@ -47,19 +48,21 @@ def decode_attention_emulated(q, k_cache, v_cache, lengths, softmax_range, keys_
     return out.reshape(q.shape).astype(np.float32), int(row_unsafe.sum())
 
 
-def decode_attention_gpu(q, k_cache, v_cache, lengths, softmax_range, recompute_counter, keys_per_split=None):
+def decode_attention_gpu(q, k_cache, v_cache, lengths, softmax_range, recompute_counter, keys_per_split=None,
+                         launch=PLAIN):
     """decode_attention.cu on q's device. Shapes as the emulation; float16 in and out;
-    recompute_counter: device uint64 [1], incremented once per recomputed row (never read here)."""
+    recompute_counter: device uint64 [1], incremented once per recomputed row (never read here);
+    launch: how the two kernels are launched (minifd.kernels.launch)."""
     import cupy
 
     plan, lengths = plan_for("decode_attention.cu", ("decode_split_unified_max", "decode_combine_unified_max"),
                              q, k_cache, v_cache, lengths, keys_per_split)
     phi, low, high = (np.float32(value) for value in softmax_range.in_log2_units())
     out = cupy.empty(q.shape, cupy.float16)
-    plan.split_kernel(plan.split_grid, (THREADS_PER_BLOCK,),
-                      (q, k_cache, v_cache, lengths) + plan.shape_args
-                      + (phi, low, high, plan.partial_acc, plan.partial_den, plan.partial_max, plan.split_unsafe))
-    plan.combine_kernel((plan.rows,), (plan.head_dim,),
-                        (lengths,) + plan.combine_args + (phi, plan.partial_acc, plan.partial_den, plan.partial_max,
-                                                          plan.split_unsafe, out, recompute_counter))
+    launch(plan.split_kernel, plan.split_grid, (THREADS_PER_BLOCK,),
+           (q, k_cache, v_cache, lengths) + plan.shape_args
+           + (phi, low, high, plan.partial_acc, plan.partial_den, plan.partial_max, plan.split_unsafe))
+    launch(plan.combine_kernel, (plan.rows,), (plan.head_dim,),
+           (lengths,) + plan.combine_args + (phi, plan.partial_acc, plan.partial_den, plan.partial_max,
+                                             plan.split_unsafe, out, recompute_counter))
     return out

@@ -19,6 +19,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 decode_split_sync(const half_t* q, const half_t* k_cache, const half_t* v_cache, const int* lengths, int n_heads,
                   int n_kv_heads, int max_seq, int keys_per_split, int n_splits, float score_scale,
                   float* partial_acc, float* partial_den, float* partial_max) {
+    start_after_previous_kernel();
     SplitTask task;
     if (!locate_split(k_cache, v_cache, lengths, n_heads, n_kv_heads, max_seq, keys_per_split, task)) return;
     float query[GROUP_SIZE][8], acc[GROUP_SIZE][8], den[GROUP_SIZE], running_max[GROUP_SIZE];
@@ -34,6 +35,7 @@ decode_split_sync(const half_t* q, const half_t* k_cache, const half_t* v_cache,
 extern "C" __global__ void decode_combine_sync(const int* lengths, int n_heads, int keys_per_split, int n_splits,
                                                const float* partial_acc, const float* partial_den,
                                                const float* partial_max, half_t* out) {
+    start_after_previous_kernel();
     const int row = blockIdx.x, d = threadIdx.x;
     const int n_active = active_splits(lengths[row / n_heads], keys_per_split, n_splits);
     const size_t first = (size_t)row * n_splits;

@@ -9,6 +9,7 @@ splits (the kernel's running max ends at the split max, so only the rounding ord
 
 from minifd.kernels.decode_split_kv import (CPU_KEYS_PER_SPLIT, THREADS_PER_BLOCK, plan_for, rescaled_combine,
                                             running_max_partials, split_scores)
+from minifd.kernels.launch import PLAIN
 
 
 def decode_attention_sync_emulated(q, k_cache, v_cache, lengths, keys_per_split=CPU_KEYS_PER_SPLIT):
@@ -25,16 +26,17 @@ def decode_attention_sync_emulated(q, k_cache, v_cache, lengths, keys_per_split=
 # ----------------------------------------------------------------------------------------------
 
 
-def decode_attention_sync_gpu(q, k_cache, v_cache, lengths, keys_per_split=None):
-    """decode_attention_sync.cu on q's device; same shapes as the emulation, float16 -> float16."""
+def decode_attention_sync_gpu(q, k_cache, v_cache, lengths, keys_per_split=None, launch=PLAIN):
+    """decode_attention_sync.cu on q's device; same shapes as the emulation, float16 -> float16;
+    launch: how the two kernels are launched (minifd.kernels.launch)."""
     import cupy
 
     plan, lengths = plan_for("decode_attention_sync.cu", ("decode_split_sync", "decode_combine_sync"),
                              q, k_cache, v_cache, lengths, keys_per_split)
     out = cupy.empty(q.shape, cupy.float16)
-    plan.split_kernel(plan.split_grid, (THREADS_PER_BLOCK,),
-                      (q, k_cache, v_cache, lengths) + plan.shape_args
-                      + (plan.partial_acc, plan.partial_den, plan.partial_max))
-    plan.combine_kernel((plan.rows,), (plan.head_dim,),
-                        (lengths,) + plan.combine_args + (plan.partial_acc, plan.partial_den, plan.partial_max, out))
+    launch(plan.split_kernel, plan.split_grid, (THREADS_PER_BLOCK,),
+           (q, k_cache, v_cache, lengths) + plan.shape_args
+           + (plan.partial_acc, plan.partial_den, plan.partial_max))
+    launch(plan.combine_kernel, (plan.rows,), (plan.head_dim,),
+           (lengths,) + plan.combine_args + (plan.partial_acc, plan.partial_den, plan.partial_max, out))
     return out

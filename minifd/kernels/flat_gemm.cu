@@ -10,7 +10,7 @@
 // (the norm before QKV and gate/up, the residual add after O and down, SiLU * up) would each be a
 // kernel of its own that re-reads and re-writes activations and pays a launch and a ramp-up. Here
 // they cost nothing extra: the block reads all of x for its rows anyway (so it sums x^2 along the
-// way and scales its sums by 1/rms at the end; g multiplies x as it is staged), and the epilogue
+// way and scales its sums by 1/rms at the end; g multiplies x as it is loaded), and the epilogue
 // holds the sums in registers when it adds r or gates. GATED needs the gate and up rows of one
 // output in one block: the weight's rows are interleaved in 16-row tiles, rows 0-7 the gate rows
 // of features 8j..8j+7 and rows 8-15 their up rows (minifd/model/weights.py lays them out so).
@@ -29,12 +29,14 @@
 //
 // Launch geometry: block = FLAT_WARPS warps of 32 lanes (FLAT_THREADS), owning FLAT_ROWS =
 // 16 FLAT_ROW_TILES rows of W, all of K; grid = (ceil(N / FLAT_ROWS), ceil(M / M_PAD)). The block
-// walks K in chunks of FlatChunk::width = FLAT_WARPS x 32 x pieces columns: each chunk's x rows
-// (times g under NORM) are staged once in shared memory for all warps, and warp w takes the chunk's
-// pieces [w pieces, (w + 1) pieces): adjacent warps read adjacent runs of each W row. A chunk's W
-// loads are issued before the block stages its x, so their latency hides behind the staging. At
-// the end each warp holds partial sums over its own pieces; they are added in warp order through
-// shared memory (deterministic, no atomics) and the epilogue writes y.
+// walks K in chunks of FlatChunk::width = FLAT_WARPS x 32 x pieces columns, and warp w takes the
+// chunk's pieces [w pieces, (w + 1) pieces): adjacent warps read adjacent runs of each W row. Each
+// lane loads its x (and, under NORM, g) pieces straight from global memory into B fragments, like
+// W: every block reads the same x, so those loads hit L1 and L2, and the K loop needs no staging and
+// no barrier. All loads of a chunk are issued before its first MMA. At the end each warp holds
+// partial sums over its own pieces; they are added in warp order through shared memory
+// (deterministic, no atomics) and the epilogue writes y. Before any of this the block waits for the
+// previous kernel (MINIFD_PRODUCT_KERNEL, launch.py).
 // vector_ok == 0 (K % 8 != 0 or a pointer not 16-byte aligned) loads the same pieces 2 bytes at a time.
 #include "portable.cuh"
 

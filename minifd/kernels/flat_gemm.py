@@ -16,6 +16,7 @@ import numpy as np
 
 from minifd.kernels.compile import load_module
 from minifd.kernels.gemv import vectorisable
+from minifd.kernels.launch import PLAIN
 from minifd.kernels.silu_mul import GATE_TILE, silu_mul
 
 FLAT_M_PADS = (8, 16, 32, 64)
@@ -85,10 +86,11 @@ def flat_gemm_emulated(x, weight, norm=None, residual=None, gated=False, geometr
     return s
 
 
-def flat_gemm_gpu(x, weight, norm=None, residual=None, gated=False, geometry=DEFAULT_GEOMETRY):
+def flat_gemm_gpu(x, weight, norm=None, residual=None, gated=False, geometry=DEFAULT_GEOMETRY, launch=PLAIN):
     """x: [M, K] float16, weight: [N, K] float16 (CuPy, C-contiguous), norm: None or an RMSNorm of
     float16 weights, residual: None or [M, N] float16 -> [M, N] float16 ([M, N / 2] when gated).
-    One launch; no host sync. The combination of fused steps must be in FUSED_KERNELS."""
+    One launch (minifd.kernels.launch says how); no host sync. The combination of fused steps must be
+    in FUSED_KERNELS."""
     import cupy
 
     m, k = x.shape
@@ -105,11 +107,9 @@ def flat_gemm_gpu(x, weight, norm=None, residual=None, gated=False, geometry=DEF
     vector_ok = vectorisable(x, weight) and (norm is None or norm_weight.data.ptr % 16 == 0)
     grid = (-(-n // geometry.rows_per_block), -(-m // m_pad))
     kernel_name = f"flat_gemm_m{m_pad}_{FUSED_KERNELS[(gated, residual is not None, norm is not None)]}"
-    _kernel(cupy.cuda.runtime.getDevice(), kernel_name, geometry)(
-        grid, (geometry.warps * 32,),
-        (x, weight, y, norm_weight, residual_in, np.int32(m), np.int32(n), np.int32(k),
-         np.float32(norm.eps if norm is not None else 0.0), np.int32(vector_ok)),
-    )
+    launch(_kernel(cupy.cuda.runtime.getDevice(), kernel_name, geometry), grid, (geometry.warps * 32,),
+           (x, weight, y, norm_weight, residual_in, np.int32(m), np.int32(n), np.int32(k),
+            np.float32(norm.eps if norm is not None else 0.0), np.int32(vector_ok)))
     return y
 
 

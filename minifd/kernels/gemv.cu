@@ -17,6 +17,7 @@
 // row in flight (GEMV_UNROLL for M_TILE <= 2, where the arithmetic is light; half that above, where
 // registers go to the accumulators), and a warp_sum closes each dot product. vector_ok == 0 (K not a multiple of 8, or a
 // pointer not 16-byte aligned) walks the same geometry with 2-byte loads.
+// Before any of this the block waits for the previous kernel (MINIFD_PRODUCT_KERNEL, launch.py).
 #include "portable.cuh"
 
 // The geometry can be set at compile time (-D...) so a sweep can compare variants; gemv.py passes

@@ -13,6 +13,7 @@ import numpy as np
 
 from minifd.kernels.compile import load_module
 from minifd.kernels.dispatch import gpu_properties
+from minifd.kernels.launch import PLAIN
 
 GEMV_M_TILES = (1, 2, 4, 8)
 
@@ -59,9 +60,10 @@ def gemv_emulated(x, weight, geometry=None, *, norm=None, residual=None):
     return y
 
 
-def gemv_gpu(x, weight, geometry=DEFAULT_GEOMETRY, *, norm=None, residual=None):
+def gemv_gpu(x, weight, geometry=DEFAULT_GEOMETRY, *, norm=None, residual=None, launch=PLAIN):
     """x: [M, K] float16, weight: [N, K] float16 (CuPy, C-contiguous), norm: None or an RMSNorm of
-    float16 weights, residual: None or [M, N] float16 -> [M, N] float16. No host sync."""
+    float16 weights, residual: None or [M, N] float16 -> [M, N] float16. No host sync. launch: how the
+    kernel is launched (minifd.kernels.launch)."""
     import cupy
 
     if norm is not None and residual is not None:
@@ -76,11 +78,9 @@ def gemv_gpu(x, weight, geometry=DEFAULT_GEOMETRY, *, norm=None, residual=None):
     residual_in = cupy.ascontiguousarray(residual) if residual is not None else y  # unread without RESIDUAL
     vector_ok = vectorisable(x, weight) and gain.data.ptr % 16 == 0
     step = "norm" if norm is not None else "residual" if residual is not None else "store"
-    _kernel(cupy.cuda.runtime.getDevice(), f"gemv_m{tile}_{step}", geometry)(
-        grid, (geometry.threads,),
-        (x, weight, y, gain, residual_in, np.int32(m), np.int32(n), np.int32(k),
-         np.float32(norm.eps if norm is not None else 0.0), np.int32(vector_ok)),
-    )
+    launch(_kernel(cupy.cuda.runtime.getDevice(), f"gemv_m{tile}_{step}", geometry), grid, (geometry.threads,),
+           (x, weight, y, gain, residual_in, np.int32(m), np.int32(n), np.int32(k),
+            np.float32(norm.eps if norm is not None else 0.0), np.int32(vector_ok)))
     return y
 
 

@@ -10,11 +10,14 @@ On GPU (CuPy) the kernels take float16 and accumulate in float32; on CPU (NumPy)
 the same kernels run in float32, and the library path is plain `x @ W.T`.
 """
 
+import functools
+
 import numpy as np
 
 from minifd.kernels.dispatch import CPU_DEVICE_NAME, IMPLEMENTATIONS, choose_implementation, gpu_properties
 from minifd.kernels.flat_gemm import flat_gemm_emulated, flat_gemm_gpu, fusable
 from minifd.kernels.gemv import gemv_emulated, gemv_gpu
+from minifd.kernels.launch import PLAIN
 from minifd.kernels.rms_norm import rms_norm
 from minifd.kernels.silu_mul import silu_mul
 
@@ -23,9 +26,10 @@ def _library_cpu(x, weight):
     return x @ weight.T
 
 
-def _library_gpu(x, weight):
+def _library_gpu(x, weight, launch=PLAIN):
     import cupy
 
+    # cuBLAS through CuPy takes no launch attributes; the dispatcher keeps it out of captured steps.
     return cupy.matmul(x, weight.T)
 
 
@@ -33,14 +37,15 @@ _CPU = {"gemv": gemv_emulated, "flat_gemm": flat_gemm_emulated, "library": _libr
 _GPU = {"gemv": gemv_gpu, "flat_gemm": flat_gemm_gpu, "library": _library_gpu}
 
 
-def linear(x, weight, *, norm=None, residual=None, gated=False, impl=None, graph_captured=False):
+def linear(x, weight, *, norm=None, residual=None, gated=False, impl=None, launch=PLAIN):
     """x: [M, K]; weight: [N, K] -> y: [M, N] ([M, N / 2] when gated).
 
     norm: None or an RMSNorm (minifd.kernels.rms_norm) applied to x first; gated: the weight's rows
     are gate/up interleaved (minifd.kernels.silu_mul) and y is SiLU(gate) * up; residual: None or
     [M, N(/2)] added last. impl: None (the dispatcher picks from M and the tuned table) or one of
-    "gemv", "flat_gemm", "library" to force an implementation. graph_captured: the call is being
-    recorded into a CUDA graph (the dispatcher then never picks the library). GPU: float16 in and
+    "gemv", "flat_gemm", "library" to force an implementation. launch (minifd.kernels.launch): how the
+    kernels are launched, and whether the call is being recorded into a CUDA graph (the dispatcher
+    then never picks the library). GPU: float16 in and
     out for the kernels; other dtypes take the library path (forcing a kernel on them is a
     TypeError). CPU: float32 out. The GPU path never synchronises with the host, so a decode step
     that calls it can be graph-captured.
@@ -60,14 +65,14 @@ def linear(x, weight, *, norm=None, residual=None, gated=False, impl=None, graph
     else:
         import cupy
 
-        implementations = _GPU
+        implementations = {name: functools.partial(run, launch=launch) for name, run in _GPU.items()}
         half_precision = x.dtype == cupy.float16 and weight.dtype == cupy.float16
         if impl in ("gemv", "flat_gemm") and not half_precision:
             raise TypeError(f"linear: impl={impl!r} takes float16 arrays, not {x.dtype} and {weight.dtype}")
         if not half_precision or m == 0 or n == 0:
             chosen = "library"
         else:
-            chosen = impl or choose_implementation(m, n, k, gpu_properties().name, graph_captured)
+            chosen = impl or choose_implementation(m, n, k, gpu_properties().name, launch.graph_captured)
             if chosen != "library":
                 x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
 
@@ -80,7 +85,7 @@ def linear(x, weight, *, norm=None, residual=None, gated=False, impl=None, graph
         a = x if norm is None else rms_norm(x, norm.weight, norm.eps)  # [M, K]
         y = implementations[chosen](a, weight)  # [M, N]
     if gated:
-        y = silu_mul(y)  # [M, N / 2]
+        y = silu_mul(y, launch=launch)  # [M, N / 2]
     if residual is not None:
         y = y + residual
     return y

@@ -34,6 +34,21 @@
 typedef __half half_t;
 
 // ---------------------------------------------------------------------------------------------
+// Overlapping a kernel's start with the previous kernel's tail (minifd/kernels/launch.py)
+// ---------------------------------------------------------------------------------------------
+// Every kernel the decode step launches begins with start_after_previous_kernel() and touches no
+// memory before it. On sm_90+ it lets the next kernel in the stream be scheduled on free SM slots
+// (griddepcontrol.launch_dependents), then waits until the previous kernel has completed and its
+// writes are visible (griddepcontrol.wait); launched without the attribute, both do nothing.
+// Elsewhere it compiles to nothing.
+__device__ __forceinline__ void start_after_previous_kernel() {
+#if defined(MINIFD_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::);
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
 // Warp-level reductions
 // ---------------------------------------------------------------------------------------------
 
@@ -202,11 +217,13 @@ __device__ __forceinline__ mfma_float4 mfma_16x16x16(mfma_half4 a, mfma_half4 b,
 // The entry point of every product kernel (gemv.cu, flat_gemm.cu)
 // ---------------------------------------------------------------------------------------------
 // x [M, K], w [N, K] -> y; the norm's gain [K] and the residual [M, N] are read only by the variants
-// that fuse them. The last argument names the device function (a template instance) that does the work.
+// that fuse them. The last argument names the device function (a template instance) that does the
+// work; it starts once the previous kernel has finished (launch.py).
 #define MINIFD_PRODUCT_KERNEL(NAME, THREADS, ...)                                                          \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                   \
         NAME(const half_t* x, const half_t* w, half_t* y, const half_t* gain, const half_t* residual, int M, \
              int N, int K, float eps, int vector_ok) {                                                      \
+        start_after_previous_kernel();                                                                      \
         __VA_ARGS__(x, w, y, gain, residual, M, N, K, eps, vector_ok);                                     \
     }
 

@@ -64,6 +64,7 @@ extern "C" __global__ void rope_and_cache_vec8(const half_t* qkv, const float* c
                                                const int* positions, const int* slots, int rows, int n_heads,
                                                int n_kv_heads, int head_dim, int max_seq, half_t* q_out,
                                                half_t* k_cache, half_t* v_cache) {
+    start_after_previous_kernel();
     rope_and_cache_chunk<8>(qkv, cos_table, sin_table, positions, slots, rows, n_heads, n_kv_heads, head_dim, max_seq,
                             q_out, k_cache, v_cache);
 }
@@ -72,6 +73,7 @@ extern "C" __global__ void rope_and_cache_scalar(const half_t* qkv, const float*
                                                  const int* positions, const int* slots, int rows, int n_heads,
                                                  int n_kv_heads, int head_dim, int max_seq, half_t* q_out,
                                                  half_t* k_cache, half_t* v_cache) {
+    start_after_previous_kernel();
     rope_and_cache_chunk<1>(qkv, cos_table, sin_table, positions, slots, rows, n_heads, n_kv_heads, head_dim, max_seq,
                             q_out, k_cache, v_cache);
 }

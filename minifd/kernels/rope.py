@@ -14,9 +14,10 @@ import numpy as np
 
 from minifd.backend import module_of
 from minifd.kernels.compile import load_module
+from minifd.kernels.launch import PLAIN
 
 
-def rope_and_cache(qkv, cos, sin, positions, slots, k_cache, v_cache):
+def rope_and_cache(qkv, cos, sin, positions, slots, k_cache, v_cache, launch=PLAIN):
     """Rotate q and k of the fused QKV projection and store k and v in the KV cache.
 
     qkv: [rows, (n_heads + 2 * n_kv_heads) * head_dim] (q heads, then k heads, then v heads);
@@ -29,6 +30,7 @@ def rope_and_cache(qkv, cos, sin, positions, slots, k_cache, v_cache):
     Prefill of one sequence: rows = seq, slots = its slot on every row, positions = arange(seq).
     Every position must be below both max_seq and max_positions: the caller checks. On GPU positions and
     slots stay on the device and nothing waits on it, so a decode step around this is capturable in a CUDA graph.
+    launch: how the GPU kernel is launched (minifd.kernels.launch).
     """
     n_heads, n_kv_heads, head_dim = _head_counts(qkv, k_cache)
     rows = qkv.shape[0]
@@ -37,7 +39,8 @@ def rope_and_cache(qkv, cos, sin, positions, slots, k_cache, v_cache):
                          f"{positions.shape}, slots {slots.shape} (want [{rows}])")
     if module_of(qkv) is np:
         return _rope_and_cache_numpy(qkv, cos, sin, positions, slots, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
-    return _rope_and_cache_gpu(qkv, cos, sin, positions, slots, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
+    return _rope_and_cache_gpu(qkv, cos, sin, positions, slots, k_cache, v_cache, n_heads, n_kv_heads, head_dim,
+                               launch)
 
 
 def _head_counts(qkv, k_cache):
@@ -68,7 +71,7 @@ def _rope_and_cache_numpy(qkv, cos, sin, positions, slots, k_cache, v_cache, n_h
     return _rotate_half(heads[:, :n_heads], cos_rows, sin_rows)
 
 
-def _rope_and_cache_gpu(qkv, cos, sin, positions, slots, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
+def _rope_and_cache_gpu(qkv, cos, sin, positions, slots, k_cache, v_cache, n_heads, n_kv_heads, head_dim, launch):
     import cupy
 
     if qkv.dtype != cupy.float16 or k_cache.dtype != cupy.float16 or v_cache.dtype != cupy.float16:
@@ -88,7 +91,7 @@ def _rope_and_cache_gpu(qkv, cos, sin, positions, slots, k_cache, v_cache, n_hea
     chunks = rows * (n_heads + 2 * n_kv_heads) * (head_dim // 2 // width)
     kernel = load_module("rope.cu").get_function("rope_and_cache_vec8" if vectorised else "rope_and_cache_scalar")
     if chunks:
-        kernel((-(-chunks // 256),), (256,),
+        launch(kernel, (-(-chunks // 256),), (256,),
                (qkv, cos, sin, positions, slots, np.int32(rows), np.int32(n_heads), np.int32(n_kv_heads),
                 np.int32(head_dim), np.int32(max_seq), q, k_cache, v_cache))
     return q

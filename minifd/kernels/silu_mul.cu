@@ -31,9 +31,11 @@ __device__ __forceinline__ void silu_mul_chunk(const half_t* gate_up, int rows, 
 
 // gate_up: [rows, 2 features] (interleaved tiles); out: [rows, features]; features % 8 == 0
 extern "C" __global__ void silu_mul_vec8(const half_t* gate_up, int rows, int features, half_t* out) {
+    start_after_previous_kernel();
     silu_mul_chunk<8>(gate_up, rows, features, out);
 }
 
 extern "C" __global__ void silu_mul_scalar(const half_t* gate_up, int rows, int features, half_t* out) {
+    start_after_previous_kernel();
     silu_mul_chunk<1>(gate_up, rows, features, out);
 }

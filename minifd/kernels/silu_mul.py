@@ -14,6 +14,7 @@ import numpy as np
 
 from minifd.backend import module_of
 from minifd.kernels.compile import load_module
+from minifd.kernels.launch import PLAIN
 
 GATE_TILE = 8  # features per interleaved tile
 
@@ -35,17 +36,18 @@ def interleave_gate_up(gate, up):
     return np.ascontiguousarray(tiles).reshape(2 * features, hidden)
 
 
-def silu_mul(gate_up):
+def silu_mul(gate_up, launch=PLAIN):
     """gate_up: [rows, 2 * features], interleaved as above -> SiLU(gate) * up: [rows, features].
 
-    The output has gate_up's dtype (float16 on GPU); the GPU path never waits on the device.
+    The output has gate_up's dtype (float16 on GPU); the GPU path never waits on the device. launch:
+    how the GPU kernel is launched (minifd.kernels.launch).
     """
     rows, width = gate_up.shape
     if width % (2 * GATE_TILE):
         raise ValueError(f"silu_mul: gate_up has {width} columns, not whole tiles of {2 * GATE_TILE}")
     if module_of(gate_up) is np:
         return _silu_mul_numpy(gate_up)
-    return _silu_mul_gpu(gate_up, width // 2)
+    return _silu_mul_gpu(gate_up, width // 2, launch)
 
 
 def _silu_mul_numpy(gate_up):
@@ -57,7 +59,7 @@ def _silu_mul_numpy(gate_up):
         return (gate / (1.0 + np.exp(-gate)) * up).astype(gate_up.dtype)
 
 
-def _silu_mul_gpu(gate_up, features):
+def _silu_mul_gpu(gate_up, features, launch):
     import cupy
 
     if gate_up.dtype != cupy.float16:
@@ -69,5 +71,5 @@ def _silu_mul_gpu(gate_up, features):
     chunks = rows * (features // GATE_TILE if vectorised else features)
     kernel = load_module("silu_mul.cu").get_function("silu_mul_vec8" if vectorised else "silu_mul_scalar")
     if chunks:
-        kernel((-(-chunks // 256),), (256,), (gate_up, np.int32(rows), np.int32(features), out))
+        launch(kernel, (-(-chunks // 256),), (256,), (gate_up, np.int32(rows), np.int32(features), out))
     return out

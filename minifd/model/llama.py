@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minifd.kernels.attention import decode_attention, prefill_attention
+from minifd.kernels.launch import PLAIN
 from minifd.kernels.linear import linear
 from minifd.kernels.rms_norm import RMSNorm
 from minifd.kernels.rope import rope_and_cache
@@ -75,13 +76,13 @@ class Llama:
         self.max_seq = max_seq or config.max_position_embeddings
         self.cos, self.sin = rope_tables(config, self.max_seq, xp)
 
-    def _layers(self, x, cache, positions, slots, attend, graph_captured=False):
+    def _layers(self, x, cache, positions, slots, attend, launch=PLAIN):
         """The decoder stack over a block of rows, each row a token at (slot, position) of the cache.
 
         x: [rows, hidden] the residual stream (the embeddings coming in); positions, slots: [rows]
         int32; attend(layer_index, q) -> attention output [rows, n_heads, head_dim] once
-        rope_and_cache has stored the rows' keys and values; graph_captured: the step is being
-        recorded into a CUDA graph (minifd.kernels.linear says what changes).
+        rope_and_cache has stored the rows' keys and values; launch: how the kernels are launched,
+        graph-captured or not (minifd.kernels.launch).
         -> the residual stream after the last layer, [rows, hidden]
 
         Each line is one step of the math; the norms, the SwiGLU gate and the residual adds run
@@ -90,19 +91,20 @@ class Llama:
         eps, rows = self.config.rms_norm_eps, len(x)
         for i, layer in enumerate(self.weights.layers):
             qkv = linear(x, layer.wqkv, norm=RMSNorm(layer.attn_norm, eps),
-                         graph_captured=graph_captured)  # [rows, (n_heads + 2 n_kv_heads) head_dim]
-            q = rope_and_cache(qkv, self.cos, self.sin, positions, slots, cache.k[i], cache.v[i])  # [rows, n_heads, head_dim]
+                         launch=launch)  # [rows, (n_heads + 2 n_kv_heads) head_dim]
+            q = rope_and_cache(qkv, self.cos, self.sin, positions, slots, cache.k[i], cache.v[i],
+                               launch=launch)  # [rows, n_heads, head_dim]
             attention = attend(i, q).reshape(rows, -1)  # [rows, n_heads head_dim]
-            x = linear(attention, layer.wo, residual=x, graph_captured=graph_captured)  # [rows, hidden]
+            x = linear(attention, layer.wo, residual=x, launch=launch)  # [rows, hidden]
             mlp = linear(x, layer.w_gate_up, norm=RMSNorm(layer.mlp_norm, eps), gated=True,
-                         graph_captured=graph_captured)  # [rows, intermediate]: SiLU(gate) * up
-            x = linear(mlp, layer.w_down, residual=x, graph_captured=graph_captured)  # [rows, hidden]
+                         launch=launch)  # [rows, intermediate]: SiLU(gate) * up
+            x = linear(mlp, layer.w_down, residual=x, launch=launch)  # [rows, hidden]
         return x
 
-    def _logits(self, x, graph_captured=False):
+    def _logits(self, x, launch=PLAIN):
         # x: [rows, hidden] residual stream -> [rows, vocab] float32
         head = linear(x, self.weights.lm_head, norm=RMSNorm(self.weights.norm, self.config.rms_norm_eps),
-                      graph_captured=graph_captured)  # [rows, vocab]
+                      launch=launch)  # [rows, vocab]
         return head.astype(self.xp.float32)
 
     def prefill(self, cache, slot, token_ids, start=0):
@@ -124,12 +126,12 @@ class Llama:
         x = self._layers(self.weights.embed[ids], cache, positions, slots, attend)  # [chunk, hidden]
         return self._logits(x[-1:])[0]  # [vocab]
 
-    def decode(self, cache, token_ids, positions, graph_captured=False):
+    def decode(self, cache, token_ids, positions, launch=PLAIN):
         """One step for every sequence of the batch.
 
         token_ids: [batch] (the newest token of each sequence), positions: [batch] int32 (where it goes
-        in the cache, i.e. the sequence's length so far); graph_captured: the step is being recorded
-        into a CUDA graph -> logits: [batch, vocab] float32
+        in the cache, i.e. the sequence's length so far); launch: how the kernels are launched,
+        graph-captured or not (minifd.kernels.launch) -> logits: [batch, vocab] float32
         """
         xp = self.xp
         ids = xp.asarray(token_ids)
@@ -139,7 +141,7 @@ class Llama:
 
         def attend(i, q):
             return decode_attention(q, cache.k[i], cache.v[i], lengths, softmax_range=self.softmax_ranges[i],
-                                    method=self.attention_method)
+                                    method=self.attention_method, launch=launch)
 
-        x = self._layers(self.weights.embed[ids], cache, positions, slots, attend, graph_captured)  # [batch, hidden]
-        return self._logits(x, graph_captured)  # [batch, vocab]
+        x = self._layers(self.weights.embed[ids], cache, positions, slots, attend, launch)  # [batch, hidden]
+        return self._logits(x, launch)  # [batch, vocab]
