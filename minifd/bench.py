@@ -1,4 +1,4 @@
-"""`minifd bench`: prefill and decode speed at the Llama-2-7B shape, against the bandwidth roofline.
+"""`minifd bench`: prefill and decode speed at a Llama shape, against the bandwidth roofline.
 
 Decode at small batch is memory-bound: each step must read every weight and the whole KV cache once,
 so (bytes read per step) / (measured device-to-device copy bandwidth) is the fastest a step can be.
@@ -290,6 +290,6 @@ def plot(rows, path):
     roof.axhline(85, color="gray", linestyle="--", linewidth=1)
     roof.set_xticks([j + 0.4 - width / 2 for j in range(len(configs))], labels, rotation=45)
     roof.set_xlabel("prompt tokens / batch")
-    figure.suptitle("minifd decode at the Llama-2-7B shape (random fp16 weights)")
+    figure.suptitle("minifd decode (random fp16 weights)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
