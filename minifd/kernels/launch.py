@@ -58,14 +58,17 @@ PLAIN = Launch()
 @functools.lru_cache(maxsize=None)
 def overlap_supported():
     """-> (True, "") where this GPU and software can overlap launches, else (False, why not)."""
-    try:
-        import cupy
+    from minifd.backend import cupy_or_none
 
-        if cupy.cuda.runtime.is_hip:
-            return False, "programmatic dependent launch is CUDA-only"
-        major = cupy.cuda.Device().compute_capability[0]
-        if int(major) < 9:
-            return False, f"compute capability {cupy.cuda.Device().compute_capability} < 9.0"
+    cupy = cupy_or_none()
+    if cupy is None:
+        return False, "no GPU"
+    if cupy.cuda.runtime.is_hip:
+        return False, "programmatic dependent launch is CUDA-only"
+    capability = cupy.cuda.Device().compute_capability  # e.g. "90"
+    if int(capability) < 90:
+        return False, f"compute capability {capability[:-1]}.{capability[-1]} < 9.0"
+    try:
         from cuda.bindings import driver  # noqa: F401
     except ImportError:
         return False, "cuda-bindings is not installed (pip install 'minifd[overlap]')"
