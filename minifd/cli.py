@@ -41,7 +41,8 @@ def generation_options(command):
         click.option("--repetition-penalty", type=float, default=1.0, show_default=True,
                      help="Above 1 discourages tokens the text already holds (HF's meaning); 1 = none."),
         click.option("--seed", type=int, default=None,
-                     help="Same seed, same text; none or negative: a fresh seed, shown in the summary."),
+                     help="Same seed, same text; none or negative: a fresh seed, shown in the summary (run) "
+                          "or when the session starts (chat)."),
         click.option("--stop", multiple=True, help="End the text where this string appears (it is not printed); "
                      "repeatable."),
         click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence tokens."),
@@ -94,8 +95,14 @@ def chat(system, **options):
     Ctrl-C stops a reply, Ctrl-D ends. From a pipe (`printf 'Hi\\nAnd now?\\n' | minifd chat`) each
     line is a message and stdout holds only the replies, one after another, each ending in a newline.
     """
+    from minifd.sampling import draw_seed
+
     engine, generation = load_engine(options)
     engine.require_chat_template()  # before the first message, not at it
+    if generation["temperature"] > 0:  # one seed for the session, said once, so it can be repeated
+        generation["seed"] = draw_seed(generation["seed"])
+        click.echo(f"[minifd] sampling seed {generation['seed']} (--seed {generation['seed']} repeats the session)",
+                   err=True)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -188,6 +189,14 @@ def test_a_piped_chat_replies_as_rendering_each_turn_from_scratch(model_dir):
         expected += reply + "\n"
     assert result.stdout == expected
     assert result.stderr == ""
+
+
+def test_a_sampled_chat_says_its_seed_and_that_seed_repeats_it(model_dir):
+    args = ("chat", "--weights", str(model_dir), "--max-new-tokens", "6", "--ignore-eos", "--temperature", "0.9")
+    first = minifd_cli(*args, stdin="hello there\nwhat next?\n")
+    seed = re.fullmatch(r"\[minifd\] sampling seed (\d+) \(--seed \1 repeats the session\)\n", first.stderr).group(1)
+    again = minifd_cli(*args, "--seed", seed, stdin="hello there\nwhat next?\n")
+    assert again.stdout == first.stdout and again.stderr == first.stderr
 
 
 def test_chat_commands_reset_and_set_the_system_prompt(model_dir):
