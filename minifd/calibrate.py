@@ -10,8 +10,9 @@ with its top narrowed to what the prefill kernel's fp16 probabilities allow (PRE
 phi is then the point covered by the most rows' intervals (a sweep over the sorted interval ends),
 taken in the middle of the widest such stretch so that unseen text has the most margin.
 
-Writes DIR/minifd_softmax.json (where the engine looks for it) unless --out says otherwise, and
-prints per layer phi, the observed score range and the share of rows that would recompute.
+Writes DIR/minifd_softmax.json (NAME.minifd_softmax.json beside a NAME.gguf), where the engine looks
+for it, unless --out says otherwise, and prints per layer phi, the observed score range and the share
+of rows that would recompute.
 The oracle works in float64 on the CPU: fine for models up to a few billion parameters.
 """
 
@@ -25,7 +26,7 @@ import numpy as np
 from minifd.errors import MinifdError
 from minifd.kernels.prefill_attention import LARGEST_LOG2_PROBABILITY
 from minifd.kernels.softmax_range import (DEFAULT_SOFTMAX_RANGE, HIGHEST_HIGH, LOWEST_LOW, SoftmaxRange,
-                                          save_softmax_ranges, softmax_ranges_path)
+                                          save_softmax_ranges)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,20 +138,17 @@ def collect_score_extremes(tensors, config, windows, forward):
     return extremes
 
 
-def calibrate(weights_dir, text, max_tokens=512):
-    """-> [LayerCalibration] for the model in weights_dir on `text`."""
+def calibrate(checkpoint, text, max_tokens=512):
+    """-> [LayerCalibration] for the model of a checkpoint (minifd.model.loader.open_checkpoint) on `text`."""
     from minifd import oracle
-    from minifd.model.config import LlamaConfig
-    from minifd.model.loader import Checkpoint
-    from minifd.model.tokenizer import Tokenizer
 
-    config = LlamaConfig.from_dir(weights_dir)
-    tokenizer = Tokenizer.from_dir(weights_dir, config)
+    config = checkpoint.config
+    tokenizer = checkpoint.tokenizer()
     token_ids = tokenizer.encode(text)
     if len(token_ids) < 2:
         raise MinifdError("calibrate: the text is too short (it needs at least two tokens)")
     windows = token_windows(token_ids, max_tokens, tokenizer.bos_id if tokenizer.add_bos else None)
-    extremes = collect_score_extremes(Checkpoint(weights_dir), config, windows, oracle.forward)
+    extremes = collect_score_extremes(checkpoint, config, windows, oracle.forward)
     return [calibrate_layer(*extremes.layer(i)) for i in range(config.n_layers)]
 
 
@@ -160,7 +158,7 @@ def calibrate(weights_dir, text, max_tokens=512):
 
 @click.command("calibrate")
 @click.option("--weights", "weights_dir", required=True, type=click.Path(path_type=Path),
-              help="Hugging Face Llama directory (config.json, tokenizer.json, *.safetensors).")
+              help="Hugging Face Llama directory (config.json, tokenizer.json, *.safetensors) or .gguf file.")
 @click.option("--text", "text_file", type=click.Path(path_type=Path),
               help="Plain-text file to calibrate on (default: a few paragraphs shipped with minifd).")
 @click.option("--out", "out_file", type=click.Path(path_type=Path),
@@ -169,8 +167,9 @@ def calibrate(weights_dir, text, max_tokens=512):
               help="Tokens per forward pass; longer text is cut into windows of this size.")
 def calibrate_command(weights_dir, text_file, out_file, max_tokens):
     """Pick each layer's unified max value phi from real text (float64 oracle, CPU)."""
-    if not weights_dir.is_dir():
-        raise MinifdError(f"--weights {weights_dir}: no such directory")
+    from minifd.model.loader import open_checkpoint
+
+    checkpoint = open_checkpoint(weights_dir)
     if text_file is None:
         from minifd.calibration_text import DEFAULT_TEXT
 
@@ -180,14 +179,14 @@ def calibrate_command(weights_dir, text_file, out_file, max_tokens):
             text = text_file.read_text()
         except (OSError, UnicodeDecodeError) as error:
             raise MinifdError(f"--text {text_file}: cannot be read ({error})") from None
-    layers = calibrate(weights_dir, text, max_tokens)
+    layers = calibrate(checkpoint, text, max_tokens)
     rows = sum(layer.rows for layer in layers)
     share = sum(layer.unsafe_share * layer.rows for layer in layers) / rows
     default_share = sum(layer.default_unsafe_share * layer.rows for layer in layers) / rows
     for i, layer in enumerate(layers):
         click.echo(f"layer {i:3d}: phi {layer.softmax_range.phi:8.2f}  scores [{layer.score_min:8.2f}, "
                    f"{layer.score_max:8.2f}]  rows to recompute {100 * layer.unsafe_share:6.3f}%")
-    out_path = out_file or softmax_ranges_path(weights_dir)
+    out_path = out_file or checkpoint.softmax_ranges_path
     try:
         save_softmax_ranges(out_path, [layer.softmax_range for layer in layers],
                             [layer.statistics() for layer in layers],

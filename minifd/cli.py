@@ -30,7 +30,7 @@ def generation_options(command):
     """The options `run` and `chat` share: weights, device, sampling, lengths, stop rules, chat template."""
     options = [
         click.option("--weights", type=click.Path(path_type=Path), default=None,
-                     help="Hugging Face Llama directory (default: the prepared SmolLM2 fixture)."),
+                     help="Hugging Face Llama directory or .gguf file (default: the prepared SmolLM2 fixture)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--max-new-tokens", type=int, default=128, show_default=True),
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
@@ -342,16 +342,14 @@ def info(weights):
         click.echo(calibration)
 
 
-def calibration_line(weights_dir):
+def calibration_line(weights):
     """The unified max values phi the kernels use for this checkpoint, in one line."""
-    from minifd.engine import check_weights_dir
-    from minifd.kernels.softmax_range import DEFAULT_SOFTMAX_RANGE, load_softmax_ranges, softmax_ranges_path
-    from minifd.model.config import LlamaConfig
+    from minifd.kernels.softmax_range import DEFAULT_SOFTMAX_RANGE, load_softmax_ranges
+    from minifd.model.loader import open_checkpoint
 
-    weights_dir = check_weights_dir(weights_dir)
-    config = LlamaConfig.from_dir(weights_dir)
-    path = softmax_ranges_path(weights_dir)
-    ranges = load_softmax_ranges(weights_dir, config.n_layers)
+    checkpoint = open_checkpoint(weights)
+    config, path = checkpoint.config, checkpoint.softmax_ranges_path
+    ranges = load_softmax_ranges(path, config.n_layers)
     if not path.is_file():
         default = DEFAULT_SOFTMAX_RANGE
         return (f"calibration: none ({path} does not exist): all {config.n_layers} layers use phi = {default.phi:.2f}, "

@@ -1,4 +1,4 @@
-"""The engine: load a model directory once, then generate text for batches of prompts, or chat.
+"""The engine: load a model (directory or .gguf file) once, then generate text for batches of prompts, or chat.
 
 Both go through one loop (Engine._run): sequences are prefilled from the first position their KV-cache
 slot does not hold yet, then decoded together step by step until their stop rules end them."""
@@ -14,10 +14,8 @@ from minifd.backend import array_module, free_memory_text, is_gpu, out_of_memory
 from minifd.errors import MinifdError
 from minifd.kernels.softmax_range import load_softmax_ranges
 from minifd.model.chat_template import ChatTemplate
-from minifd.model.config import LlamaConfig
 from minifd.model.llama import KVCache, Llama
-from minifd.model.loader import Checkpoint
-from minifd.model.tokenizer import Tokenizer
+from minifd.model.loader import open_checkpoint
 from minifd.model.weights import expected_shapes, load_weights
 from minifd.decode_step import NON_FINITE, DecodeStep
 from minifd.progress import ProgressBar
@@ -83,27 +81,28 @@ class Engine:
     @classmethod
     def load(cls, weights_dir, device="auto", max_context=None, progress=None, use_graph=True,
              prefill_chunk=PREFILL_CHUNK_TOKENS, chat_template=None):
-        """weights_dir: a Hugging Face Llama directory (config.json, tokenizer.json, *.safetensors).
+        """weights_dir: a Hugging Face Llama directory (config.json, tokenizer.json, *.safetensors) or a
+        llama.cpp .gguf file (minifd/model/gguf.py).
 
         max_context: the most positions (prompt + new tokens) a sequence may take, at most the model's
         window; progress: progress bars on stderr (None: when stderr is a terminal); prefill_chunk:
         prompt positions per prefill call; chat_template: a Jinja chat template file to use instead of
         the checkpoint's own.
         """
-        weights_dir = check_weights_dir(weights_dir)
         if max_context is not None and max_context < 1:
             raise MinifdError(f"max_context must be >= 1, not {max_context}", parameter="max_context")
         if prefill_chunk < 1:
             raise MinifdError(f"prefill_chunk must be >= 1, not {prefill_chunk}", parameter="prefill_chunk")
+        checkpoint = open_checkpoint(weights_dir)
         xp = array_module(device)
-        config = LlamaConfig.from_dir(weights_dir)
-        tokenizer = Tokenizer.from_dir(weights_dir, config)
+        config = checkpoint.config
+        tokenizer = checkpoint.tokenizer()
         if chat_template is not None:
             chat_template = ChatTemplate.from_file(chat_template, tokenizer.special_tokens)
         else:
-            chat_template = ChatTemplate.from_dir(weights_dir, tokenizer.special_tokens)
+            chat_template = checkpoint.chat_template(tokenizer.special_tokens)
+        # On the GPU a GGUF's tensors, dequantized to float32, become float16 like any other checkpoint's.
         dtype = np.float16 if is_gpu(xp) else np.float32
-        checkpoint = Checkpoint(weights_dir)
         try:
             weights = load_weights(checkpoint, config, xp, dtype, progress=progress)
         except out_of_memory_errors(xp):
@@ -112,8 +111,8 @@ class Engine:
                               f"{np.dtype(dtype).name} ({free_memory_text(xp) or 'host memory'}); "
                               "use a smaller model or another device") from None
         max_seq = min(max_context or config.max_position_embeddings, config.max_position_embeddings)
-        model = Llama(config, weights, xp, load_softmax_ranges(weights_dir, config.n_layers), max_seq)
-        return cls(weights_dir, config, tokenizer, model, xp, use_graph, progress, prefill_chunk, chat_template)
+        model = Llama(config, weights, xp, load_softmax_ranges(checkpoint.softmax_ranges_path, config.n_layers), max_seq)
+        return cls(Path(weights_dir), config, tokenizer, model, xp, use_graph, progress, prefill_chunk, chat_template)
 
     @property
     def device(self):
@@ -310,16 +309,6 @@ def raise_non_finite(tokens, step):
     where = "the prefill" if step == 0 else f"decode step {step}"
     raise MinifdError(f"NaN or Inf logits at {where} for prompt(s) {bad}; the weights may be corrupt "
                       "or overflow float16")
-
-
-def check_weights_dir(weights_dir):
-    """-> weights_dir as a Path, once it is known to be a directory."""
-    weights_dir = Path(weights_dir)
-    if not weights_dir.exists():
-        raise MinifdError(f"weights_dir {weights_dir}: no such directory", parameter="weights_dir")
-    if not weights_dir.is_dir():
-        raise MinifdError(f"weights_dir {weights_dir}: not a directory", parameter="weights_dir")
-    return weights_dir
 
 
 def common_prefix_length(a, b):

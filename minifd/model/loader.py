@@ -1,4 +1,9 @@
-"""Checkpoint loading: safetensors files, memory-mapped, single-file or sharded.
+"""Checkpoint loading: the one way in for a model's config, tokenizer, chat template and tensors.
+
+open_checkpoint takes a Hugging Face directory (here) or a .gguf file (minifd/model/gguf.py); both
+give the same interface, which the engine, `minifd calibrate` and `minifd info` read everything from.
+
+A directory's tensors come from safetensors files, memory-mapped, single-file or sharded.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header naming each tensor's
 dtype, shape and [begin, end) byte range, then the raw data. We map the file and hand out NumPy
@@ -10,11 +15,16 @@ import json
 import mmap
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from minifd.errors import MinifdError
+from minifd.kernels.softmax_range import softmax_ranges_path
+from minifd.model.chat_template import ChatTemplate
+from minifd.model.config import LlamaConfig
+from minifd.model.tokenizer import Tokenizer
 
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
@@ -74,8 +84,23 @@ def _check_no_overlap(path, entries):
             raise MinifdError(f"{path}: tensors {name_a!r} and {name_b!r} overlap")
 
 
+def open_checkpoint(weights):
+    """weights: a Hugging Face model directory or a .gguf file -> its Checkpoint or GGUFCheckpoint."""
+    weights = Path(weights)
+    if weights.is_dir():
+        return Checkpoint(weights)
+    if weights.is_file() and weights.suffix == ".gguf":
+        from minifd.model.gguf import GGUFCheckpoint
+
+        return GGUFCheckpoint(weights)
+    if not weights.exists():
+        raise MinifdError(f"weights_dir {weights}: no such directory or .gguf file", parameter="weights_dir")
+    raise MinifdError(f"weights_dir {weights}: not a directory or a .gguf file", parameter="weights_dir")
+
+
 class Checkpoint:
-    """Every tensor of a model directory, by name; tensors come back as memory-mapped NumPy views."""
+    """A Hugging Face model directory: config.json, the tokenizer files, the chat template, and every
+    tensor by name; tensors come back as memory-mapped NumPy views."""
 
     def __init__(self, weights_dir):
         self.dir = Path(weights_dir)
@@ -83,6 +108,22 @@ class Checkpoint:
         for path in _safetensors_files(self.dir):
             self.entries.update(read_header(path))
         self._maps = {}
+
+    @cached_property
+    def config(self):
+        return LlamaConfig.from_dir(self.dir)
+
+    def tokenizer(self):
+        return Tokenizer.from_dir(self.dir, self.config)
+
+    def chat_template(self, special_tokens):
+        """-> the directory's ChatTemplate, or None when it ships none."""
+        return ChatTemplate.from_dir(self.dir, special_tokens)
+
+    @property
+    def softmax_ranges_path(self):
+        """Where `minifd calibrate` writes this model's phi values and the engine reads them."""
+        return softmax_ranges_path(self.dir)
 
     def __contains__(self, name):
         return name in self.entries
@@ -115,11 +156,8 @@ class Checkpoint:
         """Unmap a tensor's pages from this process once it has been copied elsewhere (to the GPU), so
         streaming a checkpoint holds about one tensor in host memory; the file stays in the page cache."""
         entry = self.entries[name]
-        mapping = self._maps.get(entry.path)
-        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        start = entry.begin // mmap.PAGESIZE * mmap.PAGESIZE
-        mapping._mmap.madvise(mmap.MADV_DONTNEED, start, entry.end - start)
+        if entry.path in self._maps:
+            release_pages(self._maps[entry.path], entry.begin, entry.end)
 
     def location(self, name):
         """Where a tensor lives, for error messages."""
@@ -171,6 +209,14 @@ def _safetensors_files(weights_dir):
     if not paths:
         raise MinifdError(f"{weights_dir}: no *.safetensors files (minifd reads safetensors checkpoints)")
     return paths
+
+
+def release_pages(mapping, begin, end):
+    """Drop the pages of bytes [begin, end) of a np.memmap from this process (where the OS allows)."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = begin // mmap.PAGESIZE * mmap.PAGESIZE
+    mapping._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def bf16_bits_to_float32(bits):

@@ -1,0 +1,295 @@
+"""GGUF checkpoints: a llama.cpp .gguf file as config, tokenizer, chat template and named tensors.
+
+The `gguf` package's GGUFReader parses the file (metadata and memory-mapped tensor data); this
+module maps what it reads onto what the rest of minifd expects of a Checkpoint: the Hugging Face
+config and tensor names, a `tokenizers` tokenizer built from the file's vocabulary and merges, and
+float32 tensors in Hugging Face's layout. llama.cpp's converter reorders the rows of the Q and K
+projections for its RoPE; reading a tensor undoes that.
+"""
+
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from minifd.errors import MinifdError
+from minifd.kernels.softmax_range import FILE_NAME as SOFTMAX_RANGES_FILE_NAME
+from minifd.model.chat_template import ChatTemplate
+from minifd.model.config import LlamaConfig
+from minifd.model.dequantize import BLOCK_FORMATS, dequantize
+from minifd.model.loader import release_pages
+from minifd.model.tokenizer import Tokenizer
+from minifd.model.weights import expected_shapes
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_TOKENIZER_MODELS = ("gpt2",)  # byte-level BPE, as SmolLM2 and Llama-3 ship it
+
+GGUF_TOKEN_TYPE_CONTROL = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL: <|im_start|> and friends
+GGUF_TOKEN_TYPE_USER_DEFINED = 4  # added tokens matched whole in text but not special
+
+# The regex split Llama-3's tokenizer.json applies before byte-level BPE (llama.cpp's "llama-bpe").
+LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                        r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+LAYER_TENSOR_NAMES = {  # GGUF blk.N.<key>.weight -> HF model.layers.N.<value>.weight
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+GLOBAL_TENSOR_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                       "output.weight": "lm_head.weight"}
+HF_LAYER_TENSOR_NAMES = {hf: gguf for gguf, hf in LAYER_TENSOR_NAMES.items()}
+HF_GLOBAL_TENSOR_NAMES = {hf: gguf for gguf, hf in GLOBAL_TENSOR_NAMES.items()}
+
+
+def gguf_tensor_name(hf_name):
+    """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight', and the global tensors."""
+    if hf_name in HF_GLOBAL_TENSOR_NAMES:
+        return HF_GLOBAL_TENSOR_NAMES[hf_name]
+    _, _, layer, projection = hf_name.removesuffix(".weight").split(".", 3)
+    return f"blk.{layer}.{HF_LAYER_TENSOR_NAMES[projection]}.weight"
+
+
+def unpermute_rope_rows(weight, num_heads):
+    """Undo llama.cpp's Q/K row permutation, so the weight suits HF's rotate-half RoPE.
+
+    weight: [num_heads * head_dim, in_features] -> [num_heads * head_dim, in_features]
+
+    HF rotates the pair (i, i + head_dim/2) of each head; llama.cpp rotates adjacent rows (2i, 2i+1).
+    convert_hf_to_gguf therefore moves HF row (head h, half s, i) to GGUF row h*head_dim + 2i + s,
+    i.e. it views the rows as [head, half, i] and swaps the last two axes. Viewing the GGUF rows as
+    [head, i, half] and swapping back restores HF order.
+    """
+    rows = weight.shape[0]
+    head_dim = rows // num_heads
+    by_pair = weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])  # [head, i, half, ...]
+    return by_pair.swapaxes(1, 2).reshape(weight.shape)  # [head, half, i, ...] flattened
+
+
+class GGUFCheckpoint:
+    """A Llama-architecture .gguf file through the Checkpoint interface: HF tensor names, float32 tensors
+    dequantized as the GGUF format defines them, in HF's row order."""
+
+    def __init__(self, path):
+        try:
+            from gguf import GGUFReader
+        except ImportError:
+            raise MinifdError("reading .gguf files needs the gguf package: pip install 'minifd[gguf]'") from None
+        self.path = self.dir = Path(path)
+        try:
+            self.reader = GGUFReader(self.path)
+        except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError) as error:
+            raise MinifdError(f"{self.path}: not a readable GGUF file ({error_text(error)})") from None
+        self.fields = self.reader.fields
+        architecture = self.metadata("general.architecture")
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise MinifdError(f"{self.path}: architecture {architecture!r} is not supported "
+                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        self.tensors = {tensor.name: tensor for tensor in self.reader.tensors}
+        self.names = self._check_tensors()  # HF name -> GGUF name, for every tensor the decoder uses
+
+    def metadata(self, key, default=...):
+        """-> the value of a metadata key; `default` when the file lacks it (an error without one)."""
+        field = self.fields.get(key)
+        if field is None:
+            if default is ...:
+                raise MinifdError(f"{self.path}: the GGUF metadata has no {key!r}")
+            return default
+        return field.contents()
+
+    @cached_property
+    def config(self):
+        """llama.* metadata -> LlamaConfig, through the config.json keys it stands for."""
+        if "rope_freqs.weight" in self.tensors:
+            raise MinifdError(f"{self.path}: per-dimension RoPE factors (rope_freqs.weight, Llama-3.1 style) "
+                              "are not supported")
+        hidden_size = int(self.metadata("llama.embedding_length"))
+        num_heads = int(self.metadata("llama.attention.head_count"))
+        head_dim = int(self.metadata("llama.attention.key_length", hidden_size // num_heads))
+        rotary_dim = int(self.metadata("llama.rope.dimension_count", head_dim))
+        if rotary_dim != head_dim:
+            raise MinifdError(f"{self.path}: RoPE on {rotary_dim} of {head_dim} head dimensions is not a Llama layout")
+        raw = {
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": hidden_size,
+            "intermediate_size": self.metadata("llama.feed_forward_length"),
+            "num_hidden_layers": self.metadata("llama.block_count"),
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": self.metadata("llama.attention.head_count_kv", num_heads),
+            "head_dim": head_dim,
+            "rms_norm_eps": float32_text(self.metadata("llama.attention.layer_norm_rms_epsilon")),
+            "rope_theta": float32_text(self.metadata("llama.rope.freq_base", 10000.0)),
+            "max_position_embeddings": self.metadata("llama.context_length"),
+            "vocab_size": self.metadata("llama.vocab_size", None) or len(self.metadata("tokenizer.ggml.tokens")),
+            "tie_word_embeddings": "output.weight" not in self.tensors,
+            "bos_token_id": self.metadata("tokenizer.ggml.bos_token_id", None),
+            "eos_token_id": self.metadata("tokenizer.ggml.eos_token_id", None),
+        }
+        if self.metadata("llama.rope.scaling.type", "none") == "linear":
+            raw["rope_scaling"] = {"rope_type": "linear", "factor": self.metadata("llama.rope.scaling.factor")}
+        return LlamaConfig.from_dict(raw, source=f"{self.path} (metadata)")
+
+    def tokenizer(self):
+        """-> Tokenizer over the file's vocabulary, merges and token types, with its BOS and EOS."""
+        config = self.config
+        tokens = self.metadata("tokenizer.ggml.tokens")
+        model = self.metadata("tokenizer.ggml.model")
+        if model not in SUPPORTED_TOKENIZER_MODELS:
+            raise MinifdError(f"{self.path}: tokenizer.ggml.model {model!r} is not supported "
+                              f"(supported: {', '.join(SUPPORTED_TOKENIZER_MODELS)})")
+        tokenizer = byte_level_bpe(tokens, self.metadata("tokenizer.ggml.merges"),
+                                   self.metadata("tokenizer.ggml.token_type"),
+                                   pre_tokenizer(self.metadata("tokenizer.ggml.pre", "default"), self.path))
+        eos_ids = set(config.eos_token_ids)
+        end_of_turn = self.metadata("tokenizer.ggml.eot_token_id", None)  # llama.cpp stops at it too
+        if end_of_turn is not None:
+            eos_ids.add(int(end_of_turn))
+        special_token_ids = {"bos_token": config.bos_token_id, "eos_token": self.metadata("tokenizer.ggml.eos_token_id", None),
+                             "unk_token": self.metadata("tokenizer.ggml.unknown_token_id", None),
+                             "pad_token": self.metadata("tokenizer.ggml.padding_token_id", None)}
+        special_tokens = {name: tokens[int(token_id)] for name, token_id in special_token_ids.items()
+                          if token_id is not None and 0 <= int(token_id) < len(tokens)}
+        return Tokenizer(tokenizer, config.bos_token_id, bool(self.metadata("tokenizer.ggml.add_bos_token", False)),
+                         eos_ids, special_tokens)
+
+    def chat_template(self, special_tokens):
+        """-> the file's tokenizer.chat_template as a ChatTemplate, or None when it has none."""
+        source = self.metadata("tokenizer.chat_template", None)
+        if not isinstance(source, str):
+            return None
+        return ChatTemplate(source, special_tokens, f"{self.path} (tokenizer.chat_template)")
+
+    @property
+    def softmax_ranges_path(self):
+        """Where `minifd calibrate` writes this model's phi values and the engine reads them: beside the file."""
+        return self.path.with_suffix("." + SOFTMAX_RANGES_FILE_NAME)
+
+    def _check_tensors(self):
+        """Every tensor the decoder needs is present, of a type minifd reads, of the shape the metadata
+        implies, and inside the file -> {HF name: GGUF name}."""
+        shapes = expected_shapes(self.config)
+        if "output.weight" in self.tensors:
+            shapes["lm_head.weight"] = (self.config.vocab_size, self.config.hidden_size)
+        size = self.path.stat().st_size
+        names = {}
+        for hf_name, shape in shapes.items():
+            name = gguf_tensor_name(hf_name)
+            tensor = self.tensors.get(name)
+            if tensor is None:
+                raise MinifdError(f"{self.path}: has no tensor {name!r} (a Llama GGUF holds token_embd, "
+                                  "output_norm and blk.N.attn_q/k/v/output, ffn_gate/up/down, attn_norm, ffn_norm)")
+            if tensor.tensor_type.name not in BLOCK_FORMATS:
+                raise MinifdError(f"{self.path}: tensor {name!r} has type {tensor.tensor_type.name}, which minifd "
+                                  f"does not read (supported: {', '.join(BLOCK_FORMATS)})")
+            found = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists the fastest axis first
+            if found != shape:
+                raise MinifdError(f"{self.path}: tensor {name!r} has shape {list(found)}, "
+                                  f"the file's metadata implies {list(shape)}")
+            if tensor.data_offset + tensor.n_bytes > size:
+                raise MinifdError(f"{self.path}: tensor {name!r} lies past the end of the file (truncated download?)")
+            names[hf_name] = name
+        return names
+
+    def __contains__(self, name):
+        return name in self.names
+
+    def __getitem__(self, name):
+        """-> the tensor as float32 in HF layout (Q and K rows back in HF's order)."""
+        if name not in self.names:
+            raise MinifdError(f"{self.path}: no tensor {name!r}")
+        tensor = self.tensors[self.names[name]]
+        values = dequantize(self.raw(name), tensor.tensor_type.name, self.shape(name))
+        if name.endswith("self_attn.q_proj.weight"):
+            return unpermute_rope_rows(values, self.config.n_heads)
+        if name.endswith("self_attn.k_proj.weight"):
+            return unpermute_rope_rows(values, self.config.n_kv_heads)
+        return values
+
+    def raw(self, name):
+        """-> the tensor's bytes as stored: a read-only uint8 view into the mapped file."""
+        tensor = self.tensors[self.names[name]]
+        return self.reader.data[tensor.data_offset : tensor.data_offset + tensor.n_bytes]
+
+    def nbytes(self, name):
+        return self.tensors[self.names[name]].n_bytes
+
+    def shape(self, name):
+        return tuple(int(n) for n in reversed(self.tensors[self.names[name]].shape))
+
+    def type_name(self, name):
+        """The tensor's GGUF type (Q4_K, F16, ...)."""
+        return self.tensors[self.names[name]].tensor_type.name
+
+    def release(self, name):
+        """Unmap a tensor's pages once it has been dequantized (the file stays in the page cache)."""
+        tensor = self.tensors[self.names[name]]
+        release_pages(self.reader.data, tensor.data_offset, tensor.data_offset + tensor.n_bytes)
+
+    def location(self, name):
+        """Where a tensor lives, for error messages."""
+        return f"{self.path} ({self.names[name]})" if name in self.names else str(self.path)
+
+
+def byte_level_bpe(tokens, merges, token_types, pre_tokenization):
+    """GGUF tokenizer metadata -> tokenizers.Tokenizer, the byte-level BPE the vocabulary came from.
+
+    tokens: byte-level spelled strings, index = id; merges: "left right" strings, best first;
+    token_types: llama.cpp token types per id; pre_tokenization: the pre-tokenizer (see pre_tokenizer).
+    Control tokens become special added tokens and user-defined ones plain added tokens, both
+    matched whole in raw text, as in the tokenizer.json the file was converted from.
+    """
+    from tokenizers import AddedToken, decoders, models, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab = {token: token_id for token_id, token in enumerate(tokens)}
+    merge_pairs = [tuple(merge.split(" ")) for merge in merges]
+    tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenization
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    # In id order, so the ids stay those of the vocabulary.
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                  for token, kind in zip(tokens, token_types) if kind == GGUF_TOKEN_TYPE_CONTROL])
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False)
+                          for token, kind in zip(tokens, token_types) if kind == GGUF_TOKEN_TYPE_USER_DEFINED])
+    return tokenizer
+
+
+def pre_tokenizer(name, path):
+    """tokenizer.ggml.pre -> the tokenizers pre-tokenizer of the tokenizer.json llama.cpp converted.
+
+    'smollm' splits every digit off on its own before GPT-2's regex split; 'llama-bpe' (Llama-3) splits
+    with its own regex (numbers in runs of up to three digits); 'gpt2' and 'default' are GPT-2's split.
+    None adds a prefix space; ByteLevel maps bytes to the printable alphabet the vocabulary uses.
+    """
+    from tokenizers import Regex, pre_tokenizers
+
+    gpt2_split = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    known = {
+        "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2_split]),
+        "llama-bpe": lambda: pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)]),
+        "gpt2": lambda: gpt2_split,
+        "default": lambda: gpt2_split,
+    }
+    if name not in known:
+        raise MinifdError(f"{path}: tokenizer.ggml.pre {name!r} is not supported (supported: {', '.join(known)})")
+    return known[name]()
+
+
+def float32_text(value):
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(value)))
+
+
+def error_text(error):
+    """What the reader's exception says; 'magic' for a file that does not start as a GGUF does."""
+    text = str(error) or type(error).__name__
+    return "it does not start with the GGUF magic" if "magic" in text.lower() else text
