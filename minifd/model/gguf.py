@@ -105,7 +105,10 @@ class GGUFCheckpoint:
 
     @cached_property
     def config(self):
-        """llama.* metadata -> LlamaConfig, through the config.json keys it stands for."""
+        return LlamaConfig.from_dict(self.hf_config(), source=f"{self.path} (metadata)")
+
+    def hf_config(self):
+        """llama.* metadata -> the config.json dict (LlamaForCausalLM) it stands for."""
         if "rope_freqs.weight" in self.tensors:
             raise MinifdError(f"{self.path}: per-dimension RoPE factors (rope_freqs.weight, Llama-3.1 style) "
                               "are not supported")
@@ -128,12 +131,13 @@ class GGUFCheckpoint:
             "max_position_embeddings": self.metadata("llama.context_length"),
             "vocab_size": self.metadata("llama.vocab_size", None) or len(self.metadata("tokenizer.ggml.tokens")),
             "tie_word_embeddings": "output.weight" not in self.tensors,
-            "bos_token_id": self.metadata("tokenizer.ggml.bos_token_id", None),
-            "eos_token_id": self.metadata("tokenizer.ggml.eos_token_id", None),
         }
         if self.metadata("llama.rope.scaling.type", "none") == "linear":
             raw["rope_scaling"] = {"rope_type": "linear", "factor": self.metadata("llama.rope.scaling.factor")}
-        return LlamaConfig.from_dict(raw, source=f"{self.path} (metadata)")
+        token_ids = {"bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "tokenizer.ggml.eos_token_id",
+                     "pad_token_id": "tokenizer.ggml.padding_token_id"}
+        raw.update({name: self.metadata(key) for name, key in token_ids.items() if key in self.fields})
+        return raw
 
     def tokenizer(self):
         """-> Tokenizer over the file's vocabulary, merges and token types, with its BOS and EOS."""
