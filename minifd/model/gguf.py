@@ -85,7 +85,8 @@ class GGUFCheckpoint:
         try:
             self.reader = GGUFReader(self.path)
         except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError) as error:
-            raise MinifdError(f"{self.path}: not a readable GGUF file ({error})") from None
+            raise MinifdError(f"{self.path}: not a GGUF file, or a truncated one ({self.path.stat().st_size} bytes; "
+                              f"the reader says: {error})") from None
         self.fields = self.reader.fields
         architecture = self.metadata("general.architecture")
         if architecture not in SUPPORTED_ARCHITECTURES:
