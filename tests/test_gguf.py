@@ -16,7 +16,7 @@ from minifd.cli import main
 from minifd.fixture import shipped_gguf
 from minifd.kernels.softmax_range import FILE_NAME, load_softmax_ranges
 from minifd.model.dequantize import BLOCK_FORMATS, dequantize
-from minifd.model.gguf import GGUFCheckpoint, gguf_tensor_name, unpermute_rope_rows
+from minifd.model.gguf import GGUFCheckpoint, gguf_tensor_name, pre_tokenizer, unpermute_rope_rows
 from minifd.model.llama import KVCache
 from test_errors import assert_one_line_error
 from tiny_model import tiny_model
@@ -68,6 +68,13 @@ def test_dequantize_equals_gguf_on_the_shipped_files_tensors(smollm2_gguf):
     assert checked == {"F32", "Q8_0", "Q4_1"}
 
 
+@pytest.mark.parametrize("name, pieces", [("smollm", ["1", "2", "3", "4", "5", "Ġhello"]),
+                                          ("llama-bpe", ["123", "45", "Ġhello"]),
+                                          ("gpt2", ["12345", "Ġhello"])])
+def test_pre_tokenizers_split_numbers_as_their_models_do(name, pieces):
+    assert [piece for piece, _ in pre_tokenizer(name, "m.gguf").pre_tokenize_str("12345 hello")] == pieces
+
+
 # --- tiny written files ----------------------------------------------------------------------
 
 def permute_rope_rows(weight, num_heads):
@@ -76,7 +83,8 @@ def permute_rope_rows(weight, num_heads):
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def write_gguf(path, config, tensors, architecture="llama", tensor_types=None, skip=(), reshape=None):
+def write_gguf(path, config, tensors, architecture="llama", tokenizer_model="gpt2", tensor_types=None, skip=(),
+               reshape=None):
     """Write `tensors` (HF names, float32) as a Llama GGUF with the byte-level vocabulary of tiny_model.
     tensor_types: {HF name: GGMLQuantizationType} written as that type (F32 for the rest); skip: names
     left out; reshape: {HF name: shape} written in that shape instead."""
@@ -91,7 +99,7 @@ def write_gguf(path, config, tensors, architecture="llama", tensor_types=None, s
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_vocab_size(config.vocab_size)
     tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["<s>", "</s>"]
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(tokenizer_model)
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.NORMAL] * 256 + [gguf.TokenType.CONTROL] * 2)
@@ -229,6 +237,12 @@ def test_unsupported_architecture_is_named_with_the_supported_ones(capsys, tmp_p
     _, config, tensors = tiny
     path = write_gguf(tmp_path / "m.gguf", config, tensors, architecture="qwen2")
     assert_one_line_error(capsys, run_args(path), "architecture 'qwen2' is not supported (supported: llama)")
+
+
+def test_unsupported_tokenizer_is_named_with_the_supported_ones(capsys, tmp_path, tiny):
+    _, config, tensors = tiny
+    path = write_gguf(tmp_path / "m.gguf", config, tensors, tokenizer_model="llama")
+    assert_one_line_error(capsys, run_args(path), "tokenizer.ggml.model 'llama' is not supported (supported: gpt2)")
 
 
 def test_missing_tensor(capsys, tmp_path, tiny):
