@@ -22,6 +22,7 @@ from minifd.model.tokenizer import Tokenizer
 from minifd.model.weights import expected_shapes
 
 SUPPORTED_ARCHITECTURES = ("llama",)
+REQUIRED = object()  # GGUFCheckpoint.metadata's default: the key must be there
 SUPPORTED_TOKENIZER_MODELS = ("gpt2",)  # byte-level BPE, as SmolLM2 and Llama-3 ship it
 
 GGUF_TOKEN_TYPE_CONTROL = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL: <|im_start|> and friends
@@ -31,29 +32,31 @@ GGUF_TOKEN_TYPE_USER_DEFINED = 4  # added tokens matched whole in text but not s
 LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                         r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-LAYER_TENSOR_NAMES = {  # GGUF blk.N.<key>.weight -> HF model.layers.N.<value>.weight
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+# The special tokens chat templates see (minifd.model.tokenizer.SPECIAL_TOKEN_NAMES) -> their id's key.
+SPECIAL_TOKEN_KEYS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+                      "unk_token": "tokenizer.ggml.unknown_token_id", "pad_token": "tokenizer.ggml.padding_token_id"}
+
+GGUF_LAYER_TENSOR_NAMES = {  # HF model.layers.N.<key>.weight -> GGUF blk.N.<value>.weight
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
 }
-GLOBAL_TENSOR_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                       "output.weight": "lm_head.weight"}
-HF_LAYER_TENSOR_NAMES = {hf: gguf for gguf, hf in LAYER_TENSOR_NAMES.items()}
-HF_GLOBAL_TENSOR_NAMES = {hf: gguf for gguf, hf in GLOBAL_TENSOR_NAMES.items()}
+GGUF_GLOBAL_TENSOR_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                            "lm_head.weight": "output.weight"}
 
 
 def gguf_tensor_name(hf_name):
     """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight', and the global tensors."""
-    if hf_name in HF_GLOBAL_TENSOR_NAMES:
-        return HF_GLOBAL_TENSOR_NAMES[hf_name]
-    _, _, layer, projection = hf_name.removesuffix(".weight").split(".", 3)
-    return f"blk.{layer}.{HF_LAYER_TENSOR_NAMES[projection]}.weight"
+    if hf_name in GGUF_GLOBAL_TENSOR_NAMES:
+        return GGUF_GLOBAL_TENSOR_NAMES[hf_name]
+    _, _, layer, projection = hf_name.removesuffix(".weight").split(".", 3)  # model, layers, N, projection
+    return f"blk.{layer}.{GGUF_LAYER_TENSOR_NAMES[projection]}.weight"
 
 
 def unpermute_rope_rows(weight, num_heads):
@@ -81,7 +84,7 @@ class GGUFCheckpoint:
             from gguf import GGUFReader
         except ImportError:
             raise MinifdError("reading .gguf files needs the gguf package: pip install 'minifd[gguf]'") from None
-        self.path = self.dir = Path(path)
+        self.path = self.dir = Path(path)  # `dir`: where the Checkpoint interface says tensors come from
         try:
             self.reader = GGUFReader(self.path)
         except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError) as error:
@@ -95,11 +98,11 @@ class GGUFCheckpoint:
         self.tensors = {tensor.name: tensor for tensor in self.reader.tensors}
         self.names = self._check_tensors()  # HF name -> GGUF name, for every tensor the decoder uses
 
-    def metadata(self, key, default=...):
+    def metadata(self, key, default=REQUIRED):
         """-> the value of a metadata key; `default` when the file lacks it (an error without one)."""
         field = self.fields.get(key)
         if field is None:
-            if default is ...:
+            if default is REQUIRED:
                 raise MinifdError(f"{self.path}: the GGUF metadata has no {key!r}")
             return default
         return field.contents()
@@ -159,11 +162,10 @@ class GGUFCheckpoint:
         end_of_turn = self.metadata("tokenizer.ggml.eot_token_id", None)  # llama.cpp stops at it too
         if end_of_turn is not None:
             eos_ids.add(int(end_of_turn))
-        special_token_ids = {"bos_token": config.bos_token_id, "eos_token": self.metadata("tokenizer.ggml.eos_token_id", None),
-                             "unk_token": self.metadata("tokenizer.ggml.unknown_token_id", None),
-                             "pad_token": self.metadata("tokenizer.ggml.padding_token_id", None)}
-        special_tokens = {name: tokens[int(token_id)] for name, token_id in special_token_ids.items()
-                          if token_id is not None and 0 <= int(token_id) < len(tokens)}
+        special_token_ids = {name: int(self.metadata(key)) for name, key in SPECIAL_TOKEN_KEYS.items()
+                             if key in self.fields}
+        special_tokens = {name: tokens[token_id] for name, token_id in special_token_ids.items()
+                          if 0 <= token_id < len(tokens)}
         return Tokenizer(tokenizer, config.bos_token_id, bool(self.metadata("tokenizer.ggml.add_bos_token", False)),
                          eos_ids, special_tokens)
 
