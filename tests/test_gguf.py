@@ -1,5 +1,6 @@
-"""GGUF files: the dequantizers against the gguf package's own, tiny written files against the same
-model as a Hugging Face directory, and bad files ending in one line."""
+"""GGUF files: the dequantizers against the gguf package's own, the tokenizer built from GGUF metadata,
+the Q/K row order, tiny written files against the same model as a Hugging Face directory, and bad
+files ending in one line."""
 
 import json
 
@@ -16,7 +17,8 @@ from minifd.cli import main
 from minifd.fixture import shipped_gguf
 from minifd.kernels.softmax_range import FILE_NAME, load_softmax_ranges
 from minifd.model.dequantize import BLOCK_FORMATS, dequantize
-from minifd.model.gguf import GGUFCheckpoint, gguf_tensor_name, pre_tokenizer, unpermute_rope_rows
+from minifd.model.gguf import (GGUFCheckpoint, byte_level_bpe, gguf_tensor_name, pre_tokenizer,
+                               unpermute_rope_rows)
 from minifd.model.llama import KVCache
 from test_errors import assert_one_line_error
 from tiny_model import tiny_model
@@ -75,13 +77,95 @@ def test_pre_tokenizers_split_numbers_as_their_models_do(name, pieces):
     assert [piece for piece, _ in pre_tokenizer(name, "m.gguf").pre_tokenize_str("12345 hello")] == pieces
 
 
-# --- tiny written files ----------------------------------------------------------------------
+# --- the tokenizer from GGUF metadata (a tiny byte-level vocabulary in GGUF's layout) ----------
 
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ Ġ", "Ġ t", "h e", "Ġt he", "ĠĠ Ġ"]
+
+
+def tiny_gguf_vocabulary():
+    """-> (tokens, merges, token_types) as GGUF stores them: specials first, then bytes, then merges."""
+    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merged = [merge.replace(" ", "") for merge in MERGES]
+    tokens = SPECIALS + byte_symbols + merged
+    token_types = [3] * len(SPECIALS) + [1] * (len(byte_symbols) + len(merged))
+    return tokens, MERGES, token_types
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    return byte_level_bpe(*tiny_gguf_vocabulary(), pre_tokenizer("smollm", "m.gguf"))
+
+
+def test_digits_are_split_before_the_whitespace_regex(tiny_tokenizer):
+    # SmolLM isolates each digit first, so the spaces before one stay a run the BPE can merge;
+    # a plain GPT-2 split would have produced "Ġ", "Ġ", "Ġ1" pieces instead.
+    assert tiny_tokenizer.encode("x   12").tokens == ["x", "ĠĠĠ", "1", "2"]
+
+
+def test_no_prefix_space_and_merges_apply(tiny_tokenizer):
+    assert tiny_tokenizer.encode("the the").tokens == ["t", "he", "Ġthe"]
+
+
+def test_control_tokens_are_whole_special_tokens(tiny_tokenizer):
+    encoding = tiny_tokenizer.encode("<|im_start|>user\nhi<|im_end|>")
+    assert encoding.ids[0] == SPECIALS.index("<|im_start|>")
+    assert encoding.ids[-1] == SPECIALS.index("<|im_end|>")
+    assert tiny_tokenizer.decode(encoding.ids, skip_special_tokens=True) == "user\nhi"
+
+
+@given(st.text(max_size=40).filter(lambda text: not any(special in text for special in SPECIALS)))
+def test_any_text_round_trips(tiny_tokenizer, text):
+    assert tiny_tokenizer.decode(tiny_tokenizer.encode(text).ids) == text
+
+
+def test_ids_follow_the_gguf_order(tiny_tokenizer):
+    tokens, _, _ = tiny_gguf_vocabulary()
+    assert tiny_tokenizer.get_vocab(with_added_tokens=True) == {token: index for index, token in enumerate(tokens)}
+
+
+# --- RoPE rows: GGUF's interleaved pairs -> HF's rotate-half halves ---------------------------
 def permute_rope_rows(weight, num_heads):
     """What llama.cpp's convert_hf_to_gguf does to Q and K: HF row (head, half, i) -> row (head, i, half)."""
     return (weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
             .swapaxes(1, 2).reshape(weight.shape))
 
+
+
+
+@st.composite
+def per_head_rows(draw):
+    """-> weight rows grouped by head: [num_heads, head_dim, cols], head_dim even."""
+    num_heads, half_head_dim, cols = draw(st.integers(1, 4)), draw(st.integers(1, 8)), draw(st.integers(1, 5))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return rng.standard_normal((num_heads, 2 * half_head_dim, cols))
+
+
+@given(per_head_rows())
+def test_unpermute_inverts_llama_cpps_permutation(rows):
+    num_heads, head_dim, cols = rows.shape
+    hf_weight = rows.reshape(num_heads * head_dim, cols)
+    gguf_weight = permute_rope_rows(hf_weight, num_heads)
+    np.testing.assert_array_equal(unpermute_rope_rows(gguf_weight, num_heads), hf_weight)
+
+
+@given(per_head_rows())
+def test_unpermute_turns_adjacent_pairs_into_halves(rows):
+    # GGUF rotates rows (2i, 2i+1) of a head together; HF rotates (i, i + head_dim/2).
+    num_heads, head_dim, cols = rows.shape
+    gguf_weight = rows.reshape(num_heads * head_dim, cols)
+    hf_weight = unpermute_rope_rows(gguf_weight, num_heads).reshape(num_heads, head_dim, cols)
+    half = head_dim // 2
+    np.testing.assert_array_equal(hf_weight[:, :half], rows[:, 0::2])
+    np.testing.assert_array_equal(hf_weight[:, half:], rows[:, 1::2])
+
+
+def test_unpermute_rejects_odd_heads():
+    with pytest.raises(ValueError):
+        unpermute_rope_rows(np.zeros((6, 2)), 2)
+
+
+# --- tiny written files ----------------------------------------------------------------------
 
 def write_gguf(path, config, tensors, architecture="llama", tokenizer_model="gpt2", tensor_types=None, skip=(),
                reshape=None):
