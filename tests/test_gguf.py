@@ -18,7 +18,7 @@ from minifd.fixture import shipped_gguf
 from minifd.kernels.softmax_range import FILE_NAME, load_softmax_ranges
 from minifd.model.dequantize import BLOCK_FORMATS, dequantize
 from minifd.model.gguf import (GGUFCheckpoint, byte_level_bpe, gguf_tensor_name, pre_tokenizer,
-                               unpermute_rope_rows)
+                               sentencepiece_bpe, unpermute_rope_rows)
 from minifd.model.llama import KVCache
 from test_errors import assert_one_line_error
 from tiny_model import tiny_model
@@ -124,6 +124,35 @@ def test_ids_follow_the_gguf_order(tiny_tokenizer):
     assert tiny_tokenizer.get_vocab(with_added_tokens=True) == {token: index for index, token in enumerate(tokens)}
 
 
+# A SentencePiece vocabulary as Llama-2's GGUF stores it: <unk>, <s>, </s>, the 256 byte tokens, pieces.
+PIECES = ["▁", "t", "h", "e", "l", "o", "▁t", "he", "▁the", "ll", "▁he", "▁hello", "lo", "▁h", "el", "▁▁"]
+SPM_TOKENS = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)] + PIECES
+SPM_SCORES = [0.0] * 259 + [-float(rank) for rank in range(len(PIECES))]
+SPM_TYPES = [gguf.TokenType.UNKNOWN] + [gguf.TokenType.CONTROL] * 2 + [gguf.TokenType.BYTE] * 256 \
+    + [gguf.TokenType.NORMAL] * len(PIECES)
+
+
+@pytest.fixture(scope="module")
+def transformers_sentencepiece():
+    """transformers' own tokenizer for that vocabulary (the builder its gguf_file= loading uses)."""
+    pytest.importorskip("transformers")
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+    except ImportError:
+        pytest.skip("this transformers has no gguf_tokenizer_mapping.convert_gguf_tokenizer")
+    return convert_gguf_tokenizer("llama", {"tokenizer_type": "llama", "tokens": SPM_TOKENS, "scores": SPM_SCORES,
+                                            "token_type": SPM_TYPES})[0]
+
+
+@given(st.lists(st.sampled_from(list("helot x\né🌅") + ["<s>", "</s>"]), max_size=20).map("".join))
+def test_a_sentencepiece_vocabulary_tokenizes_as_transformers_builds_it(transformers_sentencepiece, text):
+    ours = sentencepiece_bpe(SPM_TOKENS, SPM_SCORES, SPM_TYPES, add_space_prefix=True)
+    encoding = ours.encode(text, add_special_tokens=False)
+    assert encoding.ids == transformers_sentencepiece.encode(text, add_special_tokens=False).ids
+    assert ours.decode(encoding.ids, skip_special_tokens=True) == transformers_sentencepiece.decode(
+        encoding.ids, skip_special_tokens=True)
+
+
 # --- RoPE rows: GGUF's interleaved pairs -> HF's rotate-half halves ---------------------------
 def permute_rope_rows(weight, num_heads):
     """What llama.cpp's convert_hf_to_gguf does to Q and K: HF row (head, half, i) -> row (head, i, half)."""
@@ -169,7 +198,8 @@ def test_unpermute_rejects_odd_heads():
 
 def write_gguf(path, config, tensors, architecture="llama", tokenizer_model="gpt2", tensor_types=None, skip=(),
                reshape=None):
-    """Write `tensors` (HF names, float32) as a Llama GGUF with the byte-level vocabulary of tiny_model.
+    """Write `tensors` (HF names, float32) as a Llama GGUF with the byte-level vocabulary of tiny_model
+    (tokenizer_model "llama": the SentencePiece one above, without an add_bos_token flag).
     tensor_types: {HF name: GGMLQuantizationType} written as that type (F32 for the rest); skip: names
     left out; reshape: {HF name: shape} written in that shape instead."""
     writer = gguf.GGUFWriter(path, architecture)
@@ -182,15 +212,21 @@ def write_gguf(path, config, tensors, architecture="llama", tokenizer_model="gpt
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_vocab_size(config.vocab_size)
-    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["<s>", "</s>"]
     writer.add_tokenizer_model(tokenizer_model)
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.NORMAL] * 256 + [gguf.TokenType.CONTROL] * 2)
-    writer.add_token_merges([])
-    writer.add_bos_token_id(256)
-    writer.add_eos_token_id(257)
-    writer.add_add_bos_token(True)
+    if tokenizer_model == "llama":
+        writer.add_token_list(SPM_TOKENS)
+        writer.add_token_scores(SPM_SCORES)
+        writer.add_token_types(SPM_TYPES)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+    else:
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(sorted(pre_tokenizers.ByteLevel.alphabet()) + ["<s>", "</s>"])
+        writer.add_token_types([gguf.TokenType.NORMAL] * 256 + [gguf.TokenType.CONTROL] * 2)
+        writer.add_token_merges([])
+        writer.add_bos_token_id(256)
+        writer.add_eos_token_id(257)
+        writer.add_add_bos_token(True)
     writer.add_chat_template("{% for m in messages %}{{ bos_token + m['content'] + eos_token }}{% endfor %}")
     for name, value in tensors.items():
         if name in skip:
@@ -236,6 +272,16 @@ def test_a_float32_gguf_reads_back_the_hf_tensors_and_generates_as_the_directory
     prompts = ["hello", "the quick brown fox"]
     assert ([c.token_ids for c in from_gguf.generate(prompts, max_new_tokens=8, ignore_eos=True).completions]
             == [c.token_ids for c in from_directory.generate(prompts, max_new_tokens=8, ignore_eos=True).completions])
+
+
+def test_a_sentencepiece_gguf_encodes_with_bos_by_default(tmp_path, tiny):
+    _, config, tensors = tiny
+    engine = minifd.load(write_gguf(tmp_path / "m.gguf", config, tensors, tokenizer_model="llama"), device="cpu",
+                         progress=False)
+    pieces = sentencepiece_bpe(SPM_TOKENS, SPM_SCORES, SPM_TYPES, add_space_prefix=True).encode("hello the")
+    assert engine.tokenizer.encode("hello the") == [1] + pieces.ids
+    assert engine.tokenizer.eos_ids == {2}
+    assert engine.generate(["hello the"], max_new_tokens=4, ignore_eos=True).completions[0].finish_reason == "length"
 
 
 def test_a_quantized_gguf_generates_from_its_dequantized_weights(tmp_path, tiny):
@@ -325,8 +371,8 @@ def test_unsupported_architecture_is_named_with_the_supported_ones(capsys, tmp_p
 
 def test_unsupported_tokenizer_is_named_with_the_supported_ones(capsys, tmp_path, tiny):
     _, config, tensors = tiny
-    path = write_gguf(tmp_path / "m.gguf", config, tensors, tokenizer_model="llama")
-    assert_one_line_error(capsys, run_args(path), "tokenizer.ggml.model 'llama' is not supported (supported: gpt2)")
+    path = write_gguf(tmp_path / "m.gguf", config, tensors, tokenizer_model="bert")
+    assert_one_line_error(capsys, run_args(path), "tokenizer.ggml.model 'bert' is not supported (supported: gpt2, llama)")
 
 
 def test_missing_tensor(capsys, tmp_path, tiny):

@@ -7,7 +7,7 @@ float32 tensors in Hugging Face's layout. llama.cpp's converter reorders the row
 projections for its RoPE; reading a tensor undoes that.
 """
 
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,8 @@ from minifd.model.weights import expected_shapes
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 REQUIRED = object()  # GGUFCheckpoint.metadata's default: the key must be there
-SUPPORTED_TOKENIZER_MODELS = ("gpt2",)  # byte-level BPE, as SmolLM2 and Llama-3 ship it
+# tokenizer.ggml.model: byte-level BPE (SmolLM2, Llama-3), SentencePiece BPE (Llama-2).
+SUPPORTED_TOKENIZER_MODELS = ("gpt2", "llama")
 
 GGUF_TOKEN_TYPE_CONTROL = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL: <|im_start|> and friends
 GGUF_TOKEN_TYPE_USER_DEFINED = 4  # added tokens matched whole in text but not special
@@ -151,11 +152,17 @@ class GGUFCheckpoint:
         if model not in SUPPORTED_TOKENIZER_MODELS:
             raise MinifdError(f"{self.path}: tokenizer.ggml.model {model!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_TOKENIZER_MODELS)})")
-        pre_tokenization = pre_tokenizer(self.metadata("tokenizer.ggml.pre", "default"), self.path)
-        merges = self.metadata("tokenizer.ggml.merges", [])  # a vocabulary of single bytes needs none
         token_types = self.metadata("tokenizer.ggml.token_type")
+        if model == "llama":
+            add_space_prefix = bool(self.metadata("tokenizer.ggml.add_space_prefix", True))
+            build = partial(sentencepiece_bpe, tokens, self.metadata("tokenizer.ggml.scores"), token_types,
+                            add_space_prefix)
+        else:
+            pre_tokenization = pre_tokenizer(self.metadata("tokenizer.ggml.pre", "default"), self.path)
+            merges = self.metadata("tokenizer.ggml.merges", [])  # a vocabulary of single bytes needs none
+            build = partial(byte_level_bpe, tokens, merges, token_types, pre_tokenization)
         try:
-            tokenizer = byte_level_bpe(tokens, merges, token_types, pre_tokenization)
+            tokenizer = build()
         except Exception as error:  # tokenizers raises its own, untyped errors for a bad vocabulary
             raise MinifdError(f"{self.path}: the vocabulary and merges do not make a tokenizer ({error})") from None
         eos_ids = set(config.eos_token_ids)
@@ -166,8 +173,9 @@ class GGUFCheckpoint:
                              if key in self.fields}
         special_tokens = {name: tokens[token_id] for name, token_id in special_token_ids.items()
                           if 0 <= token_id < len(tokens)}
-        return Tokenizer(tokenizer, config.bos_token_id, bool(self.metadata("tokenizer.ggml.add_bos_token", False)),
-                         eos_ids, special_tokens)
+        # Without the flag llama.cpp adds BOS for a SentencePiece vocabulary, and not for byte-level BPE.
+        add_bos = bool(self.metadata("tokenizer.ggml.add_bos_token", model == "llama"))
+        return Tokenizer(tokenizer, config.bos_token_id, add_bos, eos_ids, special_tokens)
 
     def chat_template(self, special_tokens):
         """-> the file's tokenizer.chat_template as a ChatTemplate, or None when it has none."""
@@ -252,10 +260,8 @@ def byte_level_bpe(tokens, merges, token_types, pre_tokenization):
 
     tokens: byte-level spelled strings, index = id; merges: "left right" strings, best first;
     token_types: llama.cpp token types per id; pre_tokenization: the pre-tokenizer (see pre_tokenizer).
-    Control tokens become special added tokens and user-defined ones plain added tokens, both
-    matched whole in raw text, as in the tokenizer.json the file was converted from.
     """
-    from tokenizers import AddedToken, decoders, models, processors
+    from tokenizers import decoders, models, processors
     from tokenizers import Tokenizer as HFTokenizer
 
     vocab = {token: token_id for token_id, token in enumerate(tokens)}
@@ -264,7 +270,41 @@ def byte_level_bpe(tokens, merges, token_types, pre_tokenization):
     tokenizer.pre_tokenizer = pre_tokenization
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    # In id order, so the ids stay those of the vocabulary.
+    return with_added_tokens(tokenizer, tokens, token_types)
+
+
+def sentencepiece_bpe(tokens, scores, token_types, add_space_prefix):
+    """A GGUF 'llama' vocabulary -> tokenizers.Tokenizer, built as transformers builds Llama-2's.
+
+    tokens: SentencePiece pieces (spaces spelled "▁"; <0xNN> tokens for the bytes of characters no
+    piece covers), index = id; scores: each piece's score, the higher the earlier it is merged.
+    SentencePiece stores no merges: they are every split of a piece into two pieces of the
+    vocabulary, ranked by the merged piece's score. add_space_prefix: the text gets a leading "▁".
+    """
+    from tokenizers import decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    ids = {token: token_id for token_id, token in enumerate(tokens)}
+    candidates = []  # (score of the merged piece, left, right), a piece's own splits by the ids of their parts
+    for token, score in zip(tokens, scores):
+        splits = [(token[:cut], token[cut:]) for cut in range(1, len(token))
+                  if token[:cut] in ids and token[cut:] in ids]
+        candidates += [(score, left, right) for left, right in sorted(splits, key=lambda s: (ids[s[0]], ids[s[1]]))]
+    candidates.sort(key=lambda c: (c[0], len(c[1]), len(c[2])), reverse=True)  # stable: ties keep that order
+    merges = [(left, right) for _, left, right in candidates]
+    tokenizer = HFTokenizer(models.BPE(vocab=ids, merges=merges, fuse_unk=True, byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if add_space_prefix else "never", split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if add_space_prefix else steps)
+    return with_added_tokens(tokenizer, tokens, token_types)
+
+
+def with_added_tokens(tokenizer, tokens, token_types):
+    """Control tokens become special added tokens and user-defined ones plain added tokens, both matched
+    whole in raw text, in id order so the ids stay those of the vocabulary."""
+    from tokenizers import AddedToken
+
     tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
                                   for token, kind in zip(tokens, token_types) if kind == GGUF_TOKEN_TYPE_CONTROL])
     tokenizer.add_tokens([AddedToken(token, special=False, normalized=False)
