@@ -16,12 +16,13 @@ import minifd
 from minifd.cli import main
 from minifd.fixture import shipped_gguf
 from minifd.kernels.softmax_range import FILE_NAME, load_softmax_ranges
+from minifd.model.config import LlamaConfig, rope_inverse_frequencies
 from minifd.model.dequantize import BLOCK_FORMATS, dequantize
 from minifd.model.gguf import (GGUFCheckpoint, byte_level_bpe, gguf_tensor_name, pre_tokenizer,
                                sentencepiece_bpe, unpermute_rope_rows)
 from minifd.model.llama import KVCache
 from test_errors import assert_one_line_error
-from tiny_model import tiny_model
+from tiny_model import tiny_config_dict, tiny_model
 
 
 # --- dequantization --------------------------------------------------------------------------
@@ -64,8 +65,7 @@ def test_dequantize_equals_gguf_on_the_shipped_files_tensors(smollm2_gguf):
             continue
         checked.add(tensor.tensor_type.name)
         shape = tuple(int(n) for n in reversed(tensor.shape))
-        raw = smollm2_gguf.reader.data[tensor.data_offset : tensor.data_offset + tensor.n_bytes]
-        np.testing.assert_array_equal(dequantize(raw, tensor.tensor_type.name, shape),
+        np.testing.assert_array_equal(dequantize(smollm2_gguf.stored_bytes(tensor), tensor.tensor_type.name, shape),
                                       gguf_dequantize(tensor.data, tensor.tensor_type).reshape(shape))
     assert checked == {"F32", "Q8_0", "Q4_1"}
 
@@ -197,11 +197,12 @@ def test_unpermute_rejects_odd_heads():
 # --- tiny written files ----------------------------------------------------------------------
 
 def write_gguf(path, config, tensors, architecture="llama", tokenizer_model="gpt2", tensor_types=None, skip=(),
-               reshape=None):
+               reshape=None, extra_tensors=None):
     """Write `tensors` (HF names, float32) as a Llama GGUF with the byte-level vocabulary of tiny_model
     (tokenizer_model "llama": the SentencePiece one above, without an add_bos_token flag).
     tensor_types: {HF name: GGMLQuantizationType} written as that type (F32 for the rest); skip: names
-    left out; reshape: {HF name: shape} written in that shape instead."""
+    left out; reshape: {HF name: shape} written in that shape instead; extra_tensors: {GGUF name: float32
+    array} written as they are."""
     writer = gguf.GGUFWriter(path, architecture)
     writer.add_block_count(config.n_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -243,6 +244,8 @@ def write_gguf(path, config, tensors, architecture="llama", tokenizer_model="gpt
         else:  # a type minifd does not read: only its name matters
             data = np.zeros(gguf.quants.quant_shape_to_byte_shape(value.shape, tensor_type), dtype=np.uint8)
         writer.add_tensor(gguf_tensor_name(name), data, raw_dtype=tensor_type)
+    for name, value in (extra_tensors or {}).items():
+        writer.add_tensor(name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -282,6 +285,31 @@ def test_a_sentencepiece_gguf_encodes_with_bos_by_default(tmp_path, tiny):
     assert engine.tokenizer.encode("hello the") == [1] + pieces.ids
     assert engine.tokenizer.eos_ids == {2}
     assert engine.generate(["hello the"], max_new_tokens=4, ignore_eos=True).completions[0].finish_reason == "length"
+
+
+def llama3_rope_factors(config, factor, low_freq_factor, high_freq_factor, old_context):
+    """What llama.cpp's converter writes as rope_freqs.weight for Llama-3.1's rope_scaling."""
+    inv_freq = 1.0 / config.rope_theta ** (np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim)
+    wavelength = 2 * np.pi / inv_freq
+    smooth = (old_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    factors = np.where(wavelength < old_context / high_freq_factor, 1.0,
+                       np.where(wavelength > old_context / low_freq_factor, factor,
+                                1 / ((1 - smooth) / factor + smooth)))
+    return factors.astype(np.float32)
+
+
+def test_rope_freqs_give_the_llama3_frequencies_they_were_made_from(tmp_path, tiny):
+    _, config, tensors = tiny
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    factors = llama3_rope_factors(config, 8.0, 1.0, 4.0, 64)
+    path = write_gguf(tmp_path / "m.gguf", config, tensors, extra_tensors={"rope_freqs.weight": factors})
+    from_gguf = GGUFCheckpoint(path).config
+    assert from_gguf.rope_scaling["rope_type"] == "per_dimension"
+    llama3 = LlamaConfig.from_dict(dict(tiny_config_dict(tie=False), rope_scaling=scaling))
+    np.testing.assert_allclose(rope_inverse_frequencies(from_gguf), rope_inverse_frequencies(llama3), rtol=1e-6)
+    assert factors.min() == 1 and factors.max() == 8 and ((1 < factors) & (factors < 8)).any()  # all three bands
+    minifd.load(path, device="cpu", progress=False)
 
 
 def test_a_quantized_gguf_generates_from_its_dequantized_weights(tmp_path, tiny):

@@ -10,7 +10,8 @@ import numpy as np
 from minifd.errors import MinifdError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# per_dimension: a factor per dimension pair, {"factors": [head_dim // 2]}, what a GGUF's rope_freqs.weight holds.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "per_dimension")
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ def rope_inverse_frequencies(config):
     scaling = config.rope_scaling
     if scaling is None:
         return inv_freq
+    if scaling["rope_type"] == "per_dimension":  # each pair's wavelength stretched by its own factor
+        return inv_freq / np.asarray(scaling["factors"], dtype=np.float64)
     factor = float(scaling["factor"])
     if scaling["rope_type"] == "linear":
         return inv_freq / factor

@@ -114,9 +114,6 @@ class GGUFCheckpoint:
 
     def hf_config(self):
         """llama.* metadata -> the config.json dict (LlamaForCausalLM) it stands for."""
-        if "rope_freqs.weight" in self.tensors:
-            raise MinifdError(f"{self.path}: per-dimension RoPE factors (rope_freqs.weight, Llama-3.1 style) "
-                              "are not supported")
         hidden_size = int(self.metadata("llama.embedding_length"))
         num_heads = int(self.metadata("llama.attention.head_count"))
         head_dim = int(self.metadata("llama.attention.key_length", hidden_size // num_heads))
@@ -139,10 +136,20 @@ class GGUFCheckpoint:
         }
         if self.metadata("llama.rope.scaling.type", "none") == "linear":
             raw["rope_scaling"] = {"rope_type": "linear", "factor": self.metadata("llama.rope.scaling.factor")}
+        if "rope_freqs.weight" in self.tensors:  # Llama-3.1 and later: llama3 scaling as a factor per pair
+            raw["rope_scaling"] = {"rope_type": "per_dimension", "factors": self.rope_factors(head_dim).tolist()}
         token_ids = {"bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "tokenizer.ggml.eos_token_id",
                      "pad_token_id": "tokenizer.ggml.padding_token_id"}
         raw.update({name: self.metadata(key) for name, key in token_ids.items() if key in self.fields})
         return raw
+
+    def rope_factors(self, head_dim):
+        """-> rope_freqs.weight: [head_dim // 2] float32, the factor that divides each pair's frequency."""
+        tensor = self.tensors["rope_freqs.weight"]
+        if tensor.tensor_type.name not in BLOCK_FORMATS or numpy_shape(tensor) != (head_dim // 2,):
+            raise MinifdError(f"{self.path}: rope_freqs.weight is {tensor.tensor_type.name} of shape "
+                              f"{list(numpy_shape(tensor))}, expected {head_dim // 2} factors")
+        return dequantize(self.stored_bytes(tensor), tensor.tensor_type.name, (head_dim // 2,))
 
     def tokenizer(self):
         """-> Tokenizer over the file's vocabulary, merges and token types, with its BOS and EOS."""
@@ -206,7 +213,7 @@ class GGUFCheckpoint:
             if tensor.tensor_type.name not in BLOCK_FORMATS:
                 raise MinifdError(f"{self.path}: tensor {name!r} has type {tensor.tensor_type.name}, which minifd "
                                   f"does not read (supported: {', '.join(BLOCK_FORMATS)})")
-            found = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists the fastest axis first
+            found = numpy_shape(tensor)
             if found != shape:
                 raise MinifdError(f"{self.path}: tensor {name!r} has shape {list(found)}, "
                                   f"the file's metadata implies {list(shape)}")
@@ -232,14 +239,17 @@ class GGUFCheckpoint:
 
     def raw(self, name):
         """-> the tensor's bytes as stored: a read-only uint8 view into the mapped file."""
-        tensor = self.tensors[self.names[name]]
+        return self.stored_bytes(self.tensors[self.names[name]])
+
+    def stored_bytes(self, tensor):
+        """A ReaderTensor's data as uint8, whatever its type (the reader views F32 and F16 as floats)."""
         return self.reader.data[tensor.data_offset : tensor.data_offset + tensor.n_bytes]
 
     def nbytes(self, name):
         return self.tensors[self.names[name]].n_bytes
 
     def shape(self, name):
-        return tuple(int(n) for n in reversed(self.tensors[self.names[name]].shape))
+        return numpy_shape(self.tensors[self.names[name]])
 
     def type_name(self, name):
         """The tensor's GGUF type (Q4_K, F16, ...)."""
@@ -253,6 +263,11 @@ class GGUFCheckpoint:
     def location(self, name):
         """Where a tensor lives, for error messages."""
         return f"{self.path} ({self.names[name]})" if name in self.names else str(self.path)
+
+
+def numpy_shape(tensor):
+    """A GGUF tensor's shape in NumPy order: GGUF lists the fastest-varying axis first."""
+    return tuple(int(n) for n in reversed(tensor.shape))
 
 
 def byte_level_bpe(tokens, merges, token_types, pre_tokenization):
