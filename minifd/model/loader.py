@@ -3,12 +3,11 @@
 open_checkpoint takes a Hugging Face directory (here) or a .gguf file (minifd/model/gguf.py); both
 give the same interface, which the engine, `minifd calibrate` and `minifd info` read everything from.
 
-A directory's tensors come from safetensors files, memory-mapped, single-file or sharded.
-
-A safetensors file is an 8-byte little-endian header length, a JSON header naming each tensor's
-dtype, shape and [begin, end) byte range, then the raw data. We map the file and hand out NumPy
-views into it, so nothing is read until used and the weights are never held twice. bf16 has no
-NumPy dtype: it is read as its raw 16 bits and widened to float32 by a shift.
+A directory's tensors come from safetensors files, single-file or sharded. A safetensors file is an
+8-byte little-endian header length, a JSON header naming each tensor's dtype, shape and [begin, end)
+byte range, then the raw data. We map the file and hand out NumPy views into it, so nothing is read
+until used and the weights are never held twice. bf16 has no NumPy dtype: it is read as its raw 16
+bits and widened to float32 by a shift.
 """
 
 import json
