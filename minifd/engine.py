@@ -111,7 +111,8 @@ class Engine:
                               f"{np.dtype(dtype).name} ({free_memory_text(xp) or 'host memory'}); "
                               "use a smaller model or another device") from None
         max_seq = min(max_context or config.max_position_embeddings, config.max_position_embeddings)
-        model = Llama(config, weights, xp, load_softmax_ranges(checkpoint.softmax_ranges_path, config.n_layers), max_seq)
+        softmax_ranges = load_softmax_ranges(checkpoint.softmax_ranges_path, config.n_layers)
+        model = Llama(config, weights, xp, softmax_ranges, max_seq)
         return cls(Path(weights_dir), config, tokenizer, model, xp, use_graph, progress, prefill_chunk, chat_template)
 
     @property

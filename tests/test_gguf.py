@@ -400,7 +400,8 @@ def test_unsupported_architecture_is_named_with_the_supported_ones(capsys, tmp_p
 def test_unsupported_tokenizer_is_named_with_the_supported_ones(capsys, tmp_path, tiny):
     _, config, tensors = tiny
     path = write_gguf(tmp_path / "m.gguf", config, tensors, tokenizer_model="bert")
-    assert_one_line_error(capsys, run_args(path), "tokenizer.ggml.model 'bert' is not supported (supported: gpt2, llama)")
+    assert_one_line_error(capsys, run_args(path),
+                          "tokenizer.ggml.model 'bert' is not supported (supported: gpt2, llama)")
 
 
 def test_missing_tensor(capsys, tmp_path, tiny):
