@@ -14,6 +14,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -123,17 +124,21 @@ def bench_minifd(model, config, prompt_tokens, batch, decode_steps, bandwidth, u
 
 
 def hf_model(attention, config_raw, weights_dir=None):
-    """A Hugging Face Llama in float16 on the GPU: random weights of config_raw's shape, or weights_dir's."""
+    """A Hugging Face Llama in float16 on the GPU: random weights of config_raw's shape, or those of
+    weights_dir (a model directory, or a .gguf file, which transformers dequantizes)."""
     import torch
     import transformers
 
     if weights_dir is not None:
+        weights_dir = Path(weights_dir)
+        gguf = {"gguf_file": weights_dir.name} if weights_dir.suffix == ".gguf" else {}
         return transformers.AutoModelForCausalLM.from_pretrained(
-            weights_dir, torch_dtype=torch.float16, attn_implementation=attention).cuda().eval()
+            weights_dir.parent if gguf else weights_dir, dtype=torch.float16, attn_implementation=attention,
+            **gguf).cuda().eval()
     hf_config = transformers.LlamaConfig(**{k: v for k, v in config_raw.items() if k != "architectures"})
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM._from_config(hf_config, torch_dtype=torch.float16,
+        model = transformers.LlamaForCausalLM._from_config(hf_config, dtype=torch.float16,
                                                            attn_implementation=attention)
     return model.eval()
 

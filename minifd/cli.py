@@ -273,7 +273,7 @@ def comma_ints(text):
 
 @main_group.command()
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="Benchmark this checkpoint instead of random weights of the Llama-2-7B shape.")
+              help="Benchmark this checkpoint (a model directory or a .gguf file) instead of random weights.")
 @click.option("--shape", type=click.Choice(["llama2-7b", "llama3-8b"]), default="llama2-7b", show_default=True,
               help="Shape of the random weights (without --weights or --config).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), default=None,

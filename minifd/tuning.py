@@ -57,13 +57,15 @@ class WeightShape:
 # Shapes to tune
 # ----------------------------------------------------------------------------------------------
 
-def model_shapes(weights_dir):
-    """A Hugging Face model directory -> the (N, K) of its projections, the fused ones as the engine
+def model_shapes(weights):
+    """A Hugging Face model directory or a .gguf file -> the (N, K) of its projections, the fused ones as the engine
     loads them: QKV [(heads + 2 kv_heads) head_dim, hidden], O [hidden, heads head_dim],
     gate+up [2 intermediate, hidden], down [hidden, intermediate], LM head [vocab, hidden]."""
     from minifd.model.config import LlamaConfig
+    from minifd.model.loader import open_checkpoint
 
-    c = LlamaConfig.from_dir(weights_dir)
+    # Only the shape matters: a directory's config.json is enough, a .gguf carries it in its metadata.
+    c = LlamaConfig.from_dir(weights) if Path(weights).is_dir() else open_checkpoint(weights).config
     shapes = [
         WeightShape("qkv", (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.hidden_size),
         WeightShape("o", c.hidden_size, c.n_heads * c.head_dim),
@@ -203,7 +205,7 @@ def choose_thresholds(times):
 
 @click.command("tune")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="A Hugging Face model directory: tune the shapes of its projections.")
+              help="A Hugging Face model directory or a .gguf file: tune the shapes of its projections.")
 @click.option("--shapes", "use_shapes", is_flag=True, help="Tune the weight shapes N,K given as arguments.")
 @click.argument("shape_texts", nargs=-1, metavar="[N,K ...]")
 @click.option("--max-m", type=click.IntRange(1, 4096), default=256, show_default=True, help="Sweep M = 1..this.")
@@ -214,7 +216,7 @@ def choose_thresholds(times):
 def tune_command(weights, use_shapes, shape_texts, max_m, device, show, out_path):
     """Find, per weight shape, where flat GEMM beats GEMV (M1) and the library beats flat GEMM (M2).
 
-    minifd tune --weights DIR | --shapes N,K [N,K ...] [--out FILE]; minifd tune --show
+    minifd tune --weights DIR|FILE.gguf | --shapes N,K [N,K ...] [--out FILE]; minifd tune --show
     """
     path = table_path() if out_path is None else out_path
     if show:
@@ -229,7 +231,7 @@ def tune_command(weights, use_shapes, shape_texts, max_m, device, show, out_path
         raise MinifdError(f"unexpected argument {shape_texts[0]!r} (weight shapes follow --shapes)")
     shapes = (model_shapes(weights) if weights is not None else []) + [parse_shape(t) for t in shape_texts]
     if not shapes:
-        raise MinifdError("nothing to tune: give --weights DIR or --shapes N,K [N,K ...]")
+        raise MinifdError("nothing to tune: give --weights DIR|FILE.gguf or --shapes N,K [N,K ...]")
     device_name = gpu_properties().name if is_gpu(xp) else CPU_DEVICE_NAME
     timer = GpuTimer(xp) if is_gpu(xp) else CpuTimer()
     click.echo(f"tuning on {device_name}, M = 1..{max_m}")

@@ -21,6 +21,7 @@ from minifd.model.dequantize import BLOCK_FORMATS, dequantize
 from minifd.model.gguf import (GGUFCheckpoint, byte_level_bpe, gguf_tensor_name, pre_tokenizer,
                                sentencepiece_bpe, unpermute_rope_rows)
 from minifd.model.llama import KVCache
+from minifd.tuning import model_shapes
 from test_errors import assert_one_line_error
 from tiny_model import tiny_config_dict, tiny_model
 
@@ -275,6 +276,11 @@ def test_a_float32_gguf_reads_back_the_hf_tensors_and_generates_as_the_directory
     prompts = ["hello", "the quick brown fox"]
     assert ([c.token_ids for c in from_gguf.generate(prompts, max_new_tokens=8, ignore_eos=True).completions]
             == [c.token_ids for c in from_directory.generate(prompts, max_new_tokens=8, ignore_eos=True).completions])
+
+
+def test_tune_reads_the_projection_shapes_of_a_gguf_as_of_its_directory(tmp_path, tiny):
+    directory, config, tensors = tiny
+    assert model_shapes(write_gguf(tmp_path / "m.gguf", config, tensors)) == model_shapes(directory)
 
 
 def test_a_sentencepiece_gguf_encodes_with_bos_by_default(tmp_path, tiny):

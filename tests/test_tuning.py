@@ -116,7 +116,7 @@ def test_thresholds_read_as_the_m_each_implementation_covers(m1, m2, words):
 def test_tune_without_shapes_is_a_user_error(tmp_path):
     out = str(tmp_path / "table.json")
     result = minifd_tune(tmp_path, "--device", "cpu", "--out", out)
-    assert result.returncode == 2 and "give --weights DIR or --shapes" in result.stderr
+    assert result.returncode == 2 and "give --weights DIR|FILE.gguf or --shapes" in result.stderr
     result = minifd_tune(tmp_path, "--device", "cpu", "--out", out, "--shapes", "12,x")
     assert result.returncode == 2 and "not N,K" in result.stderr
 
