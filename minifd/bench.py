@@ -20,7 +20,7 @@ import numpy as np
 
 from minifd.backend import array_module
 from minifd.decode_step import DecodeStep
-from minifd.kernels.launch import overlap_supported
+from minifd.kernels.launch import overlap_supported, resolve_overlap
 from minifd.model.config import LlamaConfig
 from minifd.model.llama import KVCache, Llama
 from minifd.model.weights import LayerWeights, Weights
@@ -207,9 +207,8 @@ def run_bench(prompt_lengths=(16, 1024, 4096), batches=(1, 2, 4, 8), decode_step
         model = Engine.load(weights_dir, device="cuda", max_context=max_seq).model
         config, weights, config_raw = model.config, model.weights, None
     log(f"weights: {weights.nbytes_streamed_per_step() / 1e9:.2f} GB read per decode step")
-    supported, why_not = overlap_supported()
-    overlapping = supported if overlap is None else overlap and supported
-    why_not = "" if overlapping else " (turned off)" if overlap is False else f" ({why_not})"
+    overlapping = resolve_overlap(overlap)
+    why_not = "" if overlapping else " (turned off)" if overlap is False else f" ({overlap_supported()[1]})"
     log(f"decode kernels overlap the previous kernel's tail: {'yes' if overlapping else 'no'}{why_not}")
     bench_minifd(model, config, 64, 2, 4, bandwidth, use_graph, overlapping)  # compiles every kernel before timing
     rows = []

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from minifd.backend import is_gpu, to_numpy
-from minifd.kernels.launch import Launch, overlap_supported
+from minifd.kernels.launch import Launch, resolve_overlap
 from minifd.sampling import mark_seen, sample
 
 NON_FINITE = -1  # the token a row reports when its logits hold NaN or Inf
@@ -35,8 +35,7 @@ class DecodeStep:
         self.use_graph = use_graph and is_gpu(xp)
         # Captured or not, the step runs the kernels a CUDA graph can record, so --no-graph changes
         # how the step is launched, not what it computes.
-        supported = is_gpu(xp) and overlap_supported()[0]
-        self.launch = Launch(graph_captured=is_gpu(xp), overlap=supported if overlap is None else overlap and supported)
+        self.launch = Launch(graph_captured=is_gpu(xp), overlap=is_gpu(xp) and resolve_overlap(overlap))
         self.stream = None
         if is_gpu(xp):
             # Steps run on their own stream (capture needs one); it starts after the prefill's work.

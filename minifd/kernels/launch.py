@@ -75,6 +75,12 @@ def overlap_supported():
     return True, ""
 
 
+def resolve_overlap(overlap):
+    """overlap: True, False or None (wherever supported) -> whether launches will overlap here."""
+    supported = overlap_supported()[0]
+    return supported if overlap is None else overlap and supported
+
+
 def _kernel_arguments(args):
     """cupy arrays and NumPy scalars -> the (values, ctypes types) pair cuLaunchKernelEx takes."""
     values, types = [], []

@@ -58,14 +58,13 @@ def linear(x, weight, *, norm=None, residual=None, gated=False, impl=None, launc
         raise ValueError(f"linear: impl must be one of {IMPLEMENTATIONS} or None, not {impl!r}")
 
     if isinstance(x, np.ndarray):
-        implementations = _CPU
         chosen = impl or choose_implementation(m, n, k, CPU_DEVICE_NAME)
         if m == 0 or n == 0:
             chosen = "library"
+        product = _CPU[chosen]
     else:
         import cupy
 
-        implementations = {name: functools.partial(run, launch=launch) for name, run in _GPU.items()}
         half_precision = x.dtype == cupy.float16 and weight.dtype == cupy.float16
         if impl in ("gemv", "flat_gemm") and not half_precision:
             raise TypeError(f"linear: impl={impl!r} takes float16 arrays, not {x.dtype} and {weight.dtype}")
@@ -75,15 +74,16 @@ def linear(x, weight, *, norm=None, residual=None, gated=False, impl=None, launc
             chosen = impl or choose_implementation(m, n, k, gpu_properties().name, launch.graph_captured)
             if chosen != "library":
                 x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
+        product = functools.partial(_GPU[chosen], launch=launch)
 
     if chosen == "flat_gemm" and fusable(norm, residual, gated):
-        return implementations["flat_gemm"](x, weight, norm=norm, residual=residual, gated=gated)
+        return product(x, weight, norm=norm, residual=residual, gated=gated)
     if chosen == "gemv":  # fuses the norm or, ungated, the residual
-        y = implementations["gemv"](x, weight, norm=norm, residual=None if gated or norm is not None else residual)
+        y = product(x, weight, norm=norm, residual=None if gated or norm is not None else residual)
         residual = residual if gated or norm is not None else None
     else:
         a = x if norm is None else rms_norm(x, norm.weight, norm.eps)  # [M, K]
-        y = implementations[chosen](a, weight)  # [M, N]
+        y = product(a, weight)  # [M, N]
     if gated:
         y = silu_mul(y, launch=launch)  # [M, N / 2]
     if residual is not None:
