@@ -58,6 +58,13 @@ def check_variants(geometry, rng):
     return worst
 
 
+def variant_arguments(variant, m, n, k):
+    """The fused steps of one flat_gemm.cu kernel, as flat_gemm_gpu's keyword arguments."""
+    norm = RMSNorm(cupy.ones(k, dtype=cupy.float16), 1e-5)
+    return {"store": {}, "store_norm": dict(norm=norm), "gated_norm": dict(norm=norm, gated=True),
+            "residual": dict(residual=cupy.zeros((m, n), dtype=cupy.float16))}[variant]
+
+
 def cublas_graph_time(torch, x, weights, calls=16, repeats=5):
     """Median seconds per torch.matmul (cuBLAS) replayed from a torch CUDA graph."""
     tx = torch.as_tensor(x, device="cuda")
@@ -84,9 +91,11 @@ def cublas_graph_time(torch, x, weights, calls=16, repeats=5):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--geometries", nargs="+", default=["8,1,4"], help="warps,row_tiles,pieces per geometry")
+    parser.add_argument("--geometries", nargs="+", default=["8,1,4"], help="warps,row_tiles,pieces[,min_blocks] per geometry")
     parser.add_argument("--ms", default="1,2,4,8,16,32,64")
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--variant", default="store", choices=("store", "store_norm", "residual", "gated_norm"),
+                        help="which fused kernel is timed (cuBLAS always runs the plain product)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     try:
@@ -103,7 +112,7 @@ def main():
 
     results = []
     header = f"{'shape':>12} {'M':>3} | {'cuBLAS us':>9} {'%bw':>4} | {'gemv us':>8} {'%bw':>4} | " + " | ".join(
-        f"{'flat ' + ','.join(map(str, (g.warps, g.row_tiles, g.pieces))):>12} {'%bw':>4} {'xcuB':>5}" for g in geometries)
+        f"{'flat ' + ','.join(map(str, (g.warps, g.row_tiles, g.pieces, g.min_blocks))):>12} {'%bw':>4} {'xcuB':>5}" for g in geometries)
     print(header)
     print("-" * len(header))
     device_rng = cupy.random.default_rng(0)
@@ -115,10 +124,13 @@ def main():
             x = device_rng.standard_normal((m, k), dtype=cupy.float32).astype(cupy.float16)
             row = {"shape": name, "n": n, "k": k, "m": m}
             row["cublas"] = cublas_graph_time(torch, x, weights) if torch is not None else float("nan")
-            row["gemv"] = graph_time(lambda i: gemv_gpu(x, weights[i % copies]), calls=16) if m <= 8 else float("nan")
+            fused = variant_arguments(args.variant, m, n, k)
+            gemv_fused = {} if args.variant == "gated_norm" else fused
+            row["gemv"] = (graph_time(lambda i: gemv_gpu(x, weights[i % copies], **gemv_fused), calls=16)
+                           if m <= 8 else float("nan"))
             for geometry in geometries:
-                row[str(geometry)] = graph_time(lambda i: flat_gemm_gpu(x, weights[i % copies], geometry=geometry),
-                                                calls=16)
+                row[str(geometry)] = graph_time(
+                    lambda i: flat_gemm_gpu(x, weights[i % copies], geometry=geometry, **fused), calls=16)
             percent = {key: 100 * 2 * n * k / bandwidth / row[key] for key in row if key not in ("shape", "n", "k", "m")}
             cells = [f"{row[str(g)] * 1e6:12.1f} {percent[str(g)]:4.0f} {row['cublas'] / row[str(g)]:5.2f}"
                      for g in geometries]

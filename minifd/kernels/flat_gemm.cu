@@ -49,6 +49,9 @@
 #ifndef FLAT_PIECES
 #define FLAT_PIECES 4  // 32-column K pieces per warp per chunk at M_PAD <= 16 (fewer above: shared memory)
 #endif
+#ifndef FLAT_MIN_BLOCKS
+#define FLAT_MIN_BLOCKS 1  // blocks per SM the registers must allow (more blocks: more loads in flight)
+#endif
 #define FLAT_THREADS (FLAT_WARPS * 32)
 #define FLAT_ROWS (16 * FLAT_ROW_TILES)
 
@@ -221,9 +224,9 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
 
 // One kernel per (M_PAD, epilogue, norm): flat_gemm_m<M_PAD>_<store|store_norm|residual|gated_norm>.
 #define FLAT_GEMM_KERNELS(M_PAD)                                                                                   \
-    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store, FLAT_THREADS, flat_gemm_block<M_PAD, EPILOGUE_STORE, false>) \
-    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store_norm, FLAT_THREADS, flat_gemm_block<M_PAD, EPILOGUE_STORE, true>) \
-    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_residual, FLAT_THREADS, flat_gemm_block<M_PAD, EPILOGUE_RESIDUAL, false>) \
-    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_gated_norm, FLAT_THREADS, flat_gemm_block<M_PAD, EPILOGUE_GATED, true>)
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store, FLAT_THREADS, FLAT_MIN_BLOCKS, flat_gemm_block<M_PAD, EPILOGUE_STORE, false>) \
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store_norm, FLAT_THREADS, FLAT_MIN_BLOCKS, flat_gemm_block<M_PAD, EPILOGUE_STORE, true>) \
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_residual, FLAT_THREADS, FLAT_MIN_BLOCKS, flat_gemm_block<M_PAD, EPILOGUE_RESIDUAL, false>) \
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_gated_norm, FLAT_THREADS, FLAT_MIN_BLOCKS, flat_gemm_block<M_PAD, EPILOGUE_GATED, true>)
 
 FLAT_GEMM_KERNELS(8) FLAT_GEMM_KERNELS(16) FLAT_GEMM_KERNELS(32) FLAT_GEMM_KERNELS(64)

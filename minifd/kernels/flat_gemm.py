@@ -32,6 +32,7 @@ class FlatGemmGeometry:
     warps: int = 8       # per block; they split K
     row_tiles: int = 1   # 16-row tiles of W per block
     pieces: int = 4      # 32-column K pieces per warp per chunk at M_PAD <= 16
+    min_blocks: int = 1  # blocks per SM the compiler must leave registers for
 
     @property
     def rows_per_block(self):
@@ -45,7 +46,8 @@ class FlatGemmGeometry:
         return self.warps * 32 * self.pieces_at(m_pad)
 
     def options(self):
-        return (f"-DFLAT_WARPS={self.warps}", f"-DFLAT_ROW_TILES={self.row_tiles}", f"-DFLAT_PIECES={self.pieces}")
+        return (f"-DFLAT_WARPS={self.warps}", f"-DFLAT_ROW_TILES={self.row_tiles}", f"-DFLAT_PIECES={self.pieces}",
+                f"-DFLAT_MIN_BLOCKS={self.min_blocks}")
 
 
 DEFAULT_GEOMETRY = FlatGemmGeometry()

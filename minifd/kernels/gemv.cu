@@ -196,8 +196,8 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
 // One kernel per M_TILE (the accumulators live in registers, so the tile is a compile-time constant)
 // and fused step: gemv_m<M_TILE>_<store|norm|residual>.
 #define GEMV_KERNELS(M_TILE)                                                                           \
-    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_store, GEMV_THREADS, gemv_rows<M_TILE, false, false>)       \
-    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_norm, GEMV_THREADS, gemv_rows<M_TILE, true, false>)         \
-    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_residual, GEMV_THREADS, gemv_rows<M_TILE, false, true>)
+    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_store, GEMV_THREADS, 1, gemv_rows<M_TILE, false, false>)       \
+    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_norm, GEMV_THREADS, 1, gemv_rows<M_TILE, true, false>)         \
+    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_residual, GEMV_THREADS, 1, gemv_rows<M_TILE, false, true>)
 
 GEMV_KERNELS(1) GEMV_KERNELS(2) GEMV_KERNELS(4) GEMV_KERNELS(8)

@@ -218,9 +218,10 @@ __device__ __forceinline__ mfma_float4 mfma_16x16x16(mfma_half4 a, mfma_half4 b,
 // ---------------------------------------------------------------------------------------------
 // x [M, K], w [N, K] -> y; the norm's gain [K] and the residual [M, N] are read only by the variants
 // that fuse them. The last argument names the device function (a template instance) that does the
-// work; it starts once the previous kernel has finished (launch.py).
-#define MINIFD_PRODUCT_KERNEL(NAME, THREADS, ...)                                                          \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                   \
+// work; it starts once the previous kernel has finished (launch.py). MIN_BLOCKS: blocks per SM the
+// compiler must leave registers for (__launch_bounds__' second argument; 1 leaves it free).
+#define MINIFD_PRODUCT_KERNEL(NAME, THREADS, MIN_BLOCKS, ...)                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)                                       \
         NAME(const half_t* x, const half_t* w, half_t* y, const half_t* gain, const half_t* residual, int M, \
              int N, int K, float eps, int vector_ok) {                                                      \
         start_after_previous_kernel();                                                                      \
