@@ -41,12 +41,13 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def forward(tensors, config, token_ids, on_scores=None):
+def forward(tensors, config, token_ids, on_scores=None, on_residual=None):
     """Logits of every position of one sequence.
 
     tensors: mapping HF tensor name -> array (e.g. minifd.model.loader.Checkpoint); token_ids: [seq]
     on_scores(layer, scores): optional, receives each layer's scaled, causally masked scores
-    [n_heads, seq, seq] (masked entries -inf). -> logits: [seq, vocab] float64
+    [n_heads, seq, seq] (masked entries -inf); on_residual(stream, update): optional, receives both
+    terms [seq, hidden] of every residual add before it happens. -> logits: [seq, vocab] float64
     """
     def w(name):
         return np.asarray(tensors[name], dtype=np.float64)
@@ -64,10 +65,16 @@ def forward(tensors, config, token_ids, on_scores=None):
         q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
         layer_scores = None if on_scores is None else (lambda scores, layer=i: on_scores(layer, scores))
         attention = causal_attention(q, k, v, layer_scores).reshape(len(x), -1)
-        x = x + attention @ w(p + "self_attn.o_proj.weight").T
+        update = attention @ w(p + "self_attn.o_proj.weight").T  # [seq, hidden]
+        if on_residual is not None:
+            on_residual(x, update)
+        x = x + update
         h = rms_norm(x, w(p + "post_attention_layernorm.weight"), c.rms_norm_eps)
         gate, up = h @ w(p + "mlp.gate_proj.weight").T, h @ w(p + "mlp.up_proj.weight").T
-        x = x + (silu(gate) * up) @ w(p + "mlp.down_proj.weight").T
+        update = (silu(gate) * up) @ w(p + "mlp.down_proj.weight").T  # [seq, hidden]
+        if on_residual is not None:
+            on_residual(x, update)
+        x = x + update
     x = rms_norm(x, w("model.norm.weight"), c.rms_norm_eps)
     head = "lm_head.weight" if not c.tie_word_embeddings and "lm_head.weight" in tensors else "model.embed_tokens.weight"
     return x @ w(head).T
