@@ -91,7 +91,7 @@ def cublas_graph_time(torch, x, weights, calls=16, repeats=5):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--geometries", nargs="+", default=["8,1,4"], help="warps,row_tiles,pieces[,min_blocks] per geometry")
+    parser.add_argument("--geometries", nargs="+", default=["8,1,2,4"], help="warps,row_tiles,pieces[,min_blocks] per geometry")
     parser.add_argument("--ms", default="1,2,4,8,16,32,64")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--variant", default="store", choices=("store", "store_norm", "residual", "gated_norm"),

@@ -47,10 +47,10 @@
 #define FLAT_ROW_TILES 1  // 16-row tiles of W per block; every warp multiplies all of them
 #endif
 #ifndef FLAT_PIECES
-#define FLAT_PIECES 4  // 32-column K pieces per warp per chunk at M_PAD <= 16 (fewer above: shared memory)
+#define FLAT_PIECES 2  // 32-column K pieces per warp per chunk at M_PAD <= 16 (fewer above: shared memory)
 #endif
 #ifndef FLAT_MIN_BLOCKS
-#define FLAT_MIN_BLOCKS 1  // blocks per SM the registers must allow (more blocks: more loads in flight)
+#define FLAT_MIN_BLOCKS 4  // blocks per SM the registers must allow (more blocks: more loads in flight)
 #endif
 #define FLAT_THREADS (FLAT_WARPS * 32)
 #define FLAT_ROWS (16 * FLAT_ROW_TILES)
