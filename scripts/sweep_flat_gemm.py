@@ -125,8 +125,7 @@ def main():
             row = {"shape": name, "n": n, "k": k, "m": m}
             row["cublas"] = cublas_graph_time(torch, x, weights) if torch is not None else float("nan")
             fused = variant_arguments(args.variant, m, n, k)
-            gemv_fused = {} if args.variant == "gated_norm" else fused
-            row["gemv"] = (graph_time(lambda i: gemv_gpu(x, weights[i % copies], **gemv_fused), calls=16)
+            row["gemv"] = (graph_time(lambda i: gemv_gpu(x, weights[i % copies], **fused), calls=16)
                            if m <= 8 else float("nan"))
             for geometry in geometries:
                 row[str(geometry)] = graph_time(

@@ -76,8 +76,6 @@ __device__ __forceinline__ uint4 load_piece(const half_t* row, int k, int K, int
     return piece;
 }
 
-__device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
-
 template <int M_PAD, int EPILOGUE, bool NORM>
 __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, const half_t* __restrict__ w,
                                                 half_t* y, const half_t* __restrict__ norm_weight,

@@ -15,14 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from minifd.kernels.compile import load_module
-from minifd.kernels.gemv import vectorisable
+from minifd.kernels.gemv import FUSED_KERNELS, fusable, vectorisable
 from minifd.kernels.launch import PLAIN
 from minifd.kernels.silu_mul import GATE_TILE, silu_mul
 
 FLAT_M_PADS = (8, 16, 32, 64)
-# The fused steps flat_gemm.cu has kernels for: (gated, residual, norm) -> kernel name suffix.
-FUSED_KERNELS = {(False, False, False): "store", (False, False, True): "store_norm",
-                 (False, True, False): "residual", (True, False, True): "gated_norm"}
 
 
 @dataclass(frozen=True)
@@ -59,11 +56,6 @@ DEFAULT_GEOMETRY = FlatGemmGeometry()
 def flat_m_pad(m):
     """Rows of x per block: the smallest tile that holds M, else 64 (grid.y walks the rest)."""
     return next((pad for pad in FLAT_M_PADS if m <= pad), FLAT_M_PADS[-1])
-
-
-def fusable(norm, residual, gated):
-    """Whether flat_gemm.cu has a kernel for this combination of fused steps."""
-    return (gated, residual is not None, norm is not None) in FUSED_KERNELS
 
 
 def flat_gemm_emulated(x, weight, norm=None, residual=None, gated=False, geometry=DEFAULT_GEOMETRY):

@@ -2,16 +2,21 @@
 //
 // Math: y[m, n] = sum_k x[m, k] * W[n, k] for m < M, n < N (fp16 in, fp32 accumulation, fp16 out).
 // W is in the Hugging Face [N, K] layout, so every output is the dot product of two contiguous rows.
-// Two steps around it can be fused, as in flat_gemm.cu (which says why): NORM, the RMSNorm of x
+// Three steps around it can be fused, as in flat_gemm.cu (which says why): NORM, the RMSNorm of x
 // (x g is staged, the block computes each row's 1 / rms(x) first and scales the dot products by
-// it), and RESIDUAL, y = r + the product.
+// it), RESIDUAL, y = r + the product, and GATED, the SwiGLU y[m, j] = SiLU(s[m, gate row j])
+// s[m, up row j] on the gate/up interleaved weight (16-row tiles: 8 gate rows, then the same
+// features' up rows; minifd/model/weights.py), which saves the MLP a kernel and a round trip of the
+// [M, 2 features] product through memory.
 //
 // Why CUDA cores: at M = 1 or 2 the product streams W once at 2 bytes per 2M flops; tensor cores
 // would only pad M, and speed is decided by how many 16-byte loads of W each thread keeps in flight.
 //
 // Launch geometry: block = GEMV_THREADS threads = GEMV_THREADS / MINIFD_WARP_SIZE warps. Warp w of
-// block b owns the GEMV_ROWS_PER_WARP rows n = (b * warps + w) * GEMV_ROWS_PER_WARP + r; grid =
-// (ceil(N / rows_per_block), ceil(M / M_TILE)) and blockIdx.y picks M_TILE rows of x. The block walks
+// block b owns the GEMV_ROWS_PER_WARP rows n = (b * warps + w) * GEMV_ROWS_PER_WARP + r, or, GATED,
+// the gate and up rows of feature f = b * warps + w (rows 16 (f / 8) + f % 8 and that + 8, with half
+// the unroll, so a lane keeps as many bytes in flight); grid = (ceil(rows / rows_per_block),
+// ceil(M / M_TILE)) and blockIdx.y picks M_TILE rows of x. The block walks
 // K in chunks of GEMV_STAGE_HALVES / M_TILE: the chunk of its x rows is staged in shared memory once
 // for all warps, then each lane streams 16-byte pieces of its warp's rows of W, `unroll` pieces per
 // row in flight (GEMV_UNROLL for M_TILE <= 2, where the arithmetic is light; half that above, where
@@ -103,29 +108,33 @@ __device__ __forceinline__ void inverse_rms_rows(float* row_scale, const half_t*
     __syncthreads();
 }
 
-template <int M_TILE, bool NORM, bool RESIDUAL>
+template <int M_TILE, bool NORM, bool RESIDUAL, bool GATED>
 __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const half_t* __restrict__ w,
                                           half_t* __restrict__ y, const half_t* __restrict__ gain,
                                           const half_t* __restrict__ residual, int M, int N, int K, float eps,
                                           int vector_ok) {
-    // x: [M, K], w: [N, K], gain: [K] (NORM), residual: [M, N] (RESIDUAL) -> y: [M, N]
+    // x: [M, K], w: [N, K], gain: [K] (NORM), residual: [M, N] (RESIDUAL) -> y: [M, N], or [M, N / 2] when GATED
     constexpr int chunk = GEMV_STAGE_HALVES / M_TILE;
     constexpr int warps = GEMV_THREADS / MINIFD_WARP_SIZE;
-    constexpr int unroll = M_TILE <= 2 ? GEMV_UNROLL : (GEMV_UNROLL + 1) / 2;
+    constexpr int rows = GATED ? 2 : GEMV_ROWS_PER_WARP;  // rows of W per warp
+    constexpr int full_unroll = M_TILE <= 2 ? GEMV_UNROLL : (GEMV_UNROLL + 1) / 2;
+    constexpr int unroll = GATED ? (full_unroll + 1) / 2 : full_unroll;
     __shared__ __align__(16) half_t x_stage[GEMV_STAGE_HALVES];
     __shared__ float row_scale[M_TILE];
 
     const int warp = threadIdx.x / MINIFD_WARP_SIZE, lane = threadIdx.x % MINIFD_WARP_SIZE;
     const int m0 = blockIdx.y * M_TILE;
-    const int row0 = (blockIdx.x * warps + warp) * GEMV_ROWS_PER_WARP;
+    const int feature = blockIdx.x * warps + warp;  // GATED: the output column of this warp
+    const int row0 = GATED ? 16 * (feature / 8) + feature % 8 : feature * GEMV_ROWS_PER_WARP;
+    const int row_step = GATED ? 8 : 1;  // GATED: the gate row, then its up row 8 further
     // Rows past N re-read row N - 1 and drop the result, so the load stream needs no bounds branch.
-    const half_t* w_rows[GEMV_ROWS_PER_WARP];
+    const half_t* w_rows[rows];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) w_rows[r] = w + (size_t)gemv_min(row0 + r, N - 1) * K;
+    for (int r = 0; r < rows; ++r) w_rows[r] = w + (size_t)gemv_min(row0 + r * row_step, N - 1) * K;
 
-    float acc[GEMV_ROWS_PER_WARP][M_TILE];
+    float acc[rows][M_TILE];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r)
+    for (int r = 0; r < rows; ++r)
 #pragma unroll
         for (int m = 0; m < M_TILE; ++m) acc[r][m] = 0.0f;
 
@@ -138,12 +147,12 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
         if (vector_ok) {
             const int pieces = width / 8;
             for (int first = lane; first < pieces; first += MINIFD_WARP_SIZE * unroll) {
-                uint4 w_pieces[GEMV_ROWS_PER_WARP][unroll];
+                uint4 w_pieces[rows][unroll];
 #pragma unroll
                 for (int u = 0; u < unroll; ++u) {
                     const int piece = first + u * MINIFD_WARP_SIZE;
 #pragma unroll
-                    for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) {
+                    for (int r = 0; r < rows; ++r) {
                         uint4 value = {0u, 0u, 0u, 0u};
                         if (piece < pieces) value = load16(w_rows[r] + k0 + 8 * piece);
                         w_pieces[r][u] = value;
@@ -153,15 +162,15 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
                 for (int u = 0; u < unroll; ++u) {
                     const int piece = first + u * MINIFD_WARP_SIZE;
                     if (piece >= pieces) break;
-                    float w_values[GEMV_ROWS_PER_WARP][8];
+                    float w_values[rows][8];
 #pragma unroll
-                    for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) halves8_to_float(w_pieces[r][u], w_values[r]);
+                    for (int r = 0; r < rows; ++r) halves8_to_float(w_pieces[r][u], w_values[r]);
 #pragma unroll
                     for (int m = 0; m < M_TILE; ++m) {
                         float x_values[8];
                         halves8_to_float(load16(x_stage + m * chunk + 8 * piece), x_values);
 #pragma unroll
-                        for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r)
+                        for (int r = 0; r < rows; ++r)
 #pragma unroll
                             for (int j = 0; j < 8; ++j) acc[r][m] += w_values[r][j] * x_values[j];
                     }
@@ -170,7 +179,7 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
         } else {
             for (int k = lane; k < width; k += MINIFD_WARP_SIZE) {
 #pragma unroll
-                for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) {
+                for (int r = 0; r < rows; ++r) {
                     const float w_value = __half2float(w_rows[r][k0 + k]);
 #pragma unroll
                     for (int m = 0; m < M_TILE; ++m) acc[r][m] += w_value * __half2float(x_stage[m * chunk + k]);
@@ -179,25 +188,34 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
         }
     }
 
+    float totals[rows][M_TILE];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r)
+    for (int r = 0; r < rows; ++r)
 #pragma unroll
-        for (int m = 0; m < M_TILE; ++m) {
-            float total = warp_sum(acc[r][m]);
-            if (lane == 0 && row0 + r < N && m0 + m < M) {
-                const size_t out = (size_t)(m0 + m) * N + row0 + r;
-                if (NORM) total *= row_scale[m];
-                if (RESIDUAL) total += __half2float(residual[out]);
-                y[out] = __float2half(total);
-            }
+        for (int m = 0; m < M_TILE; ++m) totals[r][m] = warp_sum(acc[r][m]) * (NORM ? row_scale[m] : 1.0f);
+    if (lane != 0) return;
+#pragma unroll
+    for (int m = 0; m < M_TILE; ++m) {
+        if (m0 + m >= M) continue;
+        if (GATED) {
+            if (feature < N / 2) y[(size_t)(m0 + m) * (N / 2) + feature] = __float2half(silu(totals[0][m]) * totals[1][m]);
+            continue;
         }
+#pragma unroll
+        for (int r = 0; r < rows; ++r) {
+            if (row0 + r >= N) continue;
+            const size_t out = (size_t)(m0 + m) * N + row0 + r;
+            y[out] = __float2half(RESIDUAL ? totals[r][m] + __half2float(residual[out]) : totals[r][m]);
+        }
+    }
 }
 
 // One kernel per M_TILE (the accumulators live in registers, so the tile is a compile-time constant)
-// and fused step: gemv_m<M_TILE>_<store|norm|residual>.
-#define GEMV_KERNELS(M_TILE)                                                                           \
-    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_store, GEMV_THREADS, 1, gemv_rows<M_TILE, false, false>)       \
-    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_norm, GEMV_THREADS, 1, gemv_rows<M_TILE, true, false>)         \
-    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_residual, GEMV_THREADS, 1, gemv_rows<M_TILE, false, true>)
+// and fused steps: gemv_m<M_TILE>_<store|store_norm|residual|gated_norm>.
+#define GEMV_KERNELS(M_TILE)                                                                                \
+    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_store, GEMV_THREADS, 1, gemv_rows<M_TILE, false, false, false>)     \
+    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_store_norm, GEMV_THREADS, 1, gemv_rows<M_TILE, true, false, false>) \
+    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_residual, GEMV_THREADS, 1, gemv_rows<M_TILE, false, true, false>)   \
+    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_gated_norm, GEMV_THREADS, 1, gemv_rows<M_TILE, true, false, true>)
 
 GEMV_KERNELS(1) GEMV_KERNELS(2) GEMV_KERNELS(4) GEMV_KERNELS(8)

@@ -1,6 +1,7 @@
 """ImplA: GEMV on CUDA cores (gemv.cu) and its NumPy emulation.
 
-y[m, n] = sum_k x[m, k] W[n, k], optionally of RMSNorm(x) and plus a residual (gemv.cu says how).
+y[m, n] = sum_k x[m, k] W[n, k], optionally of RMSNorm(x), and then plus a residual or through the
+SwiGLU gate (gemv.cu says how; FUSED_KERNELS lists the combinations).
 The kernel takes the rows of x in tiles of M_TILE (1, 2, 4 or 8; one compiled kernel each) and walks
 K in chunks of GEMV_STAGE_HALVES / M_TILE, staging each chunk of x in shared memory; the emulation
 accumulates the same K chunks in float32 in the same order.
@@ -14,8 +15,12 @@ import numpy as np
 from minifd.kernels.compile import load_module
 from minifd.kernels.dispatch import gpu_properties
 from minifd.kernels.launch import PLAIN
+from minifd.kernels.silu_mul import GATE_TILE, silu_mul
 
 GEMV_M_TILES = (1, 2, 4, 8)
+# The fused steps gemv.cu and flat_gemm.cu have kernels for: (gated, residual, norm) -> kernel name suffix.
+FUSED_KERNELS = {(False, False, False): "store", (False, False, True): "store_norm",
+                 (False, True, False): "residual", (True, False, True): "gated_norm"}
 
 
 @dataclass(frozen=True)
@@ -43,9 +48,14 @@ def gemv_m_tile(m):
     return next((tile for tile in GEMV_M_TILES if m <= tile), GEMV_M_TILES[-1])
 
 
-def gemv_emulated(x, weight, geometry=None, *, norm=None, residual=None):
+def fusable(norm, residual, gated):
+    """Whether gemv.cu and flat_gemm.cu have a kernel for this combination of fused steps."""
+    return (gated, residual is not None, norm is not None) in FUSED_KERNELS
+
+
+def gemv_emulated(x, weight, geometry=None, *, norm=None, residual=None, gated=False):
     """x: [M, K], weight: [N, K] (NumPy), norm: None or an RMSNorm, residual: None or [M, N]
-    -> [M, N] float32, summed over K chunks like the kernel."""
+    -> [M, N] float32 ([M, N / 2] when gated), summed over K chunks like the kernel."""
     m, k = x.shape
     chunk = (geometry or DEFAULT_GEOMETRY).stage_halves // gemv_m_tile(m)
     x32 = x.astype(np.float32, copy=False)
@@ -55,29 +65,39 @@ def gemv_emulated(x, weight, geometry=None, *, norm=None, residual=None):
         y += staged[:, k0:k0 + chunk] @ weight[:, k0:k0 + chunk].astype(np.float32, copy=False).T
     if norm is not None:
         y *= 1.0 / np.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + np.float32(norm.eps))
+    if gated:
+        y = silu_mul(y)  # [M, N / 2]
     if residual is not None:
         y += residual
     return y
 
 
-def gemv_gpu(x, weight, geometry=DEFAULT_GEOMETRY, *, norm=None, residual=None, launch=PLAIN):
+def gemv_gpu(x, weight, geometry=DEFAULT_GEOMETRY, *, norm=None, residual=None, gated=False, launch=PLAIN):
     """x: [M, K] float16, weight: [N, K] float16 (CuPy, C-contiguous), norm: None or an RMSNorm of
-    float16 weights, residual: None or [M, N] float16 -> [M, N] float16. No host sync. launch: how the
-    kernel is launched (minifd.kernels.launch)."""
+    float16 weights, residual: None or [M, N] float16; gated: the weight's rows are gate/up
+    interleaved (minifd.kernels.silu_mul) -> [M, N] float16 ([M, N / 2] when gated). The combination
+    of fused steps must be in FUSED_KERNELS. No host sync. launch: how the kernel is launched
+    (minifd.kernels.launch)."""
     import cupy
 
-    if norm is not None and residual is not None:
-        raise ValueError("gemv: no kernel fuses both the norm and the residual")
+    if not fusable(norm, residual, gated):
+        raise ValueError(f"gemv: no kernel fuses norm={norm is not None}, residual={residual is not None}, "
+                         f"gated={gated}")
     m, k = x.shape
     n = weight.shape[0]
+    if gated and n % (2 * GATE_TILE):
+        raise ValueError(f"gemv: a gated weight has whole tiles of {2 * GATE_TILE} rows, not {n}")
     tile = gemv_m_tile(m)
-    rows_per_block = geometry.threads // gpu_properties().warp_size * geometry.rows_per_warp
-    y = cupy.empty((m, n), dtype=cupy.float16)
-    grid = ((n + rows_per_block - 1) // rows_per_block, (m + tile - 1) // tile)
+    warps = geometry.threads // gpu_properties().warp_size
+    # A warp owns rows_per_warp rows, or, gated, the two rows of one output feature.
+    outputs_per_block = warps if gated else warps * geometry.rows_per_warp
+    outputs = n // 2 if gated else n
+    y = cupy.empty((m, outputs), dtype=cupy.float16)
+    grid = (-(-outputs // outputs_per_block), -(-m // tile))
     gain = norm.weight if norm is not None else x  # unread without NORM
     residual_in = cupy.ascontiguousarray(residual) if residual is not None else y  # unread without RESIDUAL
     vector_ok = vectorisable(x, weight) and gain.data.ptr % 16 == 0
-    step = "norm" if norm is not None else "residual" if residual is not None else "store"
+    step = FUSED_KERNELS[(gated, residual is not None, norm is not None)]
     launch(_kernel(cupy.cuda.runtime.getDevice(), f"gemv_m{tile}_{step}", geometry), grid, (geometry.threads,),
            (x, weight, y, gain, residual_in, np.int32(m), np.int32(n), np.int32(k),
             np.float32(norm.eps if norm is not None else 0.0), np.int32(vector_ok)))

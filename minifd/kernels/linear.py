@@ -3,9 +3,9 @@
 
 Every projection of the model comes through `linear`, which runs the heuristic dataflow of
 minifd/kernels/dispatch.py: GEMV for the smallest M, the flat GEMM for decode-sized M, the library
-GEMM beyond. The flat GEMM folds the norm, the SwiGLU gate and the residual add into the product
-(flat_gemm.cu), the GEMV the norm or the residual (gemv.cu); what an implementation does not fold
-runs around the product as kernels of its own.
+GEMM beyond. GEMV and the flat GEMM fold the norm, the SwiGLU gate and the residual add into the
+product (gemv.cu, flat_gemm.cu) in the combinations the model uses (gemv.FUSED_KERNELS); the library
+GEMM, and any other combination, runs them around the product as kernels of their own.
 On GPU (CuPy) the kernels take float16 and accumulate in float32; on CPU (NumPy) the emulations of
 the same kernels run in float32, and the library path is plain `x @ W.T`.
 """
@@ -15,8 +15,8 @@ import functools
 import numpy as np
 
 from minifd.kernels.dispatch import CPU_DEVICE_NAME, IMPLEMENTATIONS, choose_implementation, gpu_properties
-from minifd.kernels.flat_gemm import flat_gemm_emulated, flat_gemm_gpu, fusable
-from minifd.kernels.gemv import gemv_emulated, gemv_gpu
+from minifd.kernels.flat_gemm import flat_gemm_emulated, flat_gemm_gpu
+from minifd.kernels.gemv import fusable, gemv_emulated, gemv_gpu
 from minifd.kernels.launch import PLAIN
 from minifd.kernels.rms_norm import rms_norm
 from minifd.kernels.silu_mul import silu_mul
@@ -76,14 +76,10 @@ def linear(x, weight, *, norm=None, residual=None, gated=False, impl=None, launc
                 x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
         product = functools.partial(_GPU[chosen], launch=launch)
 
-    if chosen == "flat_gemm" and fusable(norm, residual, gated):
+    if chosen != "library" and fusable(norm, residual, gated):
         return product(x, weight, norm=norm, residual=residual, gated=gated)
-    if chosen == "gemv":  # fuses the norm or, ungated, the residual
-        y = product(x, weight, norm=norm, residual=None if gated or norm is not None else residual)
-        residual = residual if gated or norm is not None else None
-    else:
-        a = x if norm is None else rms_norm(x, norm.weight, norm.eps)  # [M, K]
-        y = product(a, weight)  # [M, N]
+    a = x if norm is None else rms_norm(x, norm.weight, norm.eps)  # [M, K]
+    y = product(a, weight)  # [M, N]
     if gated:
         y = silu_mul(y, launch=launch)  # [M, N / 2]
     if residual is not None:

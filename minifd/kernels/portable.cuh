@@ -213,6 +213,9 @@ __device__ __forceinline__ mfma_float4 mfma_16x16x16(mfma_half4 a, mfma_half4 b,
 }
 #endif
 
+// SiLU(v) = v sigmoid(v), the SwiGLU gate (silu_mul.cu, and the gated epilogues of gemv.cu and flat_gemm.cu).
+__device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
+
 // ---------------------------------------------------------------------------------------------
 // The entry point of every product kernel (gemv.cu, flat_gemm.cu)
 // ---------------------------------------------------------------------------------------------

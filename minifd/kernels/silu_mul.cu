@@ -25,7 +25,7 @@ __device__ __forceinline__ void silu_mul_chunk(const half_t* gate_up, int rows, 
     load_halves(gate, g);
     load_halves(gate + GATE_TILE, u);
 #pragma unroll
-    for (int i = 0; i < W; ++i) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    for (int i = 0; i < W; ++i) g[i] = silu(g[i]) * u[i];
     store_halves(out + row * features + col, g);
 }
 

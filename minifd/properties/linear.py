@@ -158,7 +158,7 @@ def check_flat_gemm(case, xp):
 # The relative error reported is against the magnitude the bound scales with (T, or for the gate
 # 1.1 T_G |U64| + |SiLU(G64)| T_U).
 
-FUSED_STEPS = {"flat_gemm": ("norm", "residual", "gated_norm"), "gemv": ("norm", "residual")}
+FUSED_STEPS = {"flat_gemm": ("norm", "residual", "gated_norm"), "gemv": ("norm", "residual", "gated_norm")}
 
 
 def fused_product_cases(backend):
@@ -212,7 +212,6 @@ def check_fused_product(case, xp):
     norm = RMSNorm(xp.asarray(gain), EPS) if norm_in else None
     arguments = dict(norm=norm, residual=None if residual is None else xp.asarray(residual), gated=gated)
     if case["impl"] == "gemv":
-        del arguments["gated"]
         kernel = gemv_gpu if is_gpu(xp) else gemv_emulated
     else:
         kernel = flat_gemm_gpu if is_gpu(xp) else flat_gemm_emulated
