@@ -15,6 +15,7 @@ from tokenizers import pre_tokenizers
 import minifd
 from minifd.cli import main
 from minifd.fixture import shipped_gguf
+from minifd.kernels.rope import pair_rotary_rows
 from minifd.kernels.softmax_range import FILE_NAME, load_softmax_ranges
 from minifd.model.config import LlamaConfig, rope_inverse_frequencies
 from minifd.model.dequantize import BLOCK_FORMATS, dequantize
@@ -327,7 +328,7 @@ def test_a_quantized_gguf_generates_from_its_dequantized_weights(tmp_path, tiny)
     q = tensors["model.layers.0.self_attn.q_proj.weight"]
     stored_q = gguf_dequantize(gguf.quants.quantize(permute_rope_rows(q, config.n_heads), q8), q8)
     np.testing.assert_array_equal(engine.model.weights.layers[0].wqkv[: q.shape[0]],
-                                  unpermute_rope_rows(stored_q, config.n_heads))
+                                  pair_rotary_rows(unpermute_rope_rows(stored_q, config.n_heads), config.head_dim))
     tokens = engine.tokenizer.encode("hello")
     logits = engine.model.prefill(KVCache.allocate(config, 1, len(tokens), np, np.float32), 0, tokens)
     assert np.isfinite(logits).all()

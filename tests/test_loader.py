@@ -7,6 +7,7 @@ import pytest
 
 import minifd
 from minifd import oracle
+from minifd.kernels.rope import pair_rotary_rows
 from minifd.kernels.silu_mul import interleave_gate_up
 from minifd.model.config import LlamaConfig
 from minifd.model.loader import Checkpoint, bf16_bits_to_float32
@@ -36,7 +37,7 @@ def test_every_layout_loads_the_written_tensors(tmp_path, dtype, shards, tie):
     if tie:
         assert weights.lm_head is weights.embed
     q = stored_as(tensors["model.layers.1.self_attn.q_proj.weight"], dtype)
-    np.testing.assert_array_equal(weights.layers[1].wqkv[: q.shape[0]], q)
+    np.testing.assert_array_equal(weights.layers[1].wqkv[: q.shape[0]], pair_rotary_rows(q, config.head_dim))
     gate = stored_as(tensors["model.layers.0.mlp.gate_proj.weight"], dtype)
     up = stored_as(tensors["model.layers.0.mlp.up_proj.weight"], dtype)
     np.testing.assert_array_equal(weights.layers[0].w_gate_up, interleave_gate_up(gate, up))

@@ -10,6 +10,7 @@ from minifd.kernels.rope import rope_and_cache
 from minifd.model.config import LlamaConfig, rope_inverse_frequencies
 from minifd.model.llama import rope_tables
 from minifd.properties import PROPERTIES
+from minifd.properties.fused import paired_columns
 from tiny_model import tiny_config_dict
 
 seeds = st.integers(0, 2**32 - 1)
@@ -30,6 +31,7 @@ def test_rope_tables_with_scaling_match_oracle(seq, heads, half_dim, seed, rope)
                                                     rope_scaling=rope, rope_theta=500000.0))
     q = np.random.default_rng(seed).standard_normal((seq, heads, head_dim))
     qkv = np.concatenate([q, np.zeros((seq, 2 * heads, head_dim))], axis=1).reshape(seq, -1).astype(np.float32)
+    qkv = paired_columns(qkv, heads, heads, head_dim)  # the layout the QKV product writes
     cache = np.zeros((1, heads, seq, head_dim), np.float32)
     cos, sin = rope_tables(config, seq, np)
     positions, slots = np.arange(seq, dtype=np.int32), np.zeros(seq, dtype=np.int32)

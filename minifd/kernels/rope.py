@@ -7,8 +7,16 @@ HF "rotate half" convention: dimension i pairs with i + head_dim / 2, angle = po
 
 One call takes a block of rows of the fused QKV projection, rotates its q and k heads, writes k and v
 into the KV cache at each row's (slot, position) and returns q. On CPU the NumPy function below is the
-implementation; on GPU rope.cu does all of it in one kernel.
+implementation; on GPU rope.cu does all of it in one kernel, or gemv.cu in its epilogue.
+
+The fused QKV projection's q and k heads come in the paired layout (rotary_cache.cuh): in tiles of
+2T columns, T = pair_tile(head_dim), the first-half dimensions [tT, tT + T) and then their partners
+[half + tT, half + tT + T). pair_rotary_rows stacks the weight's rows that way, so the two rows one
+rotation needs sit T apart in one tile and one warp of a product can rotate its own outputs.
 """
+
+import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,10 +25,52 @@ from minifd.kernels.compile import load_module
 from minifd.kernels.launch import PLAIN
 
 
+def pair_tile(head_dim):
+    """T of the paired layout: 8 where head_dim / 2 allows it (the 8-row halves of a product's 16-row
+    tile), else the largest power of two that divides head_dim / 2."""
+    return math.gcd(8, head_dim // 2)
+
+
+def pair_rotary_rows(rows, head_dim):
+    """rows: [heads * head_dim, hidden] of a q or k projection, natural order -> the same rows in the
+    paired layout: per head, T first-half rows, then those T dimensions' partner rows, and so on."""
+    tile, hidden = pair_tile(head_dim), rows.shape[-1]
+    heads = rows.reshape(-1, 2, head_dim // 2 // tile, tile, hidden)  # [head, first | partner, tile, T, hidden]
+    return np.ascontiguousarray(heads.transpose(0, 2, 1, 3, 4)).reshape(rows.shape)
+
+
+def unpair_rotary_columns(heads):
+    """heads: [..., head_dim] q or k heads in the paired layout -> (first, partner): [..., head_dim // 2]
+    each, in natural order: dimensions i and i + head_dim / 2."""
+    head_dim = heads.shape[-1]
+    tile = pair_tile(head_dim)
+    tiles = heads.reshape(*heads.shape[:-1], head_dim // 2 // tile, 2, tile)  # [..., tile, first | partner, T]
+    return (tiles[..., 0, :].reshape(*heads.shape[:-1], -1), tiles[..., 1, :].reshape(*heads.shape[:-1], -1))
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """Where RoPE and the KV-cache write of a QKV projection take their tables and put their results
+    (rope_and_cache's arguments after qkv), so a product can run them in its epilogue."""
+
+    cos: object  # [max_positions, head_dim // 2] float32
+    sin: object  # [max_positions, head_dim // 2] float32
+    positions: object  # [rows] int32
+    slots: object  # [rows] int32
+    k_cache: object  # [batch, n_kv_heads, max_seq, head_dim]
+    v_cache: object  # [batch, n_kv_heads, max_seq, head_dim]
+
+    def apply(self, qkv, launch=PLAIN):
+        """qkv: [rows, (n_heads + 2 n_kv_heads) head_dim], paired -> q: [rows, n_heads, head_dim]."""
+        return rope_and_cache(qkv, self.cos, self.sin, self.positions, self.slots, self.k_cache, self.v_cache,
+                              launch=launch)
+
+
 def rope_and_cache(qkv, cos, sin, positions, slots, k_cache, v_cache, launch=PLAIN):
     """Rotate q and k of the fused QKV projection and store k and v in the KV cache.
 
-    qkv: [rows, (n_heads + 2 * n_kv_heads) * head_dim] (q heads, then k heads, then v heads);
+    qkv: [rows, (n_heads + 2 * n_kv_heads) * head_dim] (q heads in the paired layout, then k heads
+    likewise, then v heads in natural order);
     cos, sin: [max_positions, head_dim // 2] float32 tables (angle = position * inv_freq);
     positions, slots: [rows] int32, row r is position positions[r] of cache slot slots[r];
     k_cache, v_cache: [batch, n_kv_heads, max_seq, head_dim], written in place at [slots[r], :, positions[r]]
@@ -55,10 +105,9 @@ def _head_counts(qkv, k_cache):
 
 
 def _rotate_half(x, cos, sin):
-    # x: [rows, heads, head_dim], cos, sin: [rows, 1, head_dim // 2] float32 -> [rows, heads, head_dim], x's dtype
-    half = x.shape[-1] // 2
-    x32 = x.astype(np.float32)
-    first, second = x32[..., :half], x32[..., half:]
+    # x: [rows, heads, head_dim] paired, cos, sin: [rows, 1, head_dim // 2] float32
+    # -> [rows, heads, head_dim] in natural order, x's dtype
+    first, second = (part.astype(np.float32) for part in unpair_rotary_columns(x))
     return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1).astype(x.dtype)
 
 
@@ -86,12 +135,13 @@ def _rope_and_cache_gpu(qkv, cos, sin, positions, slots, k_cache, v_cache, n_hea
     positions = cupy.ascontiguousarray(positions, dtype=cupy.int32)  # [rows]; a no-op for int32 device arrays
     slots = cupy.ascontiguousarray(slots, dtype=cupy.int32)  # [rows]
     q = cupy.empty((rows, n_heads, head_dim), dtype=qkv.dtype)
-    vectorised = head_dim % 16 == 0 and all(a.data.ptr % 16 == 0 for a in (qkv, q, k_cache, v_cache))
+    tile = pair_tile(head_dim)
+    vectorised = tile == 8 and all(a.data.ptr % 16 == 0 for a in (qkv, q, k_cache, v_cache))
     width = 8 if vectorised else 1
-    chunks = rows * (n_heads + 2 * n_kv_heads) * (head_dim // 2 // width)
+    runs = rows * (n_heads + 2 * n_kv_heads) * (head_dim // 2 // width)
     kernel = load_module("rope.cu").get_function("rope_and_cache_vec8" if vectorised else "rope_and_cache_scalar")
-    if chunks:
-        launch(kernel, (-(-chunks // 256),), (256,),
-               (qkv, cos, sin, positions, slots, np.int32(rows), np.int32(n_heads), np.int32(n_kv_heads),
-                np.int32(head_dim), np.int32(max_seq), q, k_cache, v_cache))
+    if runs:
+        launch(kernel, (-(-runs // 256),), (256,),
+               (qkv, cos, sin, positions, slots, np.int32(rows), np.int32(tile), np.int32(n_heads),
+                np.int32(n_kv_heads), np.int32(head_dim), np.int32(max_seq), q, k_cache, v_cache))
     return q

@@ -1,6 +1,7 @@
 """The decoder's weights, arranged for inference: fused projections, on the compute device.
 
-From the checkpoint's per-projection matrices we build, per layer, one QKV matrix and one gate+up
+From the checkpoint's per-projection matrices we build, per layer, one QKV matrix (q and k rows in
+the paired layout, minifd.kernels.rope, so RoPE can run in the product's epilogue) and one gate+up
 matrix (rows interleaved so the SwiGLU gate can run in the product's epilogue), so a decode step
 runs two large products instead of five small ones. Tensors are converted
 one at a time, moved to the device straight away, and their mapped pages released: peak host memory
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minifd.errors import MinifdError
+from minifd.kernels.rope import pair_rotary_rows
 from minifd.kernels.silu_mul import interleave_gate_up, padded_features
 from minifd.progress import ProgressBar
 
@@ -19,7 +21,7 @@ from minifd.progress import ProgressBar
 @dataclass
 class LayerWeights:
     attn_norm: object  # [hidden]
-    wqkv: object  # [(n_heads + 2 * n_kv_heads) * head_dim, hidden]
+    wqkv: object  # [(n_heads + 2 * n_kv_heads) * head_dim, hidden]: q, k rows paired (minifd.kernels.rope), then v
     wo: object  # [hidden, n_heads * head_dim]
     mlp_norm: object  # [hidden]
     w_gate_up: object  # [2 * features, hidden]: gate and up rows interleaved in tiles (minifd.kernels.silu_mul)
@@ -114,7 +116,9 @@ def load_weights(checkpoint, config, xp, dtype, progress=None):
         p = f"model.layers.{i}."
         layers.append(LayerWeights(
             attn_norm=fetch(p + "input_layernorm.weight"),
-            wqkv=fetch(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"),
+            wqkv=fetch(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight",
+                       arrange=lambda q, k, v: np.concatenate([pair_rotary_rows(q, config.head_dim),
+                                                               pair_rotary_rows(k, config.head_dim), v])),
             wo=fetch(p + "self_attn.o_proj.weight"),
             mlp_norm=fetch(p + "post_attention_layernorm.weight"),
             w_gate_up=fetch(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", arrange=interleave_gate_up),

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from minifd import oracle
 from minifd.backend import is_gpu, to_numpy
 from minifd.kernels.rms_norm import rms_norm
-from minifd.kernels.rope import rope_and_cache
+from minifd.kernels.rope import pair_rotary_rows, rope_and_cache
 from minifd.kernels.silu_mul import interleave_gate_up, silu_mul
 from minifd.properties.registry import SEEDS, Property, storage_dtype
 from minifd.properties.tolerance import (U32, absolute_floor, closest_to_bound, exactly_equal, expect_layout,
@@ -139,6 +139,13 @@ def rope_inputs(case, dtype):
     return inv_freq, np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32), qkv, k_cache, v_cache
 
 
+def paired_columns(qkv, n_heads, n_kv_heads, head_dim):
+    """qkv: [rows, (n_heads + 2 n_kv_heads) head_dim] with every head in natural order -> the same
+    values with the q and k heads in the paired layout rope_and_cache reads (rope.py)."""
+    rotary = (n_heads + n_kv_heads) * head_dim
+    return np.concatenate([pair_rotary_rows(qkv[:, :rotary].T, head_dim).T, qkv[:, rotary:]], axis=1)
+
+
 def _pair_magnitude(x):
     # x: [..., head_dim] -> [..., head_dim] float64: |x_i| + |x_(i +- half)|, the pair element i rotates
     half = x.shape[-1] // 2
@@ -152,8 +159,9 @@ def check_rope(case, xp):
     inv_freq, cos, sin, qkv, k_cache, v_cache = rope_inputs(case, dtype)
     positions, slots = np.array(c["positions"], np.int32), np.array(c["slots"], np.int32)
     rows, n_heads, n_kv_heads, head_dim = len(positions), c["n_heads"], c["n_kv_heads"], c["head_dim"]
-    device = [on_device(xp, qkv, c["aligned"])] + [on_device(xp, a)
-                                                   for a in (cos, sin, positions, slots, k_cache, v_cache)]
+    paired = paired_columns(qkv, n_heads, n_kv_heads, head_dim)
+    device = [on_device(xp, paired, c["aligned"])] + [on_device(xp, a)
+                                                      for a in (cos, sin, positions, slots, k_cache, v_cache)]
     q = rope_and_cache(*device)
     expect_layout("q", q, dtype, (rows, n_heads, head_dim))
     q, k_out, v_out = to_numpy(q), to_numpy(device[-2]), to_numpy(device[-1])
@@ -181,7 +189,7 @@ def check_rope(case, xp):
     outcome = closest_to_bound(within_bound("q", q, expected_q, allowed(expected_q, q_pairs), scale(q_pairs)),
                                within_bound("k_cache", k_out, expected_k, allowed_k, scale_k))
     if is_gpu(xp):  # the kernel rounds each product like NumPy does: bit-identical to the NumPy path
-        numpy_q = rope_and_cache(qkv, cos, sin, positions, slots, k_cache, v_cache)
+        numpy_q = rope_and_cache(paired, cos, sin, positions, slots, k_cache, v_cache)
         exactly_equal("q vs the NumPy path", q, numpy_q)
         exactly_equal("k_cache vs the NumPy path", k_out, k_cache)
         exactly_equal("v_cache vs the NumPy path", v_out, v_cache)
