@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minifd.kernels.compile import load_module
-from minifd.kernels.gemv import FUSED_KERNELS, fusable, vectorisable
+from minifd.kernels.gemv import FUSED_KERNELS, fusable, fused_steps, vectorisable
 from minifd.kernels.launch import PLAIN
 from minifd.kernels.silu_mul import GATE_TILE, silu_mul
 
@@ -103,7 +103,7 @@ def flat_gemm_gpu(x, weight, norm=None, residual=None, gated=False, geometry=DEF
     residual_in = cupy.ascontiguousarray(residual) if residual is not None else y  # unread without RESIDUAL
     vector_ok = vectorisable(x, weight) and (norm is None or norm_weight.data.ptr % 16 == 0)
     grid = (-(-n // geometry.rows_per_block), -(-m // m_pad))
-    kernel_name = f"flat_gemm_m{m_pad}_{FUSED_KERNELS[(gated, residual is not None, norm is not None)]}"
+    kernel_name = f"flat_gemm_m{m_pad}_{FUSED_KERNELS[fused_steps(norm, residual, gated)]}"
     launch(_kernel(cupy.cuda.runtime.getDevice(), kernel_name, geometry), grid, (geometry.warps * 32,),
            (x, weight, y, norm_weight, residual_in, np.int32(m), np.int32(n), np.int32(k),
             np.float32(norm.eps if norm is not None else 0.0), np.int32(vector_ok)))

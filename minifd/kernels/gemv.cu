@@ -7,15 +7,19 @@
 // it), RESIDUAL, y = r + the product, and GATED, the SwiGLU y[m, j] = SiLU(s[m, gate row j])
 // s[m, up row j] on the gate/up interleaved weight (16-row tiles: 8 gate rows, then the same
 // features' up rows; minifd/model/weights.py), which saves the MLP a kernel and a round trip of the
-// [M, 2 features] product through memory.
+// [M, 2 features] product through memory. ROTARY (with NORM) ends the QKV projection with RoPE and
+// the KV-cache write (rotary_cache.cuh: the weight's q and k rows are paired, so the two rows one
+// rotation needs are 8 apart in a 16-row tile), which saves attention a kernel and the round trip of
+// qkv.
 //
 // Why CUDA cores: at M = 1 or 2 the product streams W once at 2 bytes per 2M flops; tensor cores
 // would only pad M, and speed is decided by how many 16-byte loads of W each thread keeps in flight.
 //
 // Launch geometry: block = GEMV_THREADS threads = GEMV_THREADS / MINIFD_WARP_SIZE warps. Warp w of
-// block b owns the GEMV_ROWS_PER_WARP rows n = (b * warps + w) * GEMV_ROWS_PER_WARP + r, or, GATED,
-// the gate and up rows of feature f = b * warps + w (rows 16 (f / 8) + f % 8 and that + 8, with half
-// the unroll, so a lane keeps as many bytes in flight); grid = (ceil(rows / rows_per_block),
+// block b owns the GEMV_ROWS_PER_WARP rows n = (b * warps + w) * GEMV_ROWS_PER_WARP + r, or, GATED or
+// ROTARY, the pair of rows f = b * warps + w stands for (rows 16 (f / 8) + f % 8 and that + 8: a
+// feature's gate and up rows, or a rotary pair), with half the unroll, so a lane keeps as many bytes
+// in flight; grid = (ceil(rows / rows_per_block),
 // ceil(M / M_TILE)) and blockIdx.y picks M_TILE rows of x. The block walks
 // K in chunks of GEMV_STAGE_HALVES / M_TILE: the chunk of its x rows is staged in shared memory once
 // for all warps, then each lane streams 16-byte pieces of its warp's rows of W, `unroll` pieces per
@@ -23,7 +27,7 @@
 // registers go to the accumulators), and a warp_sum closes each dot product. vector_ok == 0 (K not a multiple of 8, or a
 // pointer not 16-byte aligned) walks the same geometry with 2-byte loads.
 // Before any of this the block waits for the previous kernel (MINIFD_PRODUCT_KERNEL, launch.py).
-#include "portable.cuh"
+#include "rotary_cache.cuh"
 
 // The geometry can be set at compile time (-D...) so a sweep can compare variants; gemv.py passes
 // the values it plans with.
@@ -108,25 +112,27 @@ __device__ __forceinline__ void inverse_rms_rows(float* row_scale, const half_t*
     __syncthreads();
 }
 
-template <int M_TILE, bool NORM, bool RESIDUAL, bool GATED>
+template <int M_TILE, bool NORM, bool RESIDUAL, bool GATED, bool ROTARY = false>
 __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const half_t* __restrict__ w,
                                           half_t* __restrict__ y, const half_t* __restrict__ gain,
                                           const half_t* __restrict__ residual, int M, int N, int K, float eps,
-                                          int vector_ok) {
-    // x: [M, K], w: [N, K], gain: [K] (NORM), residual: [M, N] (RESIDUAL) -> y: [M, N], or [M, N / 2] when GATED
+                                          int vector_ok, RotaryCache rotary = RotaryCache{}) {
+    // x: [M, K], w: [N, K], gain: [K] (NORM), residual: [M, N] (RESIDUAL) -> y: [M, N], or [M, N / 2]
+    // when GATED; ROTARY writes rotary.q [M, n_heads, head_dim] and the caches instead of y
+    constexpr bool PAIRED = GATED || ROTARY;  // a warp owns the two rows of one pair
     constexpr int chunk = GEMV_STAGE_HALVES / M_TILE;
     constexpr int warps = GEMV_THREADS / MINIFD_WARP_SIZE;
-    constexpr int rows = GATED ? 2 : GEMV_ROWS_PER_WARP;  // rows of W per warp
+    constexpr int rows = PAIRED ? 2 : GEMV_ROWS_PER_WARP;  // rows of W per warp
     constexpr int full_unroll = M_TILE <= 2 ? GEMV_UNROLL : (GEMV_UNROLL + 1) / 2;
-    constexpr int unroll = GATED ? (full_unroll + 1) / 2 : full_unroll;
+    constexpr int unroll = PAIRED ? (full_unroll + 1) / 2 : full_unroll;
     __shared__ __align__(16) half_t x_stage[GEMV_STAGE_HALVES];
     __shared__ float row_scale[M_TILE];
 
     const int warp = threadIdx.x / MINIFD_WARP_SIZE, lane = threadIdx.x % MINIFD_WARP_SIZE;
     const int m0 = blockIdx.y * M_TILE;
-    const int feature = blockIdx.x * warps + warp;  // GATED: the output column of this warp
-    const int row0 = GATED ? 16 * (feature / 8) + feature % 8 : feature * GEMV_ROWS_PER_WARP;
-    const int row_step = GATED ? 8 : 1;  // GATED: the gate row, then its up row 8 further
+    const int feature = blockIdx.x * warps + warp;  // PAIRED: the pair (GATED: the output column) of this warp
+    const int row0 = PAIRED ? 16 * (feature / 8) + feature % 8 : feature * GEMV_ROWS_PER_WARP;
+    const int row_step = PAIRED ? 8 : 1;  // PAIRED: the first row, then its partner 8 further
     // Rows past N re-read row N - 1 and drop the result, so the load stream needs no bounds branch.
     const half_t* w_rows[rows];
 #pragma unroll
@@ -201,6 +207,11 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
             if (feature < N / 2) y[(size_t)(m0 + m) * (N / 2) + feature] = __float2half(silu(totals[0][m]) * totals[1][m]);
             continue;
         }
+        if (ROTARY) {
+            float first[1] = {totals[0][m]}, partner[1] = {totals[1][m]};
+            if (feature < N / 2) store_rotary_pairs<1>(rotary, m0 + m, row0, 8, first, partner);
+            continue;
+        }
 #pragma unroll
         for (int r = 0; r < rows; ++r) {
             if (row0 + r >= N) continue;
@@ -211,11 +222,25 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
 }
 
 // One kernel per M_TILE (the accumulators live in registers, so the tile is a compile-time constant)
-// and fused steps: gemv_m<M_TILE>_<store|store_norm|residual|gated_norm>.
+// and fused steps: gemv_m<M_TILE>_<store|store_norm|residual|gated_norm|rotary_norm>.
 #define GEMV_KERNELS(M_TILE)                                                                                \
     MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_store, GEMV_THREADS, 1, gemv_rows<M_TILE, false, false, false>)     \
     MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_store_norm, GEMV_THREADS, 1, gemv_rows<M_TILE, true, false, false>) \
     MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_residual, GEMV_THREADS, 1, gemv_rows<M_TILE, false, true, false>)   \
-    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_gated_norm, GEMV_THREADS, 1, gemv_rows<M_TILE, true, false, true>)
+    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_gated_norm, GEMV_THREADS, 1, gemv_rows<M_TILE, true, false, true>)   \
+    GEMV_ROTARY_KERNEL(gemv_m##M_TILE##_rotary_norm, M_TILE)
+
+// The QKV projection with RoPE and the cache write: x [M, K], w [N, K] (q, k rows paired), the norm's
+// gain [K], then RotaryCache's fields (rotary_cache.cuh); pair tile 8 (head_dim % 16 == 0).
+#define GEMV_ROTARY_KERNEL(NAME, M_TILE)                                                                          \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                                    \
+        NAME(const half_t* x, const half_t* w, const half_t* gain, int M, int N, int K, float eps, int vector_ok, \
+             const float* cos_table, const float* sin_table, const int* positions, const int* slots, half_t* q,   \
+             half_t* k_cache, half_t* v_cache, int n_heads, int n_kv_heads, int head_dim, int max_seq) {         \
+        start_after_previous_kernel();                                                                            \
+        const RotaryCache rotary{cos_table, sin_table, positions, slots, q, k_cache, v_cache,                    \
+                                 n_heads, n_kv_heads, head_dim, max_seq};                                         \
+        gemv_rows<M_TILE, true, false, false, true>(x, w, q, gain, nullptr, M, N, K, eps, vector_ok, rotary);    \
+    }
 
 GEMV_KERNELS(1) GEMV_KERNELS(2) GEMV_KERNELS(4) GEMV_KERNELS(8)

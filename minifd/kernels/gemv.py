@@ -1,7 +1,8 @@
 """ImplA: GEMV on CUDA cores (gemv.cu) and its NumPy emulation.
 
-y[m, n] = sum_k x[m, k] W[n, k], optionally of RMSNorm(x), and then plus a residual or through the
-SwiGLU gate (gemv.cu says how; FUSED_KERNELS lists the combinations).
+y[m, n] = sum_k x[m, k] W[n, k], optionally of RMSNorm(x), and then plus a residual, through the
+SwiGLU gate, or (the QKV projection) through RoPE into q and the KV cache (gemv.cu says how;
+FUSED_KERNELS lists the combinations).
 The kernel takes the rows of x in tiles of M_TILE (1, 2, 4 or 8; one compiled kernel each) and walks
 K in chunks of GEMV_STAGE_HALVES / M_TILE, staging each chunk of x in shared memory; the emulation
 accumulates the same K chunks in float32 in the same order.
@@ -15,12 +16,15 @@ import numpy as np
 from minifd.kernels.compile import load_module
 from minifd.kernels.dispatch import gpu_properties
 from minifd.kernels.launch import PLAIN
+from minifd.kernels.rope import pair_tile, rotary_kernel_arguments
 from minifd.kernels.silu_mul import GATE_TILE, silu_mul
 
 GEMV_M_TILES = (1, 2, 4, 8)
-# The fused steps gemv.cu and flat_gemm.cu have kernels for: (gated, residual, norm) -> kernel name suffix.
-FUSED_KERNELS = {(False, False, False): "store", (False, False, True): "store_norm",
-                 (False, True, False): "residual", (True, False, True): "gated_norm"}
+# The fused steps gemv.cu has kernels for, (gated, residual, norm, rotary) -> kernel name suffix;
+# flat_gemm.cu has all but the rotary one.
+FUSED_KERNELS = {(False, False, False, False): "store", (False, False, True, False): "store_norm",
+                 (False, True, False, False): "residual", (True, False, True, False): "gated_norm",
+                 (False, False, True, True): "rotary_norm"}
 
 
 @dataclass(frozen=True)
@@ -48,14 +52,21 @@ def gemv_m_tile(m):
     return next((tile for tile in GEMV_M_TILES if m <= tile), GEMV_M_TILES[-1])
 
 
-def fusable(norm, residual, gated):
-    """Whether gemv.cu and flat_gemm.cu have a kernel for this combination of fused steps."""
-    return (gated, residual is not None, norm is not None) in FUSED_KERNELS
+def fused_steps(norm, residual, gated, rotary=None):
+    """The FUSED_KERNELS key of a combination of fused steps."""
+    return gated, residual is not None, norm is not None, rotary is not None
 
 
-def gemv_emulated(x, weight, geometry=None, *, norm=None, residual=None, gated=False):
-    """x: [M, K], weight: [N, K] (NumPy), norm: None or an RMSNorm, residual: None or [M, N]
-    -> [M, N] float32 ([M, N / 2] when gated), summed over K chunks like the kernel."""
+def fusable(norm, residual, gated, rotary=None):
+    """Whether gemv.cu has a kernel for this combination of fused steps (flat_gemm.cu: without rotary)."""
+    return fused_steps(norm, residual, gated, rotary) in FUSED_KERNELS
+
+
+def gemv_emulated(x, weight, geometry=None, *, norm=None, residual=None, gated=False, rotary=None):
+    """x: [M, K], weight: [N, K] (NumPy), norm: None or an RMSNorm, residual: None or [M, N],
+    rotary: None or a minifd.kernels.rope.Rotary -> [M, N] float32 ([M, N / 2] when gated; with
+    rotary q: [M, n_heads, head_dim], k and v written to its caches), summed over K chunks like the
+    kernel."""
     m, k = x.shape
     chunk = (geometry or DEFAULT_GEOMETRY).stage_halves // gemv_m_tile(m)
     x32 = x.astype(np.float32, copy=False)
@@ -69,38 +80,50 @@ def gemv_emulated(x, weight, geometry=None, *, norm=None, residual=None, gated=F
         y = silu_mul(y)  # [M, N / 2]
     if residual is not None:
         y += residual
-    return y
+    return y if rotary is None else rotary.apply(y)
 
 
-def gemv_gpu(x, weight, geometry=DEFAULT_GEOMETRY, *, norm=None, residual=None, gated=False, launch=PLAIN):
+def gemv_gpu(x, weight, geometry=DEFAULT_GEOMETRY, *, norm=None, residual=None, gated=False, rotary=None,
+             launch=PLAIN):
     """x: [M, K] float16, weight: [N, K] float16 (CuPy, C-contiguous), norm: None or an RMSNorm of
     float16 weights, residual: None or [M, N] float16; gated: the weight's rows are gate/up
-    interleaved (minifd.kernels.silu_mul) -> [M, N] float16 ([M, N / 2] when gated). The combination
-    of fused steps must be in FUSED_KERNELS. No host sync. launch: how the kernel is launched
-    (minifd.kernels.launch)."""
+    interleaved (minifd.kernels.silu_mul); rotary: None or a minifd.kernels.rope.Rotary (float16
+    caches, head_dim % 16 == 0) -> [M, N] float16 ([M, N / 2] when gated; with rotary q:
+    [M, n_heads, head_dim], k and v written to its caches). The combination of fused steps must be
+    in FUSED_KERNELS. No host sync. launch: how the kernel is launched (minifd.kernels.launch)."""
     import cupy
 
-    if not fusable(norm, residual, gated):
+    if not fusable(norm, residual, gated, rotary):
         raise ValueError(f"gemv: no kernel fuses norm={norm is not None}, residual={residual is not None}, "
-                         f"gated={gated}")
+                         f"gated={gated}, rotary={rotary is not None}")
     m, k = x.shape
     n = weight.shape[0]
     if gated and n % (2 * GATE_TILE):
         raise ValueError(f"gemv: a gated weight has whole tiles of {2 * GATE_TILE} rows, not {n}")
     tile = gemv_m_tile(m)
     warps = geometry.threads // gpu_properties().warp_size
-    # A warp owns rows_per_warp rows, or, gated, the two rows of one output feature.
-    outputs_per_block = warps if gated else warps * geometry.rows_per_warp
-    outputs = n // 2 if gated else n
-    y = cupy.empty((m, outputs), dtype=cupy.float16)
-    grid = (-(-outputs // outputs_per_block), -(-m // tile))
+    paired = gated or rotary is not None  # a warp owns a pair of rows: a feature's gate and up, or a rotary pair
+    pairs_or_rows = n // 2 if paired else n
+    grid = (-(-pairs_or_rows // (warps if paired else warps * geometry.rows_per_warp)), -(-m // tile))
     gain = norm.weight if norm is not None else x  # unread without NORM
-    residual_in = cupy.ascontiguousarray(residual) if residual is not None else y  # unread without RESIDUAL
     vector_ok = vectorisable(x, weight) and gain.data.ptr % 16 == 0
-    step = FUSED_KERNELS[(gated, residual is not None, norm is not None)]
-    launch(_kernel(cupy.cuda.runtime.getDevice(), f"gemv_m{tile}_{step}", geometry), grid, (geometry.threads,),
-           (x, weight, y, gain, residual_in, np.int32(m), np.int32(n), np.int32(k),
-            np.float32(norm.eps if norm is not None else 0.0), np.int32(vector_ok)))
+    kernel = _kernel(cupy.cuda.runtime.getDevice(),
+                     f"gemv_m{tile}_{FUSED_KERNELS[fused_steps(norm, residual, gated, rotary)]}", geometry)
+    shape_arguments = (np.int32(m), np.int32(n), np.int32(k), np.float32(norm.eps if norm is not None else 0.0),
+                       np.int32(vector_ok))
+    if rotary is not None:
+        head_dim = rotary.k_cache.shape[3]
+        if pair_tile(head_dim) != 8 or n % head_dim:
+            raise ValueError(f"gemv: the rotary epilogue takes whole heads of a head_dim that is a multiple of 16, "
+                             f"not {n} rows of head_dim {head_dim}")
+        q, rotary_arguments = rotary_kernel_arguments(rotary.cos, rotary.sin, rotary.positions, rotary.slots,
+                                                      rotary.k_cache, rotary.v_cache, m,
+                                                      n // head_dim - 2 * rotary.k_cache.shape[1])
+        launch(kernel, grid, (geometry.threads,), (x, weight, gain) + shape_arguments + rotary_arguments)
+        return q
+    y = cupy.empty((m, pairs_or_rows if gated else n), dtype=cupy.float16)
+    residual_in = cupy.ascontiguousarray(residual) if residual is not None else y  # unread without RESIDUAL
+    launch(kernel, grid, (geometry.threads,), (x, weight, y, gain, residual_in) + shape_arguments)
     return y
 
 

@@ -1,11 +1,13 @@
 """Linear-layer seam: y = residual + Gate(W · RMSNorm(x)), W stored as Hugging Face stores it
-(row n = output n), each of RMSNorm, Gate and residual optional.
+(row n = output n), each of RMSNorm, Gate and residual optional; for the QKV projection instead
+q = RoPE(W · RMSNorm(x)) with k and v written to the KV cache.
 
 Every projection of the model comes through `linear`, which runs the heuristic dataflow of
 minifd/kernels/dispatch.py: GEMV for the smallest M, the flat GEMM for decode-sized M, the library
 GEMM beyond. GEMV and the flat GEMM fold the norm, the SwiGLU gate and the residual add into the
-product (gemv.cu, flat_gemm.cu) in the combinations the model uses (gemv.FUSED_KERNELS); the library
-GEMM, and any other combination, runs them around the product as kernels of their own.
+product (gemv.cu, flat_gemm.cu) in the combinations the model uses (gemv.FUSED_KERNELS), and GEMV
+RoPE with the cache write too; the library GEMM, and any other combination, runs them around the
+product as kernels of their own.
 On GPU (CuPy) the kernels take float16 and accumulate in float32; on CPU (NumPy) the emulations of
 the same kernels run in float32, and the library path is plain `x @ W.T`.
 """
@@ -37,12 +39,14 @@ _CPU = {"gemv": gemv_emulated, "flat_gemm": flat_gemm_emulated, "library": _libr
 _GPU = {"gemv": gemv_gpu, "flat_gemm": flat_gemm_gpu, "library": _library_gpu}
 
 
-def linear(x, weight, *, norm=None, residual=None, gated=False, impl=None, launch=PLAIN):
-    """x: [M, K]; weight: [N, K] -> y: [M, N] ([M, N / 2] when gated).
+def linear(x, weight, *, norm=None, residual=None, gated=False, rotary=None, impl=None, launch=PLAIN):
+    """x: [M, K]; weight: [N, K] -> y: [M, N] ([M, N / 2] when gated; q: [M, n_heads, head_dim]
+    with rotary).
 
     norm: None or an RMSNorm (minifd.kernels.rms_norm) applied to x first; gated: the weight's rows
     are gate/up interleaved (minifd.kernels.silu_mul) and y is SiLU(gate) * up; residual: None or
-    [M, N(/2)] added last. impl: None (the dispatcher picks from M and the tuned table) or one of
+    [M, N(/2)] added last; rotary: None or a minifd.kernels.rope.Rotary: the product is the fused
+    QKV projection (q, k rows paired), and RoPE and the KV-cache write follow it. impl: None (the dispatcher picks from M and the tuned table) or one of
     "gemv", "flat_gemm", "library" to force an implementation. launch (minifd.kernels.launch): how the
     kernels are launched, and whether the call is being recorded into a CUDA graph (the dispatcher
     then never picks the library). GPU: float16 in and
@@ -76,12 +80,15 @@ def linear(x, weight, *, norm=None, residual=None, gated=False, impl=None, launc
                 x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
         product = functools.partial(_GPU[chosen], launch=launch)
 
+    if chosen == "gemv" and rotary is not None and fusable(norm, residual, gated, rotary):
+        return product(x, weight, norm=norm, rotary=rotary)  # [M, n_heads, head_dim]
     if chosen != "library" and fusable(norm, residual, gated):
-        return product(x, weight, norm=norm, residual=residual, gated=gated)
-    a = x if norm is None else rms_norm(x, norm.weight, norm.eps)  # [M, K]
-    y = product(a, weight)  # [M, N]
-    if gated:
-        y = silu_mul(y, launch=launch)  # [M, N / 2]
-    if residual is not None:
-        y = y + residual
-    return y
+        y = product(x, weight, norm=norm, residual=residual, gated=gated)  # [M, N] or [M, N / 2]
+    else:
+        a = x if norm is None else rms_norm(x, norm.weight, norm.eps)  # [M, K]
+        y = product(a, weight)  # [M, N]
+        if gated:
+            y = silu_mul(y, launch=launch)  # [M, N / 2]
+        if residual is not None:
+            y = y + residual
+    return y if rotary is None else rotary.apply(y, launch=launch)  # [M, n_heads, head_dim] with rotary

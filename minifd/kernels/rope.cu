@@ -28,10 +28,10 @@ __device__ __forceinline__ void rope_and_cache_run(const half_t* qkv, int rows, 
 // [max_positions, head_dim/2]; positions, slots: [rows]; q_out: [rows, n_heads, head_dim];
 // k_cache, v_cache: [batch, n_kv_heads, max_seq, head_dim]
 #define ROPE_KERNEL(NAME, W)                                                                                         \
-    extern "C" __global__ void NAME(const half_t* qkv, const float* cos_table, const float* sin_table,               \
-                                    const int* positions, const int* slots, int rows, int pair_tile, int n_heads,   \
-                                    int n_kv_heads, int head_dim, int max_seq, half_t* q_out, half_t* k_cache,      \
-                                    half_t* v_cache) {                                                               \
+    extern "C" __global__ void NAME(const half_t* qkv, int rows, int pair_tile, const float* cos_table,             \
+                                    const float* sin_table, const int* positions, const int* slots, half_t* q_out,  \
+                                    half_t* k_cache, half_t* v_cache, int n_heads, int n_kv_heads, int head_dim,    \
+                                    int max_seq) {                                                                   \
         start_after_previous_kernel();                                                                               \
         const RotaryCache rc{cos_table, sin_table, positions, slots, q_out, k_cache, v_cache,                       \
                              n_heads, n_kv_heads, head_dim, max_seq};                                                \

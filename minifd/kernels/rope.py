@@ -120,28 +120,39 @@ def _rope_and_cache_numpy(qkv, cos, sin, positions, slots, k_cache, v_cache, n_h
     return _rotate_half(heads[:, :n_heads], cos_rows, sin_rows)
 
 
-def _rope_and_cache_gpu(qkv, cos, sin, positions, slots, k_cache, v_cache, n_heads, n_kv_heads, head_dim, launch):
+def rotary_kernel_arguments(cos, sin, positions, slots, k_cache, v_cache, rows, n_heads):
+    """Check a GPU call's tables, positions and caches -> (q: [rows, n_heads, head_dim] float16, to be
+    written, and the arguments rotary_cache.cuh's RotaryCache is built from, after the pair tile:
+    cos, sin, positions, slots, q, k_cache, v_cache, n_heads, n_kv_heads, head_dim, max_seq)."""
     import cupy
 
-    if qkv.dtype != cupy.float16 or k_cache.dtype != cupy.float16 or v_cache.dtype != cupy.float16:
-        raise ValueError("rope_and_cache on GPU takes float16 qkv and caches")
+    if k_cache.dtype != cupy.float16 or v_cache.dtype != cupy.float16:
+        raise ValueError("rope_and_cache on GPU takes float16 caches")
     if cos.dtype != cupy.float32 or sin.dtype != cupy.float32:
         raise ValueError("rope_and_cache: the cos/sin tables must be float32")
     if not (k_cache.flags.c_contiguous and v_cache.flags.c_contiguous) or v_cache.shape != k_cache.shape:
         raise ValueError("rope_and_cache: k_cache and v_cache must be contiguous arrays of one shape")
+    _, n_kv_heads, max_seq, head_dim = k_cache.shape
+    q = cupy.empty((rows, n_heads, head_dim), dtype=cupy.float16)
+    return q, (cupy.ascontiguousarray(cos), cupy.ascontiguousarray(sin),
+               cupy.ascontiguousarray(positions, dtype=cupy.int32),  # [rows]; a no-op for int32 device arrays
+               cupy.ascontiguousarray(slots, dtype=cupy.int32),  # [rows]
+               q, k_cache, v_cache, np.int32(n_heads), np.int32(n_kv_heads), np.int32(head_dim), np.int32(max_seq))
+
+
+def _rope_and_cache_gpu(qkv, cos, sin, positions, slots, k_cache, v_cache, n_heads, n_kv_heads, head_dim, launch):
+    import cupy
+
+    if qkv.dtype != cupy.float16:
+        raise ValueError("rope_and_cache on GPU takes float16 qkv")
     rows = qkv.shape[0]
-    max_seq = k_cache.shape[2]
-    qkv, cos, sin = cupy.ascontiguousarray(qkv), cupy.ascontiguousarray(cos), cupy.ascontiguousarray(sin)
-    positions = cupy.ascontiguousarray(positions, dtype=cupy.int32)  # [rows]; a no-op for int32 device arrays
-    slots = cupy.ascontiguousarray(slots, dtype=cupy.int32)  # [rows]
-    q = cupy.empty((rows, n_heads, head_dim), dtype=qkv.dtype)
+    qkv = cupy.ascontiguousarray(qkv)
+    q, rotary_arguments = rotary_kernel_arguments(cos, sin, positions, slots, k_cache, v_cache, rows, n_heads)
     tile = pair_tile(head_dim)
     vectorised = tile == 8 and all(a.data.ptr % 16 == 0 for a in (qkv, q, k_cache, v_cache))
     width = 8 if vectorised else 1
     runs = rows * (n_heads + 2 * n_kv_heads) * (head_dim // 2 // width)
     kernel = load_module("rope.cu").get_function("rope_and_cache_vec8" if vectorised else "rope_and_cache_scalar")
     if runs:
-        launch(kernel, (-(-runs // 256),), (256,),
-               (qkv, cos, sin, positions, slots, np.int32(rows), np.int32(tile), np.int32(n_heads),
-                np.int32(n_kv_heads), np.int32(head_dim), np.int32(max_seq), q, k_cache, v_cache))
+        launch(kernel, (-(-runs // 256),), (256,), (qkv, np.int32(rows), np.int32(tile)) + rotary_arguments)
     return q

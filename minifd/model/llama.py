@@ -6,9 +6,9 @@
 A prompt is prefilled chunk by chunk (a chunk's positions at once, causal attention); afterwards each
 decode step feeds one token per sequence and attends over that sequence's KV cache. The two hot
 spots go through the seams in minifd.kernels: `linear` for every projection and
-`prefill_attention` / `decode_attention` for attention. RMSNorm, the SwiGLU gate and the residual
-adds are arguments of `linear`, which folds them into the flat GEMM; RoPE with the KV-cache write is
-one kernel of its own.
+`prefill_attention` / `decode_attention` for attention. RMSNorm, the SwiGLU gate, the residual adds
+and RoPE with the KV-cache write are arguments of `linear`, which folds them into the product's
+prologue and epilogue where its kernel can (minifd/kernels/linear.py says where).
 """
 
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ from minifd.kernels.attention import decode_attention, prefill_attention
 from minifd.kernels.launch import PLAIN
 from minifd.kernels.linear import linear
 from minifd.kernels.rms_norm import RMSNorm
-from minifd.kernels.rope import rope_and_cache
+from minifd.kernels.rope import Rotary
 from minifd.model.config import rope_inverse_frequencies
 
 
@@ -80,20 +80,19 @@ class Llama:
         """The decoder stack over a block of rows, each row a token at (slot, position) of the cache.
 
         x: [rows, hidden] the residual stream (the embeddings coming in); positions, slots: [rows]
-        int32; attend(layer_index, q) -> attention output [rows, n_heads, head_dim] once
-        rope_and_cache has stored the rows' keys and values; launch: how the kernels are launched,
+        int32; attend(layer_index, q) -> attention output [rows, n_heads, head_dim] once the QKV
+        projection has stored the rows' keys and values in the cache; launch: how the kernels are launched,
         graph-captured or not (minifd.kernels.launch).
         -> the residual stream after the last layer, [rows, hidden]
 
-        Each line is one step of the math; the norms, the SwiGLU gate and the residual adds run
-        inside the products where the dispatcher picks the flat GEMM (minifd/kernels/flat_gemm.cu).
+        Each line is one step of the math; the norms, the SwiGLU gate, the residual adds and RoPE
+        run inside the products where their kernels fuse them (minifd/kernels/linear.py).
         """
         eps, rows = self.config.rms_norm_eps, len(x)
         for i, layer in enumerate(self.weights.layers):
-            qkv = linear(x, layer.wqkv, norm=RMSNorm(layer.attn_norm, eps),
-                         launch=launch)  # [rows, (n_heads + 2 n_kv_heads) head_dim]
-            q = rope_and_cache(qkv, self.cos, self.sin, positions, slots, cache.k[i], cache.v[i],
-                               launch=launch)  # [rows, n_heads, head_dim]
+            q = linear(x, layer.wqkv, norm=RMSNorm(layer.attn_norm, eps),
+                       rotary=Rotary(self.cos, self.sin, positions, slots, cache.k[i], cache.v[i]),
+                       launch=launch)  # [rows, n_heads, head_dim] rotated; k, v -> the cache
             attention = attend(i, q).reshape(rows, -1)  # [rows, n_heads head_dim]
             x = linear(attention, layer.wo, residual=x, launch=launch)  # [rows, hidden]
             mlp = linear(x, layer.w_gate_up, norm=RMSNorm(layer.mlp_norm, eps), gated=True,

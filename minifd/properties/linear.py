@@ -33,9 +33,10 @@ from minifd.kernels import dispatch
 from minifd.kernels.flat_gemm import FlatGemmGeometry, flat_gemm_emulated, flat_gemm_gpu
 from minifd.kernels.gemv import gemv_emulated, gemv_gpu
 from minifd.kernels.rms_norm import RMSNorm
+from minifd.kernels.rope import Rotary, pair_rotary_rows
 from minifd.properties.registry import SEEDS, Property, storage_dtype
-from minifd.properties.tolerance import (U32, PropertyFailure, absolute_floor, exactly_equal, expect_layout,
-                                         relative_scale, unit_roundoff, within_bound)
+from minifd.properties.tolerance import (U32, PropertyFailure, absolute_floor, closest_to_bound, exactly_equal,
+                                         expect_layout, relative_scale, unit_roundoff, within_bound)
 
 # Sizes: on GPU, K up to 1100 crosses a staged GEMV chunk for M_TILE = 8 (1024 halves) and covers
 # K % 8 != 0 (the 2-byte paths); N up to 700 gives ragged flat-GEMM tiles and, for small N, split K.
@@ -221,6 +222,86 @@ def check_fused_product(case, xp):
 
 
 # ----------------------------------------------------------------------------------------------
+# The QKV projection with RoPE and the KV-cache write in its epilogue (gemv.cu, rotary_norm)
+# ----------------------------------------------------------------------------------------------
+# Tolerance: the product s = RMSNorm(x) W^T carries fused_product's e_s per element (its norm
+# prologue included). A rotary pair (a, b) -> (a cos - b sin, b cos + a sin) with |cos|, |sin| <= 1
+# carries e_a + e_b from its inputs and, from the float32 tables (u32 each), two rounded products
+# and the add, 4 u32 (|a| + |b|): the rope property's bound. v is stored unrotated (e_s). Then the
+# store rounds to the output dtype: u_out |r64| + floor_out. Cache entries the call does not write
+# must stay exactly as they were.
+
+@st.composite
+def rotary_product_cases(draw, backend):
+    """-> a decode-shaped QKV projection: rows m (one per cache slot), K, the heads and head_dim
+    (a multiple of 16: the epilogue's pair tile is 8), every slot's position, and the seed."""
+    m = draw(st.integers(1, 8 if backend == "gpu" else 4))
+    max_seq = draw(st.integers(1, 40))
+    n_kv_heads = draw(st.integers(1, 2))
+    return dict(m=m, k=draw(st.integers(1, SIZES[backend]["k"])), head_dim=draw(st.sampled_from([16, 64, 128])),
+                n_kv_heads=n_kv_heads, n_heads=n_kv_heads * draw(st.integers(1, 3)), max_seq=max_seq,
+                positions=draw(st.lists(st.integers(0, max_seq - 1), min_size=m, max_size=m)), seed=draw(SEEDS))
+
+
+def check_rotary_product(case, xp):
+    """q and the written cache rows of the fused QKV projection vs the float64 product, rotated."""
+    dtype, c = storage_dtype(xp), case
+    m, k, head_dim, n_heads, n_kv_heads = c["m"], c["k"], c["head_dim"], c["n_heads"], c["n_kv_heads"]
+    heads, half = n_heads + 2 * n_kv_heads, head_dim // 2
+    rng = np.random.default_rng(c["seed"])
+    x, w = random_operands(rng, m, heads * head_dim, k, dtype)  # w: natural rows
+    gain = rng.uniform(-2.0, 2.0, k).astype(dtype)
+    angles = np.outer(np.arange(c["max_seq"], dtype=np.float64),
+                      10000.0 ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))  # [max_seq, half]
+    cache_shape = (m, n_kv_heads, c["max_seq"], head_dim)
+    k_cache, v_cache = (rng.standard_normal(cache_shape).astype(dtype) for _ in range(2))
+    positions, slots = np.array(c["positions"], np.int32), np.arange(m, dtype=np.int32)
+
+    x64, w64, gain64 = (a.astype(np.float64) for a in (x, w, gain))
+    rinv64 = 1.0 / np.sqrt((x64 * x64).mean(axis=-1, keepdims=True) + EPS)  # [m, 1]
+    s64 = ((x64 * gain64) @ w64.T * rinv64).reshape(m, heads, head_dim)  # [m, heads, head_dim] natural
+    terms = ((np.abs(x64 * gain64) @ np.abs(w64).T) * rinv64).reshape(s64.shape)
+    error_s = (unit_roundoff(dtype) + 2 * (k + 2) * U32) * terms + (k / 2 + 6) * U32 * np.abs(s64)
+    cos64, sin64 = np.cos(angles)[positions][:, None], np.sin(angles)[positions][:, None]  # [m, 1, half]
+    first, second = s64[..., :half], s64[..., half:]
+    rotated = np.concatenate([first * cos64 - second * sin64, second * cos64 + first * sin64], axis=-1)
+    pair_error = error_s[..., :half] + error_s[..., half:]
+    pair_size = np.abs(first) + np.abs(second)
+    rotation_error = np.concatenate([pair_error + 4 * U32 * pair_size] * 2, axis=-1)  # [m, heads, head_dim]
+    rotary_magnitude = np.concatenate([terms[..., :half] + terms[..., half:]] * 2, axis=-1)  # what errors scale with
+    u_out = unit_roundoff(dtype)
+
+    def allowed(reference, error):
+        return error * (1 + u_out) + u_out * np.abs(reference) + absolute_floor(dtype, k + 16)
+
+    paired_w = np.concatenate([pair_rotary_rows(w[:(n_heads + n_kv_heads) * head_dim], head_dim),
+                               w[(n_heads + n_kv_heads) * head_dim:]])
+    device_k, device_v = xp.asarray(k_cache), xp.asarray(v_cache)
+    rotary = Rotary(xp.asarray(np.cos(angles).astype(np.float32)), xp.asarray(np.sin(angles).astype(np.float32)),
+                    xp.asarray(positions), xp.asarray(slots), device_k, device_v)
+    kernel = gemv_gpu if is_gpu(xp) else gemv_emulated
+    q = kernel(xp.asarray(x), xp.asarray(paired_w), norm=RMSNorm(xp.asarray(gain), EPS), rotary=rotary)
+    expect_layout("q", q, dtype, (m, n_heads, head_dim))
+
+    expected_q = rotated[:, :n_heads]
+    k_heads, v_heads = slice(n_heads, n_heads + n_kv_heads), slice(n_heads + n_kv_heads, heads)
+    expected_k, expected_v = k_cache.astype(np.float64), v_cache.astype(np.float64)
+    allowed_k, allowed_v = np.zeros(cache_shape), np.zeros(cache_shape)  # unwritten entries: exact
+    scale_k, scale_v = np.abs(expected_k), np.abs(expected_v)
+    expected_k[slots, :, positions] = rotated[:, k_heads]
+    allowed_k[slots, :, positions] = allowed(rotated[:, k_heads], rotation_error[:, k_heads])
+    scale_k[slots, :, positions] = relative_scale(rotary_magnitude[:, k_heads], u_out, dtype)
+    expected_v[slots, :, positions] = s64[:, v_heads]
+    allowed_v[slots, :, positions] = allowed(s64[:, v_heads], error_s[:, v_heads])
+    scale_v[slots, :, positions] = relative_scale(terms[:, v_heads], u_out, dtype)
+    return closest_to_bound(
+        within_bound("q", to_numpy(q), expected_q, allowed(expected_q, rotation_error[:, :n_heads]),
+                     relative_scale(rotary_magnitude[:, :n_heads], u_out, dtype)),
+        within_bound("k_cache", to_numpy(device_k), expected_k, allowed_k, scale_k),
+        within_bound("v_cache", to_numpy(device_v), expected_v, allowed_v, scale_v))
+
+
+# ----------------------------------------------------------------------------------------------
 # The dispatcher
 # ----------------------------------------------------------------------------------------------
 
@@ -302,6 +383,8 @@ PROPERTIES = (
     Property("flat_gemm", "flat GEMM, flat in M (ImplB) vs the float64 product", flat_gemm_cases, check_flat_gemm),
     Property("fused_product", "flat GEMM and GEMV with an RMSNorm prologue, a residual or SwiGLU epilogue vs float64",
              fused_product_cases, check_fused_product),
+    Property("rotary_product", "the QKV GEMV with RoPE and the KV-cache write in its epilogue vs float64",
+             rotary_product_cases, check_rotary_product),
     Property("dispatch", "the seam runs what a temporary dispatch table says (or the forced implementation)",
              dispatch_cases, check_dispatch),
 )
