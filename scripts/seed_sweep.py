@@ -1,7 +1,7 @@
 """Run the kernels' property suite (`minifd check`) over a range of hypothesis seeds and count, per
 property, the seeds it passed: the evidence that no bound fails on luck.
 
-    python3 scripts/seed_sweep.py [--device cpu|cuda] [--seeds 0-49] [--examples 200] [--jobs N]
+    python3 scripts/seed_sweep.py [--device cpu|cuda] [--seeds 0-49] [--examples 200] [--jobs N] [--only A,B]
 
 --jobs runs that many seeds side by side, each in its own process (on a GPU they share the device).
 
@@ -29,6 +29,7 @@ def main():
     parser.add_argument("--seeds", type=seed_range, default=seed_range("0-49"), help="first-last (inclusive)")
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--jobs", type=int, default=1, help="seeds checked side by side")
+    parser.add_argument("--only", default=None, help="comma-separated property names (minifd check --only)")
     args = parser.parse_args()
     passed, failed = defaultdict(int), defaultdict(list)
     with tempfile.TemporaryDirectory() as directory:
@@ -36,7 +37,8 @@ def main():
             report_path = Path(directory) / f"check-{seed}.json"
             subprocess.run([sys.executable, "-c", "from minifd.cli import main; main()", "check", "--device",
                             args.device, "--examples", str(args.examples), "--seed", str(seed), "--json",
-                            str(report_path)], stdout=subprocess.DEVNULL, check=False)
+                            str(report_path)] + (["--only", args.only] if args.only else []),
+                           stdout=subprocess.DEVNULL, check=False)
             entries = json.loads(report_path.read_text())["properties"]
             print(f"seed {seed}: {sum(not entry['passed'] for entry in entries)} failed", file=sys.stderr, flush=True)
             return seed, entries

@@ -17,9 +17,11 @@
 //
 // Launch geometry: block = GEMV_THREADS threads = GEMV_THREADS / MINIFD_WARP_SIZE warps. Warp w of
 // block b owns the GEMV_ROWS_PER_WARP rows n = (b * warps + w) * GEMV_ROWS_PER_WARP + r, or, GATED or
-// ROTARY, the pair of rows f = b * warps + w stands for (rows 16 (f / 8) + f % 8 and that + 8: a
-// feature's gate and up rows, or a rotary pair), with half the unroll, so a lane keeps as many bytes
-// in flight; grid = (ceil(rows / rows_per_block),
+// ROTARY, warps 2f and 2f + 1 (f = b * warps / 2 + w / 2) share the pair of rows f stands for (rows
+// 16 (f / 8) + f % 8 and that + 8: a feature's gate and up rows, or a rotary pair), each taking one
+// half of every K chunk, with half the unroll, and the even warp adds the odd one's sums through
+// shared memory. So a paired product launches as many warps, each streaming as many bytes, as a
+// plain one: pairing whole K per warp halved the warps and left the last wave half full; grid = (ceil(rows / rows_per_block),
 // ceil(M / M_TILE)) and blockIdx.y picks M_TILE rows of x. The block walks
 // K in chunks of GEMV_STAGE_HALVES / M_TILE: the chunk of its x rows is staged in shared memory once
 // for all warps, then each lane streams 16-byte pieces of its warp's rows of W, `unroll` pieces per
@@ -119,9 +121,11 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
                                           int vector_ok, RotaryCache rotary = RotaryCache{}) {
     // x: [M, K], w: [N, K], gain: [K] (NORM), residual: [M, N] (RESIDUAL) -> y: [M, N], or [M, N / 2]
     // when GATED; ROTARY writes rotary.q [M, n_heads, head_dim] and the caches instead of y
-    constexpr bool PAIRED = GATED || ROTARY;  // a warp owns the two rows of one pair
+    constexpr bool PAIRED = GATED || ROTARY;  // two warps share the two rows of one pair, halving K
+    constexpr int k_parts = PAIRED ? 2 : 1;
     constexpr int chunk = GEMV_STAGE_HALVES / M_TILE;
     constexpr int warps = GEMV_THREADS / MINIFD_WARP_SIZE;
+    static_assert(!PAIRED || warps % 2 == 0, "the two warps of a pair must be in one block");
     constexpr int rows = PAIRED ? 2 : GEMV_ROWS_PER_WARP;  // rows of W per warp
     constexpr int full_unroll = M_TILE <= 2 ? GEMV_UNROLL : (GEMV_UNROLL + 1) / 2;
     constexpr int unroll = PAIRED ? (full_unroll + 1) / 2 : full_unroll;
@@ -130,7 +134,8 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
 
     const int warp = threadIdx.x / MINIFD_WARP_SIZE, lane = threadIdx.x % MINIFD_WARP_SIZE;
     const int m0 = blockIdx.y * M_TILE;
-    const int feature = blockIdx.x * warps + warp;  // PAIRED: the pair (GATED: the output column) of this warp
+    const int feature = (blockIdx.x * warps + warp) / k_parts;  // PAIRED: the pair (GATED: the output column)
+    const int k_part = warp % k_parts;  // which half of each chunk this warp sums
     const int row0 = PAIRED ? 16 * (feature / 8) + feature % 8 : feature * GEMV_ROWS_PER_WARP;
     const int row_step = PAIRED ? 8 : 1;  // PAIRED: the first row, then its partner 8 further
     // Rows past N re-read row N - 1 and drop the result, so the load stream needs no bounds branch.
@@ -151,8 +156,9 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
         stage_x_chunk<M_TILE>(x_stage, x, NORM ? gain : nullptr, m0, M, K, k0, width, vector_ok);
         __syncthreads();
         if (vector_ok) {
-            const int pieces = width / 8;
-            for (int first = lane; first < pieces; first += MINIFD_WARP_SIZE * unroll) {
+            const int part = (width / 8 + k_parts - 1) / k_parts;  // 16-byte pieces per K part
+            const int pieces = gemv_min(width / 8, (k_part + 1) * part);
+            for (int first = k_part * part + lane; first < pieces; first += MINIFD_WARP_SIZE * unroll) {
                 uint4 w_pieces[rows][unroll];
 #pragma unroll
                 for (int u = 0; u < unroll; ++u) {
@@ -183,7 +189,8 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
                 }
             }
         } else {
-            for (int k = lane; k < width; k += MINIFD_WARP_SIZE) {
+            const int part = (width + k_parts - 1) / k_parts;
+            for (int k = k_part * part + lane; k < gemv_min(width, (k_part + 1) * part); k += MINIFD_WARP_SIZE) {
 #pragma unroll
                 for (int r = 0; r < rows; ++r) {
                     const float w_value = __half2float(w_rows[r][k0 + k]);
@@ -198,17 +205,36 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
 #pragma unroll
     for (int r = 0; r < rows; ++r)
 #pragma unroll
-        for (int m = 0; m < M_TILE; ++m) totals[r][m] = warp_sum(acc[r][m]) * (NORM ? row_scale[m] : 1.0f);
+        for (int m = 0; m < M_TILE; ++m) totals[r][m] = warp_sum(acc[r][m]);
+    if (PAIRED) {  // the odd warp's half of K joins the even warp's
+        __shared__ float odd_totals[warps][rows][M_TILE];
+        if (k_part == 1 && lane == 0) {
+#pragma unroll
+            for (int r = 0; r < rows; ++r)
+#pragma unroll
+                for (int m = 0; m < M_TILE; ++m) odd_totals[warp][r][m] = totals[r][m];
+        }
+        __syncthreads();
+        if (k_part == 1) return;
+#pragma unroll
+        for (int r = 0; r < rows; ++r)
+#pragma unroll
+            for (int m = 0; m < M_TILE; ++m) totals[r][m] += odd_totals[warp + 1][r][m];
+    }
+#pragma unroll
+    for (int r = 0; r < rows; ++r)
+#pragma unroll
+        for (int m = 0; m < M_TILE; ++m) totals[r][m] *= NORM ? row_scale[m] : 1.0f;
     if (lane != 0) return;
 #pragma unroll
     for (int m = 0; m < M_TILE; ++m) {
         if (m0 + m >= M) continue;
         if (GATED) {
-            if (feature < N / 2) y[(size_t)(m0 + m) * (N / 2) + feature] = __float2half(silu(totals[0][m]) * totals[1][m]);
+            if (feature < N / 2) y[(size_t)(m0 + m) * (N / 2) + feature] = __float2half(silu(totals[0][m]) * totals[rows - 1][m]);
             continue;
         }
         if (ROTARY) {
-            float first[1] = {totals[0][m]}, partner[1] = {totals[1][m]};
+            float first[1] = {totals[0][m]}, partner[1] = {totals[rows - 1][m]};
             if (feature < N / 2) store_rotary_pairs<1>(rotary, m0 + m, row0, 8, first, partner);
             continue;
         }

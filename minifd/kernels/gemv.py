@@ -102,9 +102,9 @@ def gemv_gpu(x, weight, geometry=DEFAULT_GEOMETRY, *, norm=None, residual=None, 
         raise ValueError(f"gemv: a gated weight has whole tiles of {2 * GATE_TILE} rows, not {n}")
     tile = gemv_m_tile(m)
     warps = geometry.threads // gpu_properties().warp_size
-    paired = gated or rotary is not None  # a warp owns a pair of rows: a feature's gate and up, or a rotary pair
-    pairs_or_rows = n // 2 if paired else n
-    grid = (-(-pairs_or_rows // (warps if paired else warps * geometry.rows_per_warp)), -(-m // tile))
+    # Two warps share each pair of rows (a feature's gate and up, or a rotary pair): one warp per row.
+    warps_needed = n if gated or rotary is not None else -(-n // geometry.rows_per_warp)
+    grid = (-(-warps_needed // warps), -(-m // tile))
     gain = norm.weight if norm is not None else x  # unread without NORM
     vector_ok = vectorisable(x, weight) and gain.data.ptr % 16 == 0
     kernel = _kernel(cupy.cuda.runtime.getDevice(),
@@ -121,7 +121,7 @@ def gemv_gpu(x, weight, geometry=DEFAULT_GEOMETRY, *, norm=None, residual=None, 
                                                       n // head_dim - 2 * rotary.k_cache.shape[1])
         launch(kernel, grid, (geometry.threads,), (x, weight, gain) + shape_arguments + rotary_arguments)
         return q
-    y = cupy.empty((m, pairs_or_rows if gated else n), dtype=cupy.float16)
+    y = cupy.empty((m, n // 2 if gated else n), dtype=cupy.float16)
     residual_in = cupy.ascontiguousarray(residual) if residual is not None else y  # unread without RESIDUAL
     launch(kernel, grid, (geometry.threads,), (x, weight, y, gain, residual_in) + shape_arguments)
     return y
