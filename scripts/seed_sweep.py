@@ -54,7 +54,7 @@ def main():
     print(f"{args.device}, seeds {args.seeds.start}-{args.seeds.stop - 1}, {args.examples} examples each")
     for name in sorted(set(passed) | set(failed)):
         print(f"{name:30s} {passed[name]:3d} / {runs} passed" + (f"   failed seeds: {failed[name]}" if failed[name] else ""))
-    sys.exit(1 if failed else 0)
+    sys.exit(1 if any(failed.values()) else 0)
 
 
 if __name__ == "__main__":
