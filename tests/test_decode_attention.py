@@ -118,3 +118,26 @@ def test_captured_graph_follows_device_lengths():
         stream.synchronize()
     np.testing.assert_allclose(cupy.asnumpy(out).astype(np.float32),
                                decode_reference(q, k_cache, v_cache, new_lengths).out, atol=4e-3, rtol=4e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["async", "sync"])
+def test_one_launch_leaves_its_arrival_counters_at_zero(method):
+    # the last split block of each head group resets its counter; a stale count would make the next
+    # launch combine too early (or never), so two launches in a row must agree and leave zeros
+    from minifd.kernels.decode_split_kv import plan_for
+
+    cupy = cupy_or_none()
+    rng = np.random.default_rng(7)
+    q, k_cache, v_cache, lengths = decode_inputs(rng, 3, 8, 2, 128, 3000, [3000, 1, 1777], 1.0, [400.0])
+    q, k_cache, v_cache = rounded_to(np.float16, q, k_cache, v_cache)
+    device = [cupy.asarray(a, cupy.float16) for a in (q, k_cache, v_cache)] + [cupy.asarray(lengths)]
+    source, kernel = (("decode_attention.cu", "decode_attention_unified_max") if method == "async"
+                      else ("decode_attention_sync.cu", "decode_attention_sync"))
+    plan, _ = plan_for(source, kernel, *device)
+    first = cupy.asnumpy(attention.decode_attention(*device, method=method))
+    second = cupy.asnumpy(attention.decode_attention(*device, method=method))
+    assert not cupy.asnumpy(plan.arrivals).any()
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(first.astype(np.float32), decode_reference(q, k_cache, v_cache, lengths).out,
+                               atol=4e-3, rtol=4e-3)

@@ -6,8 +6,9 @@ every split of a row accumulates against the fixed phi, with no max exchange:
     acc_i = sum_j exp2(t_j - phi) v_j,  den_i = sum_j exp2(t_j - phi),  out = sum_i acc_i / sum_i den_i.
 A split that sees any t_j - phi outside (low, high) is recomputed with the synchronised running-max
 pass and flagged; a row with a flagged split is combined by rescaling to its max (the synchronised
-result) and counted as recomputed. The emulation uses the same splits, phi and range test in
-float32, vectorised over batch, heads and splits.
+result) and counted as recomputed. On the GPU this is one launch: the last split block of a head
+group to finish does the group's combine. The emulation uses the same splits, phi and range test in
+float32, vectorised over batch, heads and splits, and combines every row at the end.
 """
 
 import numpy as np
@@ -50,19 +51,17 @@ def decode_attention_emulated(q, k_cache, v_cache, lengths, softmax_range, keys_
 
 def decode_attention_gpu(q, k_cache, v_cache, lengths, softmax_range, recompute_counter, keys_per_split=None,
                          launch=PLAIN):
-    """decode_attention.cu on q's device. Shapes as the emulation; float16 in and out;
+    """decode_attention.cu on q's device, one launch. Shapes as the emulation; float16 in and out;
     recompute_counter: device uint64 [1], incremented once per recomputed row (never read here);
-    launch: how the two kernels are launched (minifd.kernels.launch)."""
+    launch: how the kernel is launched (minifd.kernels.launch)."""
     import cupy
 
-    plan, lengths = plan_for("decode_attention.cu", ("decode_split_unified_max", "decode_combine_unified_max"),
-                             q, k_cache, v_cache, lengths, keys_per_split)
+    plan, lengths = plan_for("decode_attention.cu", "decode_attention_unified_max", q, k_cache, v_cache, lengths,
+                             keys_per_split)
     phi, low, high = (np.float32(value) for value in softmax_range.in_log2_units())
     out = cupy.empty(q.shape, cupy.float16)
-    launch(plan.split_kernel, plan.split_grid, (THREADS_PER_BLOCK,),
+    launch(plan.kernel, plan.grid, (THREADS_PER_BLOCK,),
            (q, k_cache, v_cache, lengths) + plan.shape_args
-           + (phi, low, high, plan.partial_acc, plan.partial_den, plan.partial_max, plan.split_unsafe))
-    launch(plan.combine_kernel, (plan.rows,), (plan.head_dim,),
-           (lengths,) + plan.combine_args + (phi, plan.partial_acc, plan.partial_den, plan.partial_max,
-                                             plan.split_unsafe, out, recompute_counter))
+           + (phi, low, high, plan.partial_acc, plan.partial_den, plan.partial_max, plan.split_unsafe, plan.arrivals,
+              out, recompute_counter))
     return out

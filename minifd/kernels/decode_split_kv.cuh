@@ -9,7 +9,7 @@
 // Everything is computed in log2 units (t = s * log2 e, exp2 instead of exp): the query is scaled by
 // log2(e) / sqrt(HEAD_DIM) once, so a score costs one dot product.
 //
-// Launch geometry of a split kernel:
+// Launch geometry of a split kernel (one launch does the splits and their combine):
 //     grid  = (n_splits, batch * n_heads / GROUP_SIZE), block = 128 threads.
 //     Block (x, y) handles split x of GROUP_SIZE query heads that share one KV head (GQA), so each
 //     K/V row is read once for the whole group. Splits at or beyond lengths[b] exit at once, so the
@@ -19,6 +19,13 @@
 //     the lane accumulates its 8 output dimensions. 128 / team threads = keys in flight per step.
 // Partials are written to a workspace indexed by row = b * n_heads + h:
 //     partial_acc [rows, n_splits, HEAD_DIM], partial_den and partial_max [rows, n_splits] (fp32).
+// The combine is fused into the same launch: every active split block, once its partials are
+// written, counts itself in arrivals[blockIdx.y] (int32, zero between launches); the block that
+// arrives last combines the GROUP_SIZE rows of its head group and sets the counter back to 0. Why
+// fused: a separate combine kernel costs a launch, a ramp-up and a drain per layer (about 4% of a
+// short-context decode step), for a few microseconds of work that the last split block can do while
+// the partials are still in L2. A sequence without keys has no active split: its split-0 block
+// writes zeros instead.
 #pragma once
 #include "portable.cuh"
 
@@ -58,10 +65,12 @@ struct SplitTask {
     const half_t* keys;    // this lane's 8 dimensions of key 0 of (b, kv head); key j is + j * HEAD_DIM
     const half_t* values;  // same for values
     int key_begin, key_end;
+    int length;            // keys of the sequence (lengths[b], at most max_seq)
     int first_row;         // b * n_heads + first query head of the block
 };
 
-// -> false when the split starts at or beyond the sequence's length (the block has nothing to do).
+// -> false when the split starts at or beyond the sequence's length (the block has nothing to do);
+// task.first_row and task.length are set either way.
 __device__ __forceinline__ bool locate_split(const half_t* k_cache, const half_t* v_cache, const int* lengths,
                                              int n_heads, int n_kv_heads, int max_seq, int keys_per_split,
                                              SplitTask& task) {
@@ -69,15 +78,15 @@ __device__ __forceinline__ bool locate_split(const half_t* k_cache, const half_t
     const int b = blockIdx.y / head_blocks;
     const int first_head = (blockIdx.y % head_blocks) * GROUP_SIZE;
     const int kv_head = first_head / (n_heads / n_kv_heads);
-    const int length = min(lengths[b], max_seq);
+    task.length = min(lengths[b], max_seq);
+    task.first_row = b * n_heads + first_head;
     task.key_begin = blockIdx.x * keys_per_split;
-    if (task.key_begin >= length) return false;
-    task.key_end = min(task.key_begin + keys_per_split, length);
+    if (task.key_begin >= task.length) return false;
+    task.key_end = min(task.key_begin + keys_per_split, task.length);
     const size_t lane_offset = (threadIdx.x % kTeam) * 8;
     const size_t head_offset = ((size_t)b * n_kv_heads + kv_head) * max_seq * HEAD_DIM + lane_offset;
     task.keys = k_cache + head_offset;
     task.values = v_cache + head_offset;
-    task.first_row = b * n_heads + first_head;
     return true;
 }
 
@@ -255,19 +264,110 @@ __device__ __forceinline__ int active_splits(int length, int keys_per_split, int
 // unified-max partials (split_unsafe[i] == 0) have r_i = phi and are first brought to their own max
 // by exp2(phi - max_i), which lies in (2^-high, 2^-low), so no intermediate leaves float range.
 // split_unsafe == nullptr means every partial is a running-max one. A row with no keys gives 0.
-__device__ __forceinline__ float rescaled_combine(const float* acc, const float* den, const float* max,
-                                                  const int* split_unsafe, float phi, int n_active, int d) {
+// The partials were written by other blocks of this launch: they are read through volatile
+// pointers, from L2, never from a line this SM's L1 cached before they were written.
+__device__ __forceinline__ float rescaled_combine(const volatile float* acc, const volatile float* den,
+                                                  const volatile float* max, const volatile int* split_unsafe,
+                                                  float phi, int n_active, int d) {
     float row_max = negative_infinity();
     for (int i = 0; i < n_active; ++i) row_max = fmaxf(row_max, max[i]);
     float numerator = 0.0f, denominator = 0.0f;
     for (int i = 0; i < n_active; ++i) {
         const bool running_max_partial = split_unsafe == nullptr || split_unsafe[i];
-        const float to_own_max = running_max_partial ? 1.0f : exp2f(phi - max[i]);
-        const float to_row_max = exp2f(max[i] - row_max);
+        const float split_max = max[i];
+        const float to_own_max = running_max_partial ? 1.0f : exp2f(phi - split_max);
+        const float to_row_max = exp2f(split_max - row_max);
         numerator += acc[(size_t)i * HEAD_DIM + d] * to_own_max * to_row_max;
         denominator += den[i] * to_own_max * to_row_max;
     }
     return n_active > 0 ? numerator / denominator : 0.0f;
+}
+
+// Dimension d of a row whose partials all share the reference phi: their plain sum and one division.
+__device__ __forceinline__ float summed_combine(const volatile float* acc, const volatile float* den, int n_active,
+                                                int d) {
+    float numerator = 0.0f, denominator = 0.0f;
+#pragma unroll 8
+    for (int i = 0; i < n_active; ++i) {
+        numerator += acc[(size_t)i * HEAD_DIM + d];
+        denominator += den[i];
+    }
+    return numerator / denominator;
+}
+
+// The fused combine's arrival: called by every thread of an active split block once its partials
+// are stored. Each thread's stores are made visible device-wide (__threadfence) before thread 0
+// counts the block; the block that finds n_active - 1 earlier arrivals is the last one, resets the
+// counter for the next launch (or graph replay) and returns true, all other blocks false.
+__device__ __forceinline__ bool arrived_last(int* arrivals, int n_active) {
+    __shared__ int is_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        is_last = atomicAdd(arrivals, 1) == n_active - 1;
+        if (is_last) atomicExch(arrivals, 0);  // every other block of the group has already counted
+        __threadfence();
+    }
+    __syncthreads();
+    return is_last;
+}
+
+struct CombineArgs {
+    const float* acc;        // the Partials' buffers
+    const float* den;
+    const float* max;
+    const int* split_unsafe; // [rows, n_splits] 1 = running-max partial; nullptr: all are (synchronised)
+    int n_splits;
+    float phi;
+    half_t* out;             // [rows, HEAD_DIM]
+    unsigned long long* recompute_counter;  // + 1 per row combined from a flagged split (unified max)
+};
+
+// The last block of a head group writes the group's GROUP_SIZE output rows from the partials of its
+// n_active splits. With split_unsafe, a row none of whose splits is flagged is the plain sum;
+// otherwise (and always without split_unsafe) it is rescaled_combine, and a flagged row is counted.
+__device__ __forceinline__ void combine_group(const SplitTask& task, int n_active, const CombineArgs& args) {
+    __shared__ unsigned flagged_heads;  // bit g: a split of head g was recomputed
+    if (threadIdx.x == 0) flagged_heads = 0;
+    __syncthreads();
+    if (args.split_unsafe != nullptr) {
+        const volatile int* flags = args.split_unsafe;
+        unsigned local = 0;
+        for (int i = threadIdx.x; i < GROUP_SIZE * n_active; i += kThreads) {
+            const int g = i / n_active, split = i % n_active;
+            local |= (flags[(size_t)(task.first_row + g) * args.n_splits + split] ? 1u : 0u) << g;
+        }
+        if (local) atomicOr(&flagged_heads, local);
+        __syncthreads();
+    }
+    const unsigned rescale_heads = args.split_unsafe == nullptr ? kAllHeads : flagged_heads;
+    for (int i = threadIdx.x; i < GROUP_SIZE * HEAD_DIM; i += kThreads) {
+        const int g = i / HEAD_DIM, d = i % HEAD_DIM;
+        const size_t row = task.first_row + g, first = row * args.n_splits;
+        const float value = rescale_heads >> g & 1u
+            ? rescaled_combine(args.acc + first * HEAD_DIM, args.den + first, args.max + first,
+                               args.split_unsafe == nullptr ? nullptr : args.split_unsafe + first, args.phi,
+                               n_active, d)
+            : summed_combine(args.acc + first * HEAD_DIM, args.den + first, n_active, d);
+        args.out[row * HEAD_DIM + d] = __float2half(value);
+    }
+    if (args.split_unsafe != nullptr && threadIdx.x < GROUP_SIZE && (rescale_heads >> threadIdx.x & 1u)) {
+        atomicAdd(args.recompute_counter, 1ull);
+    }
+}
+
+// A sequence without keys: its split-0 block writes the group's rows as zeros (no split arrives).
+__device__ __forceinline__ void write_zero_rows(const SplitTask& task, half_t* out) {
+    for (int i = threadIdx.x; i < GROUP_SIZE * HEAD_DIM; i += kThreads) {
+        out[(size_t)task.first_row * HEAD_DIM + i] = __float2half(0.0f);
+    }
+}
+
+// Everything after a split block's partials are stored: count the block, and combine if it is last.
+__device__ __forceinline__ void finish_split(const SplitTask& task, int keys_per_split, int* arrivals,
+                                             const CombineArgs& args) {
+    const int n_active = active_splits(task.length, keys_per_split, args.n_splits);
+    if (arrived_last(arrivals + blockIdx.y, n_active)) combine_group(task, n_active, args);
 }
 
 }  // namespace split_kv

@@ -6,7 +6,8 @@ Each sequence's keys are cut into splits of `keys_per_split`; split i of a row c
 units (t = q.k * log2(e) / sqrt(head_dim)), its partial sums acc_i = sum_j p_j v_j and den_i = sum_j
 p_j, and a combine adds the splits: the synchronised method (decode_attention_sync.py) with
 p_j = exp2(t_j - m_i) for the split max m_i, rescaled by exp2(m_i - max_i m_i) in the combine; the
-unified max (decode_attention.py) with p_j = exp2(t_j - phi) and no rescaling.
+unified max (decode_attention.py) with p_j = exp2(t_j - phi) and no rescaling. On the GPU the
+combine is part of the split kernel's launch: the last split block of each head group does it.
 """
 
 import functools
@@ -125,39 +126,40 @@ def rescaled_combine(acc, den, split_max, active, own_max_factor=None):
 @dataclass(frozen=True)
 class SplitPlan:
     """Everything a split kernel's launch needs that follows from the shapes alone, computed once per
-    (device, kernel source, shapes): grid, split size, workspace and the compiled kernels."""
+    (device, kernel source, shapes): grid, split size, workspace and the compiled kernel (which does
+    the splits and their combine in one launch)."""
 
-    split_kernel: object
-    combine_kernel: object
-    split_grid: tuple  # (n_splits, batch * n_heads / heads_per_block)
-    rows: int  # batch * n_heads
+    kernel: object
+    grid: tuple  # (n_splits, batch * n_heads / heads_per_block)
     shape_args: tuple  # n_heads, n_kv_heads, max_seq, keys_per_split, n_splits (int32) and score_scale (float32)
-    combine_args: tuple  # n_heads, keys_per_split, n_splits (int32)
-    head_dim: int
     keys_per_split: int
     partial_acc: object  # [batch * n_heads, n_splits, head_dim] float32
     partial_den: object  # [batch * n_heads, n_splits] float32
     partial_max: object  # [batch * n_heads, n_splits] float32, log2 units
     split_unsafe: object  # [batch * n_heads, n_splits] int32
+    arrivals: object  # [batch * n_heads] int32, zero between launches: split blocks of a head group done
 
 
 _workspaces = {}
 
 
 def _workspace(cupy, device_id, rows, n_splits, head_dim):
-    """Partials buffers, shared by every plan of one device and shape: steady decoding allocates nothing."""
+    """Partials buffers and arrival counters, shared by every plan of one device and shape (launches on
+    one stream run one after another, and each leaves its counters at zero): steady decoding
+    allocates nothing. The counters are zeroed once, here; a row's head group uses its first row's."""
     key = (device_id, rows, n_splits, head_dim)
     if key not in _workspaces:
         _workspaces[key] = (cupy.empty((rows, n_splits, head_dim), cupy.float32),
                             cupy.empty((rows, n_splits), cupy.float32),
                             cupy.empty((rows, n_splits), cupy.float32),
-                            cupy.empty((rows, n_splits), cupy.int32))
+                            cupy.empty((rows, n_splits), cupy.int32),
+                            cupy.zeros(rows, cupy.int32))
     return _workspaces[key]
 
 
 @functools.lru_cache(maxsize=None)
-def split_plan(device_id, source_name, kernel_names, batch, n_heads, n_kv_heads, max_seq, head_dim, keys_per_split=None):
-    """-> SplitPlan for kernel_names = (split kernel, combine kernel) of source_name on the current device."""
+def split_plan(device_id, source_name, kernel_name, batch, n_heads, n_kv_heads, max_seq, head_dim, keys_per_split=None):
+    """-> SplitPlan for the split kernel kernel_name of source_name on the current device."""
     import cupy
 
     check_head_dim(head_dim)
@@ -171,14 +173,13 @@ def split_plan(device_id, source_name, kernel_names, batch, n_heads, n_kv_heads,
     i32 = np.int32
     with cupy.cuda.Device(device_id):
         workspace = _workspace(cupy, device_id, batch * n_heads, n_splits, head_dim)
-    return SplitPlan(module.get_function(kernel_names[0]), module.get_function(kernel_names[1]),
-                     (n_splits, batch * n_heads // per_block), batch * n_heads,
+    return SplitPlan(module.get_function(kernel_name), (n_splits, batch * n_heads // per_block),
                      (i32(n_heads), i32(n_kv_heads), i32(max_seq), i32(keys_per_split), i32(n_splits),
                       score_scale(head_dim)),
-                     (i32(n_heads), i32(keys_per_split), i32(n_splits)), head_dim, keys_per_split, *workspace)
+                     keys_per_split, *workspace)
 
 
-def plan_for(source_name, kernel_names, q, k_cache, v_cache, lengths, keys_per_split=None):
+def plan_for(source_name, kernel_name, q, k_cache, v_cache, lengths, keys_per_split=None):
     """Check the arrays (float16, C-contiguous, 16-byte aligned, matching shapes) -> (SplitPlan,
     lengths as a device int32 array). q: [batch, n_heads, head_dim];
     k_cache, v_cache: [batch, n_kv_heads, max_seq, head_dim]; lengths: [batch]"""
@@ -193,6 +194,6 @@ def plan_for(source_name, kernel_names, q, k_cache, v_cache, lengths, keys_per_s
             raise ValueError(f"decode attention needs {name} float16, C-contiguous and 16-byte aligned")
     if not (isinstance(lengths, cupy.ndarray) and lengths.dtype == cupy.int32):
         lengths = cupy.asarray(lengths, dtype=cupy.int32)  # a host copy: the engine passes device int32
-    plan = split_plan(q.device.id, source_name, kernel_names, batch, n_heads, n_kv_heads, max_seq, head_dim,
+    plan = split_plan(q.device.id, source_name, kernel_name, batch, n_heads, n_kv_heads, max_seq, head_dim,
                       keys_per_split)
     return plan, lengths
