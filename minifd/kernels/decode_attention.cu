@@ -11,7 +11,7 @@
 // and each is at least exp2(low), so den cannot underflow). A split that sees a key outside the
 // window recomputes itself at once with the synchronised running-max pass (same block, same keys,
 // still hot in L2) and flags itself; the combine rescales the partials of a flagged row to its max
-// (decode_split_kv.cuh: rescaled_combine), which is the synchronised result, and counts the row in
+// (decode_split_kv.cuh: combine_group), which is the synchronised result, and counts the row in
 // a device counter. No host round trip: the step stays capturable in a CUDA graph.
 //
 // Fused steps: the split pass, the per-split recompute and the combine. The last split block of a

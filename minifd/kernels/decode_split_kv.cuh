@@ -259,42 +259,6 @@ __device__ __forceinline__ int active_splits(int length, int keys_per_split, int
     return min((length + keys_per_split - 1) / keys_per_split, n_splits);
 }
 
-// Dimension d of one row's output from its partials (pointers already offset to the row), rescaled
-// to the row max R = max_i max_i: weight_i = exp2(r_i - R). Running-max partials have r_i = max_i;
-// unified-max partials (split_unsafe[i] == 0) have r_i = phi and are first brought to their own max
-// by exp2(phi - max_i), which lies in (2^-high, 2^-low), so no intermediate leaves float range.
-// split_unsafe == nullptr means every partial is a running-max one. A row with no keys gives 0.
-// The partials were written by other blocks of this launch: they are read through volatile
-// pointers, from L2, never from a line this SM's L1 cached before they were written.
-__device__ __forceinline__ float rescaled_combine(const volatile float* acc, const volatile float* den,
-                                                  const volatile float* max, const volatile int* split_unsafe,
-                                                  float phi, int n_active, int d) {
-    float row_max = negative_infinity();
-    for (int i = 0; i < n_active; ++i) row_max = fmaxf(row_max, max[i]);
-    float numerator = 0.0f, denominator = 0.0f;
-    for (int i = 0; i < n_active; ++i) {
-        const bool running_max_partial = split_unsafe == nullptr || split_unsafe[i];
-        const float split_max = max[i];
-        const float to_own_max = running_max_partial ? 1.0f : exp2f(phi - split_max);
-        const float to_row_max = exp2f(split_max - row_max);
-        numerator += acc[(size_t)i * HEAD_DIM + d] * to_own_max * to_row_max;
-        denominator += den[i] * to_own_max * to_row_max;
-    }
-    return n_active > 0 ? numerator / denominator : 0.0f;
-}
-
-// Dimension d of a row whose partials all share the reference phi: their plain sum and one division.
-__device__ __forceinline__ float summed_combine(const volatile float* acc, const volatile float* den, int n_active,
-                                                int d) {
-    float numerator = 0.0f, denominator = 0.0f;
-#pragma unroll 8
-    for (int i = 0; i < n_active; ++i) {
-        numerator += acc[(size_t)i * HEAD_DIM + d];
-        denominator += den[i];
-    }
-    return numerator / denominator;
-}
-
 // The fused combine's arrival: called by every thread of an active split block once its partials
 // are stored. Each thread's stores are made visible device-wide (__threadfence) before thread 0
 // counts the block; the block that finds n_active - 1 earlier arrivals is the last one, resets the
@@ -323,33 +287,103 @@ struct CombineArgs {
     unsigned long long* recompute_counter;  // + 1 per row combined from a flagged split (unified max)
 };
 
+// Thread layout of the combine: the group's rows are cut into items of 4 output dims (one 16-byte
+// load per partial); kCombineLanes consecutive threads share an item and take every
+// kCombineLanes-th split, so a whole block's loads are in flight at once however few rows there are.
+constexpr int kCombineColumns = HEAD_DIM / 4;
+constexpr int kCombineItems = GROUP_SIZE * kCombineColumns;
+constexpr int kCombineLanes = kCombineItems >= kThreads ? 1 : kThreads / kCombineItems;
+
+struct CombineScratch {
+    float4 acc[kCombineLanes][kCombineItems];
+    float den[kCombineLanes][kCombineItems];
+    float warp_max[kWarps][GROUP_SIZE];
+    float row_max[GROUP_SIZE];
+    unsigned flagged_heads;  // bit g: a split of head g was recomputed
+};
+
 // The last block of a head group writes the group's GROUP_SIZE output rows from the partials of its
-// n_active splits. With split_unsafe, a row none of whose splits is flagged is the plain sum;
-// otherwise (and always without split_unsafe) it is rescaled_combine, and a flagged row is counted.
+// n_active splits (written by other blocks: read from L2, portable.cuh):
+//     out = sum_i w_i acc_i / sum_i w_i den_i
+// With split_unsafe, a row none of whose splits is flagged shares phi: w_i = 1, the plain sum.
+// Otherwise (always without split_unsafe) the partials are rescaled to the row max R = max_i max_i:
+// w_i = exp2(r_i - R), where running-max partials have r_i = max_i and unified-max ones r_i = phi,
+// first brought to their own max by exp2(phi - max_i), which lies in (2^-high, 2^-low), so no
+// intermediate leaves float range; that is the synchronised result, and a flagged row is counted.
+// Each item's lanes are added in lane order: the result does not depend on which block combines.
 __device__ __forceinline__ void combine_group(const SplitTask& task, int n_active, const CombineArgs& args) {
-    __shared__ unsigned flagged_heads;  // bit g: a split of head g was recomputed
-    if (threadIdx.x == 0) flagged_heads = 0;
+    __shared__ CombineScratch scratch;
+    const int warp = threadIdx.x / MINIFD_WARP_SIZE, lane_in_warp = threadIdx.x % MINIFD_WARP_SIZE;
+    if (threadIdx.x == 0) scratch.flagged_heads = 0;
     __syncthreads();
     if (args.split_unsafe != nullptr) {
-        const volatile int* flags = args.split_unsafe;
         unsigned local = 0;
         for (int i = threadIdx.x; i < GROUP_SIZE * n_active; i += kThreads) {
             const int g = i / n_active, split = i % n_active;
-            local |= (flags[(size_t)(task.first_row + g) * args.n_splits + split] ? 1u : 0u) << g;
+            local |= (load_from_l2(args.split_unsafe + (size_t)(task.first_row + g) * args.n_splits + split) ? 1u : 0u)
+                     << g;
         }
-        if (local) atomicOr(&flagged_heads, local);
+        if (local) atomicOr(&scratch.flagged_heads, local);
         __syncthreads();
     }
-    const unsigned rescale_heads = args.split_unsafe == nullptr ? kAllHeads : flagged_heads;
-    for (int i = threadIdx.x; i < GROUP_SIZE * HEAD_DIM; i += kThreads) {
-        const int g = i / HEAD_DIM, d = i % HEAD_DIM;
-        const size_t row = task.first_row + g, first = row * args.n_splits;
-        const float value = rescale_heads >> g & 1u
-            ? rescaled_combine(args.acc + first * HEAD_DIM, args.den + first, args.max + first,
-                               args.split_unsafe == nullptr ? nullptr : args.split_unsafe + first, args.phi,
-                               n_active, d)
-            : summed_combine(args.acc + first * HEAD_DIM, args.den + first, n_active, d);
-        args.out[row * HEAD_DIM + d] = __float2half(value);
+    const unsigned rescale_heads = args.split_unsafe == nullptr ? kAllHeads : scratch.flagged_heads;
+    if (rescale_heads) {  // block-uniform: the row maxima R
+#pragma unroll
+        for (int g = 0; g < GROUP_SIZE; ++g) {
+            float local = negative_infinity();
+            for (int i = threadIdx.x; i < n_active; i += kThreads) {
+                local = fmaxf(local, load_from_l2(args.max + (size_t)(task.first_row + g) * args.n_splits + i));
+            }
+            local = warp_max(local);
+            if (lane_in_warp == 0) scratch.warp_max[warp][g] = local;
+        }
+        __syncthreads();
+        if (threadIdx.x < GROUP_SIZE) {
+            float row_max = negative_infinity();
+            for (int w = 0; w < kWarps; ++w) row_max = fmaxf(row_max, scratch.warp_max[w][threadIdx.x]);
+            scratch.row_max[threadIdx.x] = row_max;
+        }
+        __syncthreads();
+    }
+    const int lane = threadIdx.x % kCombineLanes;
+    for (int item = threadIdx.x / kCombineLanes; item < kCombineItems; item += kThreads / kCombineLanes) {
+        const int g = item / kCombineColumns, column = item % kCombineColumns;
+        const size_t first = (size_t)(task.first_row + g) * args.n_splits;
+        const bool rescale = rescale_heads >> g & 1u;
+        float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        float den = 0.0f;
+#pragma unroll 8
+        for (int i = lane; i < n_active; i += kCombineLanes) {
+            float weight = 1.0f;
+            if (rescale) {
+                const float split_max = load_from_l2(args.max + first + i);
+                const bool running_max_partial = args.split_unsafe == nullptr || load_from_l2(args.split_unsafe + first + i);
+                weight = (running_max_partial ? 1.0f : exp2f(args.phi - split_max)) * exp2f(split_max - scratch.row_max[g]);
+            }
+            const float4 acc = load16_from_l2(args.acc + (first + i) * HEAD_DIM + 4 * column);
+            sum.x = fmaf(acc.x, weight, sum.x);
+            sum.y = fmaf(acc.y, weight, sum.y);
+            sum.z = fmaf(acc.z, weight, sum.z);
+            sum.w = fmaf(acc.w, weight, sum.w);
+            den = fmaf(load_from_l2(args.den + first + i), weight, den);
+        }
+        scratch.acc[lane][item] = sum;
+        scratch.den[lane][item] = den;
+    }
+    __syncthreads();
+    for (int item = threadIdx.x; item < kCombineItems; item += kThreads) {
+        const int g = item / kCombineColumns, column = item % kCombineColumns;
+        float numerator[4] = {0.0f, 0.0f, 0.0f, 0.0f}, denominator = 0.0f;
+        for (int l = 0; l < kCombineLanes; ++l) {
+            const float4 part = scratch.acc[l][item];
+            numerator[0] += part.x;
+            numerator[1] += part.y;
+            numerator[2] += part.z;
+            numerator[3] += part.w;
+            denominator += scratch.den[l][item];
+        }
+        half_t* out = args.out + (size_t)(task.first_row + g) * HEAD_DIM + 4 * column;
+        for (int j = 0; j < 4; ++j) out[j] = __float2half(numerator[j] / denominator);
     }
     if (args.split_unsafe != nullptr && threadIdx.x < GROUP_SIZE && (rescale_heads >> threadIdx.x & 1u)) {
         atomicAdd(args.recompute_counter, 1ull);

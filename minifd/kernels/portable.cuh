@@ -98,6 +98,43 @@ __device__ __forceinline__ void store16(void* ptr, uint4 value) {
     *reinterpret_cast<uint4*>(ptr) = value;
 }
 
+// Reading what other blocks of the same launch wrote: they store, __threadfence(), then count
+// themselves with an atomic this block has observed. The data must then come from L2 (the point of
+// coherence), never from a line this SM's L1 cached earlier: ld.global.cg on NVIDIA; on AMD a
+// volatile load, which the compiler issues with the cache-bypassing glc bit.
+__device__ __forceinline__ float4 load16_from_l2(const float* global_ptr) {
+#if defined(MINIFD_HIP)
+    const volatile float* v = global_ptr;
+    return make_float4(v[0], v[1], v[2], v[3]);
+#else
+    float4 value;
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(value.x), "=f"(value.y), "=f"(value.z), "=f"(value.w)
+                 : "l"(global_ptr));
+    return value;
+#endif
+}
+
+__device__ __forceinline__ float load_from_l2(const float* global_ptr) {
+#if defined(MINIFD_HIP)
+    return *static_cast<const volatile float*>(global_ptr);
+#else
+    float value;
+    asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(value) : "l"(global_ptr));
+    return value;
+#endif
+}
+
+__device__ __forceinline__ int load_from_l2(const int* global_ptr) {
+#if defined(MINIFD_HIP)
+    return *static_cast<const volatile int*>(global_ptr);
+#else
+    int value;
+    asm volatile("ld.global.cg.s32 %0, [%1];\n" : "=r"(value) : "l"(global_ptr));
+    return value;
+#endif
+}
+
 // Unpack the eight halves of a uint4 into floats.
 __device__ __forceinline__ void halves8_to_float(uint4 packed, float out[8]) {
     const __half2* pairs = reinterpret_cast<const __half2*>(&packed);
