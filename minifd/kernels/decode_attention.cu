@@ -66,5 +66,6 @@ decode_attention_unified_max(const half_t* q, const half_t* k_cache, const half_
         reduce_and_store<true>(acc, den, running_max, recompute_heads, task, partials, scratch);
     }
     finish_split(task, keys_per_split, arrivals,
-                 CombineArgs{partial_acc, partial_den, partial_max, split_unsafe, n_splits, phi, out, recompute_counter});
+                 CombineArgs{partial_acc, partial_den, partial_max, split_unsafe, n_splits, phi, out,
+                             recompute_counter});
 }

@@ -1,5 +1,6 @@
 // decode_split_kv.cuh: the split-KV (FlashDecoding) skeleton of decode attention, shared by the
-// unified-max kernel (decode_attention.cu) and the synchronised one (decode_attention_sync.cu).
+// unified-max kernels (decode_attention.cu; decode_attention_mma.cu, which replaces the main pass
+// below with tensor-core products) and the synchronised one (decode_attention_sync.cu).
 //
 // Decode attention for one sequence b and query head h over its n = lengths[b] cached keys:
 //     out = sum_j exp(s_j - r) v_j / sum_j exp(s_j - r),   s_j = q.k_j / sqrt(HEAD_DIM)
@@ -62,7 +63,9 @@ __device__ __forceinline__ float team_sum(float value) {
 
 // Which keys this block owns, and where its data lives.
 struct SplitTask {
-    const half_t* keys;    // this lane's 8 dimensions of key 0 of (b, kv head); key j is + j * HEAD_DIM
+    const half_t* head_keys;    // key 0 of (b, kv head), dimension 0; key j is + j * HEAD_DIM
+    const half_t* head_values;  // same for values
+    const half_t* keys;    // this lane's 8 dimensions of key 0 of (b, kv head) in a team (accumulate_split)
     const half_t* values;  // same for values
     int key_begin, key_end;
     int length;            // keys of the sequence (lengths[b], at most max_seq)
@@ -83,10 +86,12 @@ __device__ __forceinline__ bool locate_split(const half_t* k_cache, const half_t
     task.key_begin = blockIdx.x * keys_per_split;
     if (task.key_begin >= task.length) return false;
     task.key_end = min(task.key_begin + keys_per_split, task.length);
+    const size_t head_offset = ((size_t)b * n_kv_heads + kv_head) * max_seq * HEAD_DIM;
     const size_t lane_offset = (threadIdx.x % kTeam) * 8;
-    const size_t head_offset = ((size_t)b * n_kv_heads + kv_head) * max_seq * HEAD_DIM + lane_offset;
-    task.keys = k_cache + head_offset;
-    task.values = v_cache + head_offset;
+    task.head_keys = k_cache + head_offset;
+    task.head_values = v_cache + head_offset;
+    task.keys = task.head_keys + lane_offset;
+    task.values = task.head_values + lane_offset;
     return true;
 }
 
@@ -357,8 +362,10 @@ __device__ __forceinline__ void combine_group(const SplitTask& task, int n_activ
             float weight = 1.0f;
             if (rescale) {
                 const float split_max = load_from_l2(args.max + first + i);
-                const bool running_max_partial = args.split_unsafe == nullptr || load_from_l2(args.split_unsafe + first + i);
-                weight = (running_max_partial ? 1.0f : exp2f(args.phi - split_max)) * exp2f(split_max - scratch.row_max[g]);
+                const bool running_max_partial =
+                    args.split_unsafe == nullptr || load_from_l2(args.split_unsafe + first + i);
+                const float to_own_max = running_max_partial ? 1.0f : exp2f(args.phi - split_max);
+                weight = to_own_max * exp2f(split_max - scratch.row_max[g]);
             }
             const float4 acc = load16_from_l2(args.acc + (first + i) * HEAD_DIM + 4 * column);
             sum.x = fmaf(acc.x, weight, sum.x);
