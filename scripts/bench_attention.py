@@ -1,8 +1,10 @@
 """Benchmark the attention kernels side by side on one GPU (a script, not a test).
 
 Decode: Llama-2-7B shape (32 query heads = 32 KV heads, head_dim 128) and a GQA shape (32 query /
-8 KV heads), batch 1 and 8, KV length 1K..128K. For each: the unified-max kernel, the synchronised
-kernel of the same code, and torch's scaled_dot_product_attention on the same device memory, all
+8 KV heads), batch 1 and 8, KV length 1K..128K. For each: the unified-max kernel the plan picks
+("kernel": tensor cores, decode_attention_mma.cu, for GQA groups of 4 or more on sm_80+; else CUDA
+cores), the unified-max kernel on CUDA cores ("cores us", the same kernel where the plan picks it),
+the synchronised kernel, and torch's scaled_dot_product_attention on the same device memory, all
 timed as CUDA graphs (the GPU time of a captured decode step, without Python launch overhead);
 achieved bandwidth (K and V bytes read / time) as a percentage of the measured device-to-device copy
 bandwidth; and the unified-max kernel with every row forced onto the recompute path.
@@ -24,7 +26,10 @@ import numpy as np
 from minifd.backend import cupy_or_none
 from minifd.bench import copy_bandwidth
 from minifd.kernels import attention
-from minifd.kernels.softmax_range import SoftmaxRange
+from minifd.kernels.decode_attention import UNIFIED_MAX_KERNEL, decode_attention_gpu
+from minifd.kernels.decode_attention_mma import TENSOR_CORE_KERNEL
+from minifd.kernels.decode_split_kv import plan_for
+from minifd.kernels.softmax_range import DEFAULT_SOFTMAX_RANGE, SoftmaxRange
 
 EVERY_ROW_UNSAFE = SoftmaxRange(phi=200.0)  # every exp(s - phi) underflows: the whole batch recomputes
 
@@ -101,7 +106,8 @@ def torch_milliseconds(torch, function, repeats):
 
 
 def time_decode(cupy, sdpa, batch, n_heads, n_kv_heads, length, repeats):
-    """-> (async, sync, torch SDPA, all-rows-recomputed) ms per call for one decode shape."""
+    """-> (async, async on CUDA cores, sync, torch SDPA, all-rows-recomputed) ms per call and whether
+    the plan runs the unified max on tensor cores, for one decode shape."""
     rng = np.random.default_rng(0)
     q = cupy.asarray(rng.standard_normal((batch, n_heads, 128)), cupy.float16)
     k_cache, v_cache = (cupy.random.standard_normal((batch, n_kv_heads, length, 128), dtype=cupy.float32)
@@ -112,7 +118,14 @@ def time_decode(cupy, sdpa, batch, n_heads, n_kv_heads, length, repeats):
     def call(method="async", softmax_range=None):
         return lambda: attention.decode_attention(q, k_cache, v_cache, lengths, softmax_range, method)
 
+    counter = cupy.zeros(1, cupy.uint64)
+
+    def on_cuda_cores():
+        decode_attention_gpu(q, k_cache, v_cache, lengths, DEFAULT_SOFTMAX_RANGE, counter, tensor_cores=False)
+
     async_ms = graph_milliseconds(cupy, call(), repeats)
+    cores_ms = graph_milliseconds(cupy, on_cuda_cores, repeats)
+    tensor_cores = plan_for(UNIFIED_MAX_KERNEL, TENSOR_CORE_KERNEL, q, k_cache, v_cache, lengths)[0].tensor_cores
     sync_ms = graph_milliseconds(cupy, call("sync"), repeats)
     recompute_ms = graph_milliseconds(cupy, call(softmax_range=EVERY_ROW_UNSAFE), repeats)
     sdpa_ms = float("nan")
@@ -121,13 +134,13 @@ def time_decode(cupy, sdpa, batch, n_heads, n_kv_heads, length, repeats):
         tq, tk, tv = (torch.from_dlpack(a) for a in (q[:, :, None], k_cache, v_cache))
         gqa = dict(enable_gqa=True) if n_heads != n_kv_heads else {}
         sdpa_ms = torch_graph_milliseconds(torch, lambda: function(tq, tk, tv, **gqa), repeats)
-    return async_ms, sync_ms, sdpa_ms, recompute_ms
+    return async_ms, cores_ms, sync_ms, sdpa_ms, recompute_ms, tensor_cores
 
 
 def bench_decode(cupy, sdpa, copy_gbs, lengths, repeats):
     print("\nDecode attention (fp16; GPU time per call from CUDA graphs; bandwidth = K+V bytes / time)")
-    header = (f"{'shape':>10} {'batch':>5} {'KV':>7} | {'async us':>9} {'sync us':>9} {'sdpa us':>9} "
-              f"{'recomp us':>9} | {'GB/s':>6} {'%copy':>6} | {'vs sync':>10} {'vs sdpa':>10}")
+    header = (f"{'shape':>10} {'batch':>5} {'KV':>7} {'kernel':>6} | {'async us':>9} {'cores us':>9} {'sync us':>9} "
+              f"{'sdpa us':>9} {'recomp us':>9} | {'GB/s':>6} {'%copy':>6} | {'vs sync':>10} {'vs sdpa':>10}")
     print(header)
     print("-" * len(header))
     for name, n_heads, n_kv_heads in (("MHA 32/32", 32, 32), ("GQA 32/8", 32, 8)):
@@ -136,11 +149,12 @@ def bench_decode(cupy, sdpa, copy_gbs, lengths, repeats):
                 cache_bytes = 2 * batch * n_kv_heads * length * 128 * 2
                 if 2 * cache_bytes > 0.6 * cupy.cuda.Device().mem_info[1]:
                     continue
-                async_ms, sync_ms, sdpa_ms, recompute_ms = time_decode(cupy, sdpa, batch, n_heads, n_kv_heads,
-                                                                       length, repeats)
+                async_ms, cores_ms, sync_ms, sdpa_ms, recompute_ms, tensor_cores = time_decode(
+                    cupy, sdpa, batch, n_heads, n_kv_heads, length, repeats)
                 cupy.get_default_memory_pool().free_all_blocks()
                 gbs = cache_bytes / async_ms / 1e6
-                print(f"{name:>10} {batch:>5} {length:>7} | {async_ms * 1e3:>9.1f} {sync_ms * 1e3:>9.1f} "
+                print(f"{name:>10} {batch:>5} {length:>7} {'mma' if tensor_cores else 'cores':>6} | "
+                      f"{async_ms * 1e3:>9.1f} {cores_ms * 1e3:>9.1f} {sync_ms * 1e3:>9.1f} "
                       f"{sdpa_ms * 1e3:>9.1f} {recompute_ms * 1e3:>9.1f} | {gbs:>6.0f} {100 * gbs / copy_gbs:>5.1f}% | "
                       f"{sync_ms / async_ms:>10.2f} {sdpa_ms / async_ms:>10.2f}")
 

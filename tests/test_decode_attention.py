@@ -1,6 +1,7 @@
 """Decode attention beyond its properties (minifd/properties/decode_attention.py, run by
-test_properties.py): fixed cases at 32k keys and with every row recomputed, the seam's counter and
-methods, the split size, and a captured CUDA graph."""
+test_properties.py): fixed cases at 32k keys and with every row recomputed, on CUDA cores and on
+tensor cores, the tf32 rounding, the seam's counter and methods, the split size and the plan's choice
+of kernel, the arrival counters of the fused combine, and a captured CUDA graph."""
 
 import math
 
@@ -12,7 +13,9 @@ from hypothesis import strategies as st
 from minifd.backend import cupy_or_none
 from minifd.errors import MinifdError
 from minifd.kernels import attention
-from minifd.kernels.decode_split_kv import SPLIT_SIZES, choose_keys_per_split, heads_per_block
+from minifd.kernels.decode_attention import UNIFIED_MAX_KERNEL
+from minifd.kernels.decode_attention_mma import TENSOR_CORE_KERNEL, round_to_tf32
+from minifd.kernels.decode_split_kv import SPLIT_SIZES, choose_keys_per_split, heads_per_block, plan_for
 from minifd.kernels.softmax_range import SoftmaxRange
 from minifd.properties import PROPERTIES
 from minifd.properties.attention_reference import decode_inputs, decode_reference, rounded_to
@@ -28,19 +31,48 @@ def case(batch, n_heads, n_kv_heads, head_dim, max_seq, lengths, query_scale, ad
                 softmax_range=softmax_range, keys_per_split=keys_per_split, seed=seed)
 
 
+UNIFIED_MAX_PROPERTIES = ["decode_attention", "decode_attention_mma"]  # CUDA cores, tensor cores
+
+
+@pytest.mark.parametrize("name", UNIFIED_MAX_PROPERTIES)
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_emulation_at_32k_keys(head_dim):
-    outcome = PROPERTIES["decode_attention"].check(
-        case(2, 4, 2, head_dim, 32768, [32768, 20001], 2.0, [90.0], keys_per_split=512, seed=head_dim), np)
+def test_emulation_at_32k_keys(name, head_dim):
+    outcome = PROPERTIES[name].check(
+        case(2, 8, 2, head_dim, 32768, [32768, 20001], 2.0, [90.0], keys_per_split=512, seed=head_dim), np)
     assert outcome.recomputed == 1
 
 
+@pytest.mark.parametrize("name", UNIFIED_MAX_PROPERTIES)
 @pytest.mark.parametrize("phi", [200.0, -200.0])
-def test_every_row_recomputes_when_all_scores_underflow_or_overflow(phi):
+def test_every_row_recomputes_when_all_scores_underflow_or_overflow(name, phi):
     # every exp2(t - phi) underflows to 0, or overflows to inf, in float32
-    outcome = PROPERTIES["decode_attention"].check(
+    outcome = PROPERTIES[name].check(
         case(3, 6, 2, 64, 300, [1, 150, 300], 1.0, softmax_range=(phi, -60.0, 60.0), keys_per_split=64, seed=1), np)
     assert outcome.recomputed == 3 * 6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", UNIFIED_MAX_PROPERTIES)
+def test_kernels_on_the_gpu_at_32k_keys(name):
+    # each unified-max kernel at a long context, GQA group 4, a row that must recompute
+    cupy = cupy_or_none()
+    outcome = PROPERTIES[name].check(
+        case(2, 16, 4, 128, 32768, [32768, 9001], 1.0, [90.0], keys_per_split=1024, seed=11), cupy)
+    assert outcome.recomputed == 1
+
+
+def test_tf32_rounding_is_to_nearest_with_ties_away():
+    rng = np.random.default_rng(4)
+    x = np.concatenate([np.exp2(rng.uniform(-120, 120, 10000)).astype(np.float32),
+                        np.float32([1 + 2**-11, 1 + 3 * 2**-11, 1 - 2**-25, np.finfo(np.float32).max, np.inf, 0.0])])
+    rounded = round_to_tf32(x)
+    assert not (rounded.view(np.uint32) & 0x1FFF).any()  # 10 mantissa bits left
+    exponent = np.exp2(np.floor(np.log2(x.astype(np.float64), where=x > 0, out=np.zeros(x.shape))))
+    half_ulp = exponent * 2.0**-11
+    finite = np.isfinite(rounded) & np.isfinite(x)
+    error = np.abs(rounded[finite].astype(np.float64) - x[finite])
+    assert (error <= half_ulp[finite]).all()
+    np.testing.assert_array_equal(rounded[-6:], np.float32([1 + 2**-10, 1 + 2**-9, 1.0, np.inf, np.inf, 0.0]))
 
 
 @pytest.mark.parametrize("phi", [200.0, -200.0])
@@ -118,3 +150,38 @@ def test_captured_graph_follows_device_lengths():
         stream.synchronize()
     np.testing.assert_allclose(cupy.asnumpy(out).astype(np.float32),
                                decode_reference(q, k_cache, v_cache, new_lengths).out, atol=4e-3, rtol=4e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_heads, n_kv_heads, tensor_cores", [(32, 32, False), (32, 16, False), (32, 8, True),
+                                                                (64, 8, True)])
+def test_plan_runs_gqa_groups_of_four_or_more_on_tensor_cores(n_heads, n_kv_heads, tensor_cores):
+    cupy = cupy_or_none()
+    q = cupy.zeros((1, n_heads, 128), cupy.float16)
+    k_cache = cupy.zeros((1, n_kv_heads, 64, 128), cupy.float16)
+    plan, _ = plan_for(UNIFIED_MAX_KERNEL, TENSOR_CORE_KERNEL, q, k_cache, k_cache, [64])
+    has_mma = not cupy.cuda.runtime.is_hip and int(cupy.cuda.Device().compute_capability) >= 80
+    assert plan.tensor_cores == (tensor_cores and has_mma)
+    assert not plan_for(UNIFIED_MAX_KERNEL, None, q, k_cache, k_cache, [64])[0].tensor_cores
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["async", "sync"])
+def test_one_launch_leaves_its_arrival_counters_at_zero(method):
+    # the last split block of each head group resets its counter; a stale count would make the next
+    # launch combine too early (or never), so two launches in a row must agree and leave zeros
+    from minifd.kernels.decode_attention_sync import SYNC_KERNEL
+
+    cupy = cupy_or_none()
+    rng = np.random.default_rng(7)
+    q, k_cache, v_cache, lengths = decode_inputs(rng, 3, 8, 2, 128, 3000, [3000, 1, 1777], 1.0, [400.0])
+    q, k_cache, v_cache = rounded_to(np.float16, q, k_cache, v_cache)
+    device = [cupy.asarray(a, cupy.float16) for a in (q, k_cache, v_cache)] + [cupy.asarray(lengths)]
+    plan, _ = (plan_for(UNIFIED_MAX_KERNEL, TENSOR_CORE_KERNEL, *device) if method == "async"
+               else plan_for(SYNC_KERNEL, None, *device))
+    first = cupy.asnumpy(attention.decode_attention(*device, method=method))
+    second = cupy.asnumpy(attention.decode_attention(*device, method=method))
+    assert not cupy.asnumpy(plan.arrivals).any()
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(first.astype(np.float32), decode_reference(q, k_cache, v_cache, lengths).out,
+                               atol=4e-3, rtol=4e-3)

@@ -1,8 +1,10 @@
 """Attention seam: decode (one query per sequence against the KV cache) and causal prefill.
 
-On GPU (CuPy, float16) the calls launch the unified-max kernels (decode_attention.cu,
-prefill_attention.cu); on CPU (NumPy, float32) they run the NumPy emulations that block the work the
-same way. `method="sync"` selects the synchronised running-max path instead (the baseline).
+On GPU (CuPy, float16) the calls launch the unified-max kernels (decode: decode_attention.cu, or
+decode_attention_mma.cu on tensor cores where the launch plan picks it for GQA groups, one launch per
+call; prefill: prefill_attention.cu); on CPU (NumPy, float32) they run the NumPy emulations that
+block the work the same way (decode: decode_attention.cu's, with p exact in float32).
+`method="sync"` selects the synchronised running-max path instead (the baseline).
 
 softmax_range: the layer's SoftmaxRange (phi and its safe window, from `minifd calibrate`); None
 means DEFAULT_SOFTMAX_RANGE (phi = 0, window (-60, 60)). Rows whose scaled scores leave the window

@@ -3,13 +3,16 @@ decode_attention_sync.cu, the baseline and the recompute fallback of the unified
 
 Split i of a row computes its max m_i and acc_i = sum_j exp2(t_j - m_i) v_j, den_i = sum_j
 exp2(t_j - m_i) (decode_split_kv.py); the combine rescales by exp2(m_i - max_i m_i), sums and
-divides. The emulation computes exactly these partials in float32, vectorised over batch, heads and
-splits (the kernel's running max ends at the split max, so only the rounding order differs).
+divides (on the GPU in the same launch: the last split block of a head group combines it). The
+emulation computes exactly these partials in float32, vectorised over batch, heads and splits (the
+kernel's running max ends at the split max, so only the rounding order differs).
 """
 
-from minifd.kernels.decode_split_kv import (CPU_KEYS_PER_SPLIT, THREADS_PER_BLOCK, plan_for, rescaled_combine,
-                                            running_max_partials, split_scores)
+from minifd.kernels.decode_split_kv import (CPU_KEYS_PER_SPLIT, THREADS_PER_BLOCK, SplitKernel, plan_for,
+                                            rescaled_combine, running_max_partials, split_scores)
 from minifd.kernels.launch import PLAIN
+
+SYNC_KERNEL = SplitKernel("decode_attention_sync.cu", "decode_attention_sync")
 
 
 def decode_attention_sync_emulated(q, k_cache, v_cache, lengths, keys_per_split=CPU_KEYS_PER_SPLIT):
@@ -27,16 +30,13 @@ def decode_attention_sync_emulated(q, k_cache, v_cache, lengths, keys_per_split=
 
 
 def decode_attention_sync_gpu(q, k_cache, v_cache, lengths, keys_per_split=None, launch=PLAIN):
-    """decode_attention_sync.cu on q's device; same shapes as the emulation, float16 -> float16;
-    launch: how the two kernels are launched (minifd.kernels.launch)."""
+    """decode_attention_sync.cu on q's device, one launch; same shapes as the emulation, float16 ->
+    float16; launch: how the kernel is launched (minifd.kernels.launch)."""
     import cupy
 
-    plan, lengths = plan_for("decode_attention_sync.cu", ("decode_split_sync", "decode_combine_sync"),
-                             q, k_cache, v_cache, lengths, keys_per_split)
+    plan, lengths = plan_for(SYNC_KERNEL, None, q, k_cache, v_cache, lengths, keys_per_split)
     out = cupy.empty(q.shape, cupy.float16)
-    launch(plan.split_kernel, plan.split_grid, (THREADS_PER_BLOCK,),
+    launch(plan.kernel, plan.grid, (THREADS_PER_BLOCK,),
            (q, k_cache, v_cache, lengths) + plan.shape_args
-           + (plan.partial_acc, plan.partial_den, plan.partial_max))
-    launch(plan.combine_kernel, (plan.rows,), (plan.head_dim,),
-           (lengths,) + plan.combine_args + (plan.partial_acc, plan.partial_den, plan.partial_max, out))
+           + (plan.partial_acc, plan.partial_den, plan.partial_max, plan.arrivals, out))
     return out

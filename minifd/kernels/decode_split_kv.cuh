@@ -1,5 +1,6 @@
 // decode_split_kv.cuh: the split-KV (FlashDecoding) skeleton of decode attention, shared by the
-// unified-max kernel (decode_attention.cu) and the synchronised one (decode_attention_sync.cu).
+// unified-max kernels (decode_attention.cu; decode_attention_mma.cu, which replaces the main pass
+// below with tensor-core products) and the synchronised one (decode_attention_sync.cu).
 //
 // Decode attention for one sequence b and query head h over its n = lengths[b] cached keys:
 //     out = sum_j exp(s_j - r) v_j / sum_j exp(s_j - r),   s_j = q.k_j / sqrt(HEAD_DIM)
@@ -9,7 +10,7 @@
 // Everything is computed in log2 units (t = s * log2 e, exp2 instead of exp): the query is scaled by
 // log2(e) / sqrt(HEAD_DIM) once, so a score costs one dot product.
 //
-// Launch geometry of a split kernel:
+// Launch geometry of a split kernel (one launch does the splits and their combine):
 //     grid  = (n_splits, batch * n_heads / GROUP_SIZE), block = 128 threads.
 //     Block (x, y) handles split x of GROUP_SIZE query heads that share one KV head (GQA), so each
 //     K/V row is read once for the whole group. Splits at or beyond lengths[b] exit at once, so the
@@ -19,6 +20,13 @@
 //     the lane accumulates its 8 output dimensions. 128 / team threads = keys in flight per step.
 // Partials are written to a workspace indexed by row = b * n_heads + h:
 //     partial_acc [rows, n_splits, HEAD_DIM], partial_den and partial_max [rows, n_splits] (fp32).
+// The combine is fused into the same launch: every active split block, once its partials are
+// written, counts itself in arrivals[blockIdx.y] (int32, zero between launches); the block that
+// arrives last combines the GROUP_SIZE rows of its head group and sets the counter back to 0. Why
+// fused: a separate combine kernel costs a launch, a ramp-up and a drain per layer (about 4% of a
+// short-context decode step), for a few microseconds of work that the last split block can do while
+// the partials are still in L2. A sequence without keys has no active split: its split-0 block
+// writes zeros instead.
 #pragma once
 #include "portable.cuh"
 
@@ -55,13 +63,17 @@ __device__ __forceinline__ float team_sum(float value) {
 
 // Which keys this block owns, and where its data lives.
 struct SplitTask {
-    const half_t* keys;    // this lane's 8 dimensions of key 0 of (b, kv head); key j is + j * HEAD_DIM
+    const half_t* head_keys;    // key 0 of (b, kv head), dimension 0; key j is + j * HEAD_DIM
+    const half_t* head_values;  // same for values
+    const half_t* keys;    // this lane's 8 dimensions of key 0 of (b, kv head) in a team (accumulate_split)
     const half_t* values;  // same for values
     int key_begin, key_end;
+    int length;            // keys of the sequence (lengths[b], at most max_seq)
     int first_row;         // b * n_heads + first query head of the block
 };
 
-// -> false when the split starts at or beyond the sequence's length (the block has nothing to do).
+// -> false when the split starts at or beyond the sequence's length (the block has nothing to do);
+// task.first_row and task.length are set either way.
 __device__ __forceinline__ bool locate_split(const half_t* k_cache, const half_t* v_cache, const int* lengths,
                                              int n_heads, int n_kv_heads, int max_seq, int keys_per_split,
                                              SplitTask& task) {
@@ -69,15 +81,17 @@ __device__ __forceinline__ bool locate_split(const half_t* k_cache, const half_t
     const int b = blockIdx.y / head_blocks;
     const int first_head = (blockIdx.y % head_blocks) * GROUP_SIZE;
     const int kv_head = first_head / (n_heads / n_kv_heads);
-    const int length = min(lengths[b], max_seq);
-    task.key_begin = blockIdx.x * keys_per_split;
-    if (task.key_begin >= length) return false;
-    task.key_end = min(task.key_begin + keys_per_split, length);
-    const size_t lane_offset = (threadIdx.x % kTeam) * 8;
-    const size_t head_offset = ((size_t)b * n_kv_heads + kv_head) * max_seq * HEAD_DIM + lane_offset;
-    task.keys = k_cache + head_offset;
-    task.values = v_cache + head_offset;
+    task.length = min(lengths[b], max_seq);
     task.first_row = b * n_heads + first_head;
+    task.key_begin = blockIdx.x * keys_per_split;
+    if (task.key_begin >= task.length) return false;
+    task.key_end = min(task.key_begin + keys_per_split, task.length);
+    const size_t head_offset = ((size_t)b * n_kv_heads + kv_head) * max_seq * HEAD_DIM;
+    const size_t lane_offset = (threadIdx.x % kTeam) * 8;
+    task.head_keys = k_cache + head_offset;
+    task.head_values = v_cache + head_offset;
+    task.keys = task.head_keys + lane_offset;
+    task.values = task.head_values + lane_offset;
     return true;
 }
 
@@ -250,24 +264,151 @@ __device__ __forceinline__ int active_splits(int length, int keys_per_split, int
     return min((length + keys_per_split - 1) / keys_per_split, n_splits);
 }
 
-// Dimension d of one row's output from its partials (pointers already offset to the row), rescaled
-// to the row max R = max_i max_i: weight_i = exp2(r_i - R). Running-max partials have r_i = max_i;
-// unified-max partials (split_unsafe[i] == 0) have r_i = phi and are first brought to their own max
-// by exp2(phi - max_i), which lies in (2^-high, 2^-low), so no intermediate leaves float range.
-// split_unsafe == nullptr means every partial is a running-max one. A row with no keys gives 0.
-__device__ __forceinline__ float rescaled_combine(const float* acc, const float* den, const float* max,
-                                                  const int* split_unsafe, float phi, int n_active, int d) {
-    float row_max = negative_infinity();
-    for (int i = 0; i < n_active; ++i) row_max = fmaxf(row_max, max[i]);
-    float numerator = 0.0f, denominator = 0.0f;
-    for (int i = 0; i < n_active; ++i) {
-        const bool running_max_partial = split_unsafe == nullptr || split_unsafe[i];
-        const float to_own_max = running_max_partial ? 1.0f : exp2f(phi - max[i]);
-        const float to_row_max = exp2f(max[i] - row_max);
-        numerator += acc[(size_t)i * HEAD_DIM + d] * to_own_max * to_row_max;
-        denominator += den[i] * to_own_max * to_row_max;
+// The fused combine's arrival: called by every thread of an active split block once its partials
+// are stored. Each thread's stores are made visible device-wide (__threadfence) before thread 0
+// counts the block; the block that finds n_active - 1 earlier arrivals is the last one, resets the
+// counter for the next launch (or graph replay) and returns true, all other blocks false.
+__device__ __forceinline__ bool arrived_last(int* arrivals, int n_active) {
+    __shared__ int is_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        is_last = atomicAdd(arrivals, 1) == n_active - 1;
+        if (is_last) atomicExch(arrivals, 0);  // every other block of the group has already counted
+        __threadfence();
     }
-    return n_active > 0 ? numerator / denominator : 0.0f;
+    __syncthreads();
+    return is_last;
+}
+
+struct CombineArgs {
+    const float* acc;        // the Partials' buffers
+    const float* den;
+    const float* max;
+    const int* split_unsafe; // [rows, n_splits] 1 = running-max partial; nullptr: all are (synchronised)
+    int n_splits;
+    float phi;
+    half_t* out;             // [rows, HEAD_DIM]
+    unsigned long long* recompute_counter;  // + 1 per row combined from a flagged split (unified max)
+};
+
+// Thread layout of the combine: the group's rows are cut into items of 4 output dims (one 16-byte
+// load per partial); kCombineLanes consecutive threads share an item and take every
+// kCombineLanes-th split, so a whole block's loads are in flight at once however few rows there are.
+constexpr int kCombineColumns = HEAD_DIM / 4;
+constexpr int kCombineItems = GROUP_SIZE * kCombineColumns;
+constexpr int kCombineLanes = kCombineItems >= kThreads ? 1 : kThreads / kCombineItems;
+
+struct CombineScratch {
+    float4 acc[kCombineLanes][kCombineItems];
+    float den[kCombineLanes][kCombineItems];
+    float warp_max[kWarps][GROUP_SIZE];
+    float row_max[GROUP_SIZE];
+    unsigned flagged_heads;  // bit g: a split of head g was recomputed
+};
+
+// The last block of a head group writes the group's GROUP_SIZE output rows from the partials of its
+// n_active splits (written by other blocks: read from L2, portable.cuh):
+//     out = sum_i w_i acc_i / sum_i w_i den_i
+// With split_unsafe, a row none of whose splits is flagged shares phi: w_i = 1, the plain sum.
+// Otherwise (always without split_unsafe) the partials are rescaled to the row max R = max_i max_i:
+// w_i = exp2(r_i - R), where running-max partials have r_i = max_i and unified-max ones r_i = phi,
+// first brought to their own max by exp2(phi - max_i), which lies in (2^-high, 2^-low), so no
+// intermediate leaves float range; that is the synchronised result, and a flagged row is counted.
+// Each item's lanes are added in lane order: the result does not depend on which block combines.
+__device__ __forceinline__ void combine_group(const SplitTask& task, int n_active, const CombineArgs& args) {
+    __shared__ CombineScratch scratch;
+    const int warp = threadIdx.x / MINIFD_WARP_SIZE, lane_in_warp = threadIdx.x % MINIFD_WARP_SIZE;
+    if (threadIdx.x == 0) scratch.flagged_heads = 0;
+    __syncthreads();
+    if (args.split_unsafe != nullptr) {
+        unsigned local = 0;
+        for (int i = threadIdx.x; i < GROUP_SIZE * n_active; i += kThreads) {
+            const int g = i / n_active, split = i % n_active;
+            local |= (load_from_l2(args.split_unsafe + (size_t)(task.first_row + g) * args.n_splits + split) ? 1u : 0u)
+                     << g;
+        }
+        if (local) atomicOr(&scratch.flagged_heads, local);
+        __syncthreads();
+    }
+    const unsigned rescale_heads = args.split_unsafe == nullptr ? kAllHeads : scratch.flagged_heads;
+    if (rescale_heads) {  // block-uniform: the row maxima R
+#pragma unroll
+        for (int g = 0; g < GROUP_SIZE; ++g) {
+            float local = negative_infinity();
+            for (int i = threadIdx.x; i < n_active; i += kThreads) {
+                local = fmaxf(local, load_from_l2(args.max + (size_t)(task.first_row + g) * args.n_splits + i));
+            }
+            local = warp_max(local);
+            if (lane_in_warp == 0) scratch.warp_max[warp][g] = local;
+        }
+        __syncthreads();
+        if (threadIdx.x < GROUP_SIZE) {
+            float row_max = negative_infinity();
+            for (int w = 0; w < kWarps; ++w) row_max = fmaxf(row_max, scratch.warp_max[w][threadIdx.x]);
+            scratch.row_max[threadIdx.x] = row_max;
+        }
+        __syncthreads();
+    }
+    const int lane = threadIdx.x % kCombineLanes;
+    for (int item = threadIdx.x / kCombineLanes; item < kCombineItems; item += kThreads / kCombineLanes) {
+        const int g = item / kCombineColumns, column = item % kCombineColumns;
+        const size_t first = (size_t)(task.first_row + g) * args.n_splits;
+        const bool rescale = rescale_heads >> g & 1u;
+        float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        float den = 0.0f;
+#pragma unroll 8
+        for (int i = lane; i < n_active; i += kCombineLanes) {
+            float weight = 1.0f;
+            if (rescale) {
+                const float split_max = load_from_l2(args.max + first + i);
+                const bool running_max_partial =
+                    args.split_unsafe == nullptr || load_from_l2(args.split_unsafe + first + i);
+                const float to_own_max = running_max_partial ? 1.0f : exp2f(args.phi - split_max);
+                weight = to_own_max * exp2f(split_max - scratch.row_max[g]);
+            }
+            const float4 acc = load16_from_l2(args.acc + (first + i) * HEAD_DIM + 4 * column);
+            sum.x = fmaf(acc.x, weight, sum.x);
+            sum.y = fmaf(acc.y, weight, sum.y);
+            sum.z = fmaf(acc.z, weight, sum.z);
+            sum.w = fmaf(acc.w, weight, sum.w);
+            den = fmaf(load_from_l2(args.den + first + i), weight, den);
+        }
+        scratch.acc[lane][item] = sum;
+        scratch.den[lane][item] = den;
+    }
+    __syncthreads();
+    for (int item = threadIdx.x; item < kCombineItems; item += kThreads) {
+        const int g = item / kCombineColumns, column = item % kCombineColumns;
+        float numerator[4] = {0.0f, 0.0f, 0.0f, 0.0f}, denominator = 0.0f;
+        for (int l = 0; l < kCombineLanes; ++l) {
+            const float4 part = scratch.acc[l][item];
+            numerator[0] += part.x;
+            numerator[1] += part.y;
+            numerator[2] += part.z;
+            numerator[3] += part.w;
+            denominator += scratch.den[l][item];
+        }
+        half_t* out = args.out + (size_t)(task.first_row + g) * HEAD_DIM + 4 * column;
+        for (int j = 0; j < 4; ++j) out[j] = __float2half(numerator[j] / denominator);
+    }
+    if (args.split_unsafe != nullptr && threadIdx.x < GROUP_SIZE && (rescale_heads >> threadIdx.x & 1u)) {
+        atomicAdd(args.recompute_counter, 1ull);
+    }
+}
+
+// A sequence without keys: its split-0 block writes the group's rows as zeros (no split arrives).
+__device__ __forceinline__ void write_zero_rows(const SplitTask& task, half_t* out) {
+    for (int i = threadIdx.x; i < GROUP_SIZE * HEAD_DIM; i += kThreads) {
+        out[(size_t)task.first_row * HEAD_DIM + i] = __float2half(0.0f);
+    }
+}
+
+// Everything after a split block's partials are stored: count the block, and combine if it is last.
+__device__ __forceinline__ void finish_split(const SplitTask& task, int keys_per_split, int* arrivals,
+                                             const CombineArgs& args) {
+    const int n_active = active_splits(task.length, keys_per_split, args.n_splits);
+    if (arrived_last(arrivals + blockIdx.y, n_active)) combine_group(task, n_active, args);
 }
 
 }  // namespace split_kv

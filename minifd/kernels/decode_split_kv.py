@@ -6,7 +6,11 @@ Each sequence's keys are cut into splits of `keys_per_split`; split i of a row c
 units (t = q.k * log2(e) / sqrt(head_dim)), its partial sums acc_i = sum_j p_j v_j and den_i = sum_j
 p_j, and a combine adds the splits: the synchronised method (decode_attention_sync.py) with
 p_j = exp2(t_j - m_i) for the split max m_i, rescaled by exp2(m_i - max_i m_i) in the combine; the
-unified max (decode_attention.py) with p_j = exp2(t_j - phi) and no rescaling.
+unified max (decode_attention.py on CUDA cores, decode_attention_mma.py on tensor cores) with
+p_j = exp2(t_j - phi) and no rescaling. On the GPU the combine is part of the split kernel's launch:
+the last split block of each head group does it. The plan (split_plan) says which kernel runs:
+the unified max goes to tensor cores for blocks of TENSOR_CORE_MIN_HEADS or more query heads on
+NVIDIA sm_80+ (uses_tensor_cores).
 """
 
 import functools
@@ -21,6 +25,7 @@ from minifd.kernels.compile import load_module
 LOG2E = math.log2(math.e)
 THREADS_PER_BLOCK = 128  # passed to decode_split_kv.cuh as -DDECODE_THREADS
 MAX_HEADS_PER_BLOCK = 8  # register budget: each query head costs 8 accumulators + 8 query floats per lane
+TENSOR_CORE_MIN_HEADS = 4  # query heads per block from which the unified max runs on tensor cores
 SPLIT_SIZES = (64, 128, 256, 512, 1024)
 CPU_KEYS_PER_SPLIT = 256
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -31,7 +36,8 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 # ----------------------------------------------------------------------------------------------
 
 def score_scale(head_dim):
-    """log2(e) / sqrt(head_dim) as the float32 the kernels multiply the query by."""
+    """log2(e) / sqrt(head_dim) as the float32 the kernels multiply the query (CUDA cores) or the score
+    (tensor cores) by."""
     return np.float32(LOG2E / math.sqrt(head_dim))
 
 
@@ -40,14 +46,15 @@ def heads_per_block(group):
     return max(h for h in range(1, MAX_HEADS_PER_BLOCK + 1) if group % h == 0)
 
 
-def choose_keys_per_split(blocks_per_split, max_seq, sm_count=None):
-    """The largest split size that still launches at least 4 blocks per SM for a cache of max_seq keys
-    (blocks_per_split = batch * n_heads / heads_per_block). Depends on the cache capacity, never on
-    the current lengths, so a captured graph stays valid. sm_count=None (CPU) -> CPU_KEYS_PER_SPLIT."""
+def choose_keys_per_split(blocks_per_split, max_seq, sm_count=None, blocks_per_sm=4):
+    """The largest split size that still launches at least blocks_per_sm blocks per SM for a cache of
+    max_seq keys (blocks_per_split = batch * n_heads / heads_per_block): fewer, longer splits leave
+    less for the combine to add. Depends on the cache capacity, never on the current lengths, so a
+    captured graph stays valid. sm_count=None (CPU) -> CPU_KEYS_PER_SPLIT."""
     if sm_count is None:
         return CPU_KEYS_PER_SPLIT
     for size in reversed(SPLIT_SIZES):
-        if blocks_per_split * math.ceil(max_seq / size) >= 4 * sm_count:
+        if blocks_per_split * math.ceil(max_seq / size) >= blocks_per_sm * sm_count:
             return size
     return SPLIT_SIZES[0]
 
@@ -122,65 +129,130 @@ def rescaled_combine(acc, den, split_max, active, own_max_factor=None):
     return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
 
 
+def unified_max_emulated(q, k_cache, v_cache, lengths, softmax_range, keys_per_split, round_probability=None):
+    """A unified-max split kernel on the CPU, float32 (decode_attention.py, decode_attention_mma.py).
+    q: [batch, n_heads, head_dim]; k_cache, v_cache: [batch, n_kv_heads, max_seq, head_dim];
+    lengths: [batch]; softmax_range: SoftmaxRange; round_probability: None, or how the kernel rounds
+    every p = exp2(t - phi) before it multiplies v and is summed (float32 -> float32)
+    -> (out [batch, n_heads, head_dim] float32, number of recomputed rows)"""
+    phi, low, high = softmax_range.in_log2_units()
+    scores = split_scores(q, k_cache, v_cache, lengths, keys_per_split)
+    shifted = scores.t - np.float32(phi)  # [batch, kv, group, splits, keys]
+    split_unsafe = (scores.valid & ~((shifted > low) & (shifted < high))).any(axis=-1)  # [batch, kv, group, splits]
+    # Overflowing splits are flagged and their rows replaced below; rows without keys give 0/0.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        p = np.exp2(np.where(scores.valid, shifted, -np.inf))
+        if round_probability is not None:
+            p = round_probability(p)
+        acc, den = weighted_values(p, scores.values), p.sum(axis=-1)
+        out = acc.sum(axis=-2) / den.sum(axis=-1)[..., None]
+    split_max = np.where(scores.valid, scores.t, -np.inf).max(axis=-1)
+    row_unsafe = split_unsafe.any(axis=-1)  # [batch, kv, group]
+    if row_unsafe.any():
+        sync_acc, sync_den, _ = running_max_partials(scores)
+        acc = np.where(split_unsafe[..., None], sync_acc, acc)
+        den = np.where(split_unsafe, sync_den, den)
+        # Unified-max partials are first brought to their own split max: exp2(phi - max) is in float range.
+        with np.errstate(over="ignore"):
+            own_max_factor = np.where(split_unsafe | ~scores.active, np.float32(1.0),
+                                      np.exp2(np.float32(phi) - split_max))
+        rescaled = rescaled_combine(acc, den, split_max, scores.active, own_max_factor)
+        out = np.where(row_unsafe[..., None], rescaled, out)
+    out = np.where(scores.active.any(axis=-1)[..., None], out, np.float32(0.0))  # rows without keys give 0
+    return out.reshape(q.shape).astype(np.float32), int(row_unsafe.sum())
+
+
+
+@dataclass(frozen=True)
+class SplitKernel:
+    """A split kernel (splits and combine in one launch): its source, its name and the -D flags of
+    its own tile constants (the shared ones, HEAD_DIM, GROUP_SIZE, DECODE_THREADS, come from the plan)."""
+
+    source: str
+    name: str
+    options: tuple = ()
+    blocks_per_sm: int = 4  # resident blocks per SM it needs to keep the memory busy (choose_keys_per_split)
+
+
+def uses_tensor_cores(per_block, device_id):
+    """Whether the unified-max plan runs the tensor-core kernel (decode_attention_mma.cu) for blocks of
+    per_block query heads: where the mma is an instruction (NVIDIA sm_80+; elsewhere portable.cuh would
+    run it on CUDA cores) and the group fills enough of its 8 columns for the two products to beat the
+    CUDA-core kernel's per-head dot products and shuffles (MHA and small groups stay on CUDA cores)."""
+    import cupy
+
+    if per_block < TENSOR_CORE_MIN_HEADS or getattr(cupy.cuda.runtime, "is_hip", False):
+        return False
+    return int(cupy.cuda.Device(device_id).compute_capability) >= 80
+
+
 @dataclass(frozen=True)
 class SplitPlan:
     """Everything a split kernel's launch needs that follows from the shapes alone, computed once per
-    (device, kernel source, shapes): grid, split size, workspace and the compiled kernels."""
+    (device, kernels, shapes): which kernel, grid, split size, workspace and the compiled kernel (which
+    does the splits and their combine in one launch)."""
 
-    split_kernel: object
-    combine_kernel: object
-    split_grid: tuple  # (n_splits, batch * n_heads / heads_per_block)
-    rows: int  # batch * n_heads
+    kernel: object
+    tensor_cores: bool  # the kernel is the tensor-core one (SplitKernel tensor_core of split_plan)
+    grid: tuple  # (n_splits, batch * n_heads / heads_per_block)
     shape_args: tuple  # n_heads, n_kv_heads, max_seq, keys_per_split, n_splits (int32) and score_scale (float32)
-    combine_args: tuple  # n_heads, keys_per_split, n_splits (int32)
-    head_dim: int
     keys_per_split: int
     partial_acc: object  # [batch * n_heads, n_splits, head_dim] float32
     partial_den: object  # [batch * n_heads, n_splits] float32
     partial_max: object  # [batch * n_heads, n_splits] float32, log2 units
     split_unsafe: object  # [batch * n_heads, n_splits] int32
+    arrivals: object  # [batch * n_heads] int32, zero between launches: split blocks of a head group done
 
 
 _workspaces = {}
 
 
 def _workspace(cupy, device_id, rows, n_splits, head_dim):
-    """Partials buffers, shared by every plan of one device and shape: steady decoding allocates nothing."""
+    """Partials buffers and arrival counters, shared by every plan of one device and shape (launches on
+    one stream run one after another, and each leaves its counters at zero): steady decoding
+    allocates nothing. The counters are zeroed once, here; a head group uses its blockIdx.y's."""
     key = (device_id, rows, n_splits, head_dim)
     if key not in _workspaces:
         _workspaces[key] = (cupy.empty((rows, n_splits, head_dim), cupy.float32),
                             cupy.empty((rows, n_splits), cupy.float32),
                             cupy.empty((rows, n_splits), cupy.float32),
-                            cupy.empty((rows, n_splits), cupy.int32))
+                            cupy.empty((rows, n_splits), cupy.int32),
+                            cupy.zeros(rows, cupy.int32))
     return _workspaces[key]
 
 
 @functools.lru_cache(maxsize=None)
-def split_plan(device_id, source_name, kernel_names, batch, n_heads, n_kv_heads, max_seq, head_dim, keys_per_split=None):
-    """-> SplitPlan for kernel_names = (split kernel, combine kernel) of source_name on the current device."""
+def split_plan(device_id, cuda_core, tensor_core, batch, n_heads, n_kv_heads, max_seq, head_dim, keys_per_split=None,
+               tensor_cores=None):
+    """-> SplitPlan on the current device for the SplitKernel cuda_core, or tensor_core (a SplitKernel
+    with the same arguments, or None) where uses_tensor_cores says so; tensor_cores=True/False forces
+    the choice (properties, benchmarks)."""
     import cupy
 
     check_head_dim(head_dim)
     per_block = heads_per_block(n_heads // n_kv_heads)
+    if tensor_cores is None:
+        tensor_cores = uses_tensor_cores(per_block, device_id)
+    tensor_cores = tensor_cores and tensor_core is not None
+    kernel = tensor_core if tensor_cores else cuda_core
     if keys_per_split is None:
         sm_count = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
-        keys_per_split = choose_keys_per_split(batch * n_heads // per_block, max_seq, sm_count)
+        keys_per_split = choose_keys_per_split(batch * n_heads // per_block, max_seq, sm_count, kernel.blocks_per_sm)
     n_splits = math.ceil(max_seq / keys_per_split)
-    module = load_module(source_name, (f"-DHEAD_DIM={head_dim}", f"-DGROUP_SIZE={per_block}",
-                                       f"-DDECODE_THREADS={THREADS_PER_BLOCK}"))
+    module = load_module(kernel.source, (f"-DHEAD_DIM={head_dim}", f"-DGROUP_SIZE={per_block}",
+                                         f"-DDECODE_THREADS={THREADS_PER_BLOCK}") + kernel.options)
     i32 = np.int32
     with cupy.cuda.Device(device_id):
         workspace = _workspace(cupy, device_id, batch * n_heads, n_splits, head_dim)
-    return SplitPlan(module.get_function(kernel_names[0]), module.get_function(kernel_names[1]),
-                     (n_splits, batch * n_heads // per_block), batch * n_heads,
+    return SplitPlan(module.get_function(kernel.name), tensor_cores, (n_splits, batch * n_heads // per_block),
                      (i32(n_heads), i32(n_kv_heads), i32(max_seq), i32(keys_per_split), i32(n_splits),
                       score_scale(head_dim)),
-                     (i32(n_heads), i32(keys_per_split), i32(n_splits)), head_dim, keys_per_split, *workspace)
+                     keys_per_split, *workspace)
 
 
-def plan_for(source_name, kernel_names, q, k_cache, v_cache, lengths, keys_per_split=None):
-    """Check the arrays (float16, C-contiguous, 16-byte aligned, matching shapes) -> (SplitPlan,
-    lengths as a device int32 array). q: [batch, n_heads, head_dim];
+def plan_for(cuda_core, tensor_core, q, k_cache, v_cache, lengths, keys_per_split=None, tensor_cores=None):
+    """Check the arrays (float16, C-contiguous, 16-byte aligned, matching shapes) -> (SplitPlan of
+    split_plan, lengths as a device int32 array). q: [batch, n_heads, head_dim];
     k_cache, v_cache: [batch, n_kv_heads, max_seq, head_dim]; lengths: [batch]"""
     import cupy
 
@@ -193,6 +265,6 @@ def plan_for(source_name, kernel_names, q, k_cache, v_cache, lengths, keys_per_s
             raise ValueError(f"decode attention needs {name} float16, C-contiguous and 16-byte aligned")
     if not (isinstance(lengths, cupy.ndarray) and lengths.dtype == cupy.int32):
         lengths = cupy.asarray(lengths, dtype=cupy.int32)  # a host copy: the engine passes device int32
-    plan = split_plan(q.device.id, source_name, kernel_names, batch, n_heads, n_kv_heads, max_seq, head_dim,
-                      keys_per_split)
+    plan = split_plan(q.device.id, cuda_core, tensor_core, batch, n_heads, n_kv_heads, max_seq, head_dim,
+                      keys_per_split, tensor_cores)
     return plan, lengths

@@ -98,6 +98,43 @@ __device__ __forceinline__ void store16(void* ptr, uint4 value) {
     *reinterpret_cast<uint4*>(ptr) = value;
 }
 
+// Reading what other blocks of the same launch wrote: they store, __threadfence(), then count
+// themselves with an atomic this block has observed. The data must then come from L2 (the point of
+// coherence), never from a line this SM's L1 cached earlier: ld.global.cg on NVIDIA; on AMD a
+// volatile load, which the compiler issues with the cache-bypassing glc bit.
+__device__ __forceinline__ float4 load16_from_l2(const float* global_ptr) {
+#if defined(MINIFD_HIP)
+    const volatile float* v = global_ptr;
+    return make_float4(v[0], v[1], v[2], v[3]);
+#else
+    float4 value;
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(value.x), "=f"(value.y), "=f"(value.z), "=f"(value.w)
+                 : "l"(global_ptr));
+    return value;
+#endif
+}
+
+__device__ __forceinline__ float load_from_l2(const float* global_ptr) {
+#if defined(MINIFD_HIP)
+    return *static_cast<const volatile float*>(global_ptr);
+#else
+    float value;
+    asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(value) : "l"(global_ptr));
+    return value;
+#endif
+}
+
+__device__ __forceinline__ int load_from_l2(const int* global_ptr) {
+#if defined(MINIFD_HIP)
+    return *static_cast<const volatile int*>(global_ptr);
+#else
+    int value;
+    asm volatile("ld.global.cg.s32 %0, [%1];\n" : "=r"(value) : "l"(global_ptr));
+    return value;
+#endif
+}
+
 // Unpack the eight halves of a uint4 into floats.
 __device__ __forceinline__ void halves8_to_float(uint4 packed, float out[8]) {
     const __half2* pairs = reinterpret_cast<const __half2*>(&packed);
@@ -154,7 +191,7 @@ __device__ __forceinline__ void async_wait() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Matrix-core primitives (flat GEMM)
+// Matrix-core primitives (flat GEMM, tensor-core decode attention)
 // ---------------------------------------------------------------------------------------------
 // A kernel tests MINIFD_HAS_MMA_16816 / MINIFD_HAS_MFMA_16X16X16 and keeps a CUDA-core path for
 // targets with neither (older NVIDIA, RDNA).
@@ -189,6 +226,18 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned reg[4], const void* s
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(reg[0]), "=r"(reg[1]), "=r"(reg[2]), "=r"(reg[3])
                  : "r"(shared_addr));
+}
+
+// tf32 in, fp32 accumulate: C[16, 8] += A[16, 8] B[8, 8], each operand register one fp32 value
+// whose low 13 mantissa bits the tensor core ignores. A's four hold (row g, col t), (row g + 8,
+// col t), (row g, col t + 4), (row g + 8, col t + 4); B's two (k t, col g) and (k t + 4, col g);
+// C as above.
+__device__ __forceinline__ void mma_1688_tf32(float acc[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
 __device__ __forceinline__ void mma_16816(float acc[4], const unsigned a[4], const unsigned b[2]) {
@@ -262,6 +311,39 @@ __device__ __forceinline__ void mma_16x8x16(float acc[4], const unsigned a[4], c
             const float2 a_low = half2_bits_to_float2(a[h]), a_high = half2_bits_to_float2(a[h + 2]);
             rows[h][c] = a_low.x * b_low.x + a_low.y * b_low.y + a_high.x * b_high.x + a_high.y * b_high.y;
         }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int c = 0; c < 8; ++c) rows[h][c] = lane_group_sum<4>(rows[h][c]);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {  // constant indices keep rows[][] in registers
+        if (c == 2 * t) {
+            acc[0] += rows[0][c];
+            acc[2] += rows[1][c];
+        } else if (c == 2 * t + 1) {
+            acc[1] += rows[0][c];
+            acc[3] += rows[1][c];
+        }
+    }
+#endif
+}
+
+// The same for tf32 operands, C[16, 8] += A[16, 8] B[8, 8] in NVIDIA's m16n8k8 layout (see
+// mma_1688_tf32): the instruction on sm_80+, elsewhere the same sums on CUDA cores, as above. The
+// operands must already be tf32 values (low 13 mantissa bits zero), so both give the exact products.
+__device__ __forceinline__ void mma_16x8x8_tf32(float acc[4], const unsigned a[4], const unsigned b[2]) {
+#if defined(MINIFD_HAS_MMA_16816)
+    mma_1688_tf32(acc, a, b);
+#else
+    const int lane = threadIdx.x % 32, t = lane % 4;
+    float rows[2][8];  // partial C over this lane's k (t and t + 4): [row g, row g + 8][column]
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+        const float b_low = __uint_as_float(shuffle_from(b[0], 4 * c + t, 32));
+        const float b_high = __uint_as_float(shuffle_from(b[1], 4 * c + t, 32));
+#pragma unroll
+        for (int h = 0; h < 2; ++h) rows[h][c] = __uint_as_float(a[h]) * b_low + __uint_as_float(a[h + 2]) * b_high;
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h)

@@ -1,13 +1,16 @@
-"""Decode attention properties: the unified-max split-KV kernel (decode_attention.cu, or its NumPy
-emulation on the CPU), its recompute path, and the synchronised baseline (decode_attention_sync.cu),
-each against the float64 reference.
+"""Decode attention properties: the unified-max split-KV kernel on CUDA cores (decode_attention.cu)
+and on tensor cores (decode_attention_mma.cu), or their NumPy emulations on the CPU, their recompute
+path, and the synchronised baseline (decode_attention_sync.cu), each against the float64 reference.
 
 Tolerance: attention_reference's bound, per output element, from the output dtype (float16 on GPU,
 float32 on CPU), the row's number of keys n (the reduction length of the softmax sums: 2 (n + 4) u32)
 and head_dim d (the reduction length of each score: 2 (d + 2) u32 times the score's magnitude). The
-relative error is |out - out64| / (softmax(s) @ |v|). Recomputed rows are counted exactly: a row must
-be recomputed iff a float64 score leaves phi + (low, high); rows with a score within float32
-rounding of a window edge may go either way, and only those.
+tensor-core kernel rounds every weight p to tf32 before it multiplies v and is summed, a relative
+error of at most u_p = 2^-11 per weight (tf32 has float32's exponent, so no p of the safe window is
+subnormal there), and the same on its emulation; through the seam the bound is that of the kernel
+the plan runs. The relative error is |out - out64| / (softmax(s) @ |v|). Recomputed rows are counted
+exactly: a row must be recomputed iff a float64 score leaves phi + (low, high); rows with a score
+within float32 rounding of a window edge may go either way, and only those.
 """
 
 import numpy as np
@@ -15,9 +18,11 @@ from hypothesis import strategies as st
 
 from minifd.backend import is_gpu, to_numpy
 from minifd.kernels import attention
-from minifd.kernels.decode_attention import decode_attention_emulated, decode_attention_gpu
+from minifd.kernels.decode_attention import UNIFIED_MAX_KERNEL, decode_attention_emulated, decode_attention_gpu
+from minifd.kernels.decode_attention_mma import (PROBABILITY_ROUNDOFF, TENSOR_CORE_KERNEL,
+                                                 decode_attention_mma_emulated)
 from minifd.kernels.decode_attention_sync import decode_attention_sync_emulated
-from minifd.kernels.decode_split_kv import SPLIT_SIZES
+from minifd.kernels.decode_split_kv import SPLIT_SIZES, plan_for
 from minifd.kernels.softmax_range import SoftmaxRange
 from minifd.properties.attention_reference import (attention_allowed, check_emulation, check_recompute_count,
                                                    decode_inputs, decode_reference, recompute_strategy, rounded_to,
@@ -80,39 +85,59 @@ def _on_device(xp, q, k_cache, v_cache, lengths):
 # The properties
 # ----------------------------------------------------------------------------------------------
 
-def check_unified_max(case, xp):
-    """The unified-max kernel at the case's split size (its launcher, with a counter of its own), or
-    the emulation on the CPU: output within the bound, exactly the rows outside the window
-    recomputed; on GPU also the emulation's output and count, and the seam (its own split size, the
-    global counter on the device)."""
+def seam_probability_roundoff(xp, q, k_cache, v_cache, lengths):
+    """u_p of the unified-max kernel the seam runs for these device arrays (its plan's choice): tf32's
+    on tensor cores, 0 on CUDA cores and on the CPU (whose seam runs decode_attention_emulated)."""
+    if not is_gpu(xp):
+        return 0.0
+    plan, _ = plan_for(UNIFIED_MAX_KERNEL, TENSOR_CORE_KERNEL, q, k_cache, v_cache, lengths)
+    return PROBABILITY_ROUNDOFF if plan.tensor_cores else 0.0
+
+
+def check_unified_max_kernel(case, xp, tensor_cores):
+    """The unified-max kernel on CUDA cores or on tensor cores at the case's split size (its launcher
+    with the choice forced and a counter of its own), or its emulation on the CPU: output within the
+    bound, exactly the rows outside the window recomputed; on GPU also the emulation's output and
+    count, and the seam (its own split size and kernel, the global counter on the device)."""
     q, k_cache, v_cache, lengths = case_inputs(case, xp)
     softmax_range, head_dim = SoftmaxRange(*case["softmax_range"]), case["head_dim"]
+    emulate, roundoff = ((decode_attention_mma_emulated, PROBABILITY_ROUNDOFF) if tensor_cores
+                         else (decode_attention_emulated, 0.0))
     reference = decode_reference(q, k_cache, v_cache, lengths)
     certain, possible = rows_outside_window(reference, head_dim, softmax_range)
-    emulated, emulated_rows = decode_attention_emulated(q, k_cache, v_cache, lengths, softmax_range,
-                                                        case["keys_per_split"])
-    emulated_allowed = attention_allowed(reference, head_dim, softmax_range.phi, emulated.dtype)
+    emulated, emulated_rows = emulate(q, k_cache, v_cache, lengths, softmax_range, case["keys_per_split"])
+    emulated_allowed = attention_allowed(reference, head_dim, softmax_range.phi, emulated.dtype, roundoff)
     if not is_gpu(xp):
         return check_emulation(emulated, emulated_rows, reference, emulated_allowed, certain, possible)
     counter = xp.zeros(1, xp.uint64)
-    out = decode_attention_gpu(*_on_device(xp, q, k_cache, v_cache, lengths), softmax_range, counter,
-                               case["keys_per_split"])
+    device = _on_device(xp, q, k_cache, v_cache, lengths)
+    out = decode_attention_gpu(*device, softmax_range, counter, case["keys_per_split"], tensor_cores=tensor_cores)
     expect_layout("kernel out", out, np.float16, q.shape)
     out, recomputed = to_numpy(out), int(to_numpy(counter)[0])
     all_finite("kernel out", out)
     check_recompute_count("kernel", recomputed, certain, possible)
     if (certain == possible).all() and recomputed != emulated_rows:
         raise PropertyFailure(f"kernel recomputed {recomputed} rows, the emulation {emulated_rows}")
-    allowed = attention_allowed(reference, head_dim, softmax_range.phi, out.dtype)
+    allowed = attention_allowed(reference, head_dim, softmax_range.phi, out.dtype, roundoff)
     before = attention.recompute_count()
-    seam_out = attention.decode_attention(*_on_device(xp, q, k_cache, v_cache, lengths), softmax_range=softmax_range)
+    seam_out = attention.decode_attention(*device, softmax_range=softmax_range)
     check_recompute_count("seam", attention.recompute_count() - before, certain, possible)
+    seam_allowed = attention_allowed(reference, head_dim, softmax_range.phi, out.dtype,
+                                     seam_probability_roundoff(xp, *device))
     return closest_to_bound(
         within_bound("kernel out", out, reference.out, allowed, reference.magnitude),
         within_bound("kernel out vs emulation", out, emulated.astype(np.float64), allowed + emulated_allowed,
                      reference.magnitude),
-        within_bound("seam out", to_numpy(seam_out), reference.out, allowed, reference.magnitude),
+        within_bound("seam out", to_numpy(seam_out), reference.out, seam_allowed, reference.magnitude),
     ).with_recomputed(recomputed)
+
+
+def check_unified_max(case, xp):
+    return check_unified_max_kernel(case, xp, tensor_cores=False)
+
+
+def check_tensor_cores(case, xp):
+    return check_unified_max_kernel(case, xp, tensor_cores=True)
 
 
 def check_recompute(case, xp):
@@ -123,8 +148,9 @@ def check_recompute(case, xp):
     softmax_range, head_dim = SoftmaxRange(*case["softmax_range"]), case["head_dim"]
     reference = decode_reference(q, k_cache, v_cache, lengths)
     certain, possible = rows_outside_window(reference, head_dim, softmax_range)
+    device = _on_device(xp, q, k_cache, v_cache, lengths)
     before = attention.recompute_count()
-    out = attention.decode_attention(*_on_device(xp, q, k_cache, v_cache, lengths), softmax_range=softmax_range)
+    out = attention.decode_attention(*device, softmax_range=softmax_range)
     recomputed = attention.recompute_count() - before
     expect_layout("seam out", out, storage_dtype(xp), q.shape)
     out = to_numpy(out)
@@ -132,7 +158,8 @@ def check_recompute(case, xp):
     if recomputed == 0:
         raise PropertyFailure(f"no row took the recompute path; {int(certain.sum())} have scores outside the window")
     check_recompute_count("recompute counter", recomputed, certain, possible)
-    allowed = attention_allowed(reference, head_dim, softmax_range.phi, out.dtype)
+    allowed = attention_allowed(reference, head_dim, softmax_range.phi, out.dtype,
+                                seam_probability_roundoff(xp, *device))
     return within_bound("out", out, reference.out, allowed, reference.magnitude).with_recomputed(recomputed)
 
 
@@ -157,8 +184,11 @@ def check_synchronised(case, xp):
 
 
 PROPERTIES = (
-    Property("decode_attention", "unified-max split-KV decode attention vs float64, recomputed rows counted exactly",
+    Property("decode_attention", "unified-max split-KV decode attention on CUDA cores vs float64, recomputed rows "
+             "counted exactly",
              decode_cases, check_unified_max),
+    Property("decode_attention_mma", "unified-max split-KV decode attention on tensor cores (p in tf32) vs "
+             "float64, recomputed rows counted exactly", decode_cases, check_tensor_cores),
     Property("decode_attention_recompute", "rows leaving the window take the recompute path: counted, never NaN/Inf",
              recompute_cases, check_recompute),
     Property("decode_attention_sync", "synchronised split-KV decode attention vs float64",
