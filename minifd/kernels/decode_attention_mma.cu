@@ -208,24 +208,7 @@ __device__ __forceinline__ void reduce_and_store_mma(LanePartial& part, const Sp
         scratch.max[warp][g] = running_max;
     }
     __syncthreads();
-    const int split = blockIdx.x;
-    for (int i = threadIdx.x; i < GROUP_SIZE * HEAD_DIM; i += kThreads) {
-        const int head = i / HEAD_DIM, d = i % HEAD_DIM;
-        float sum = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kLaneGroups; ++w) sum += scratch.acc[w][head][d];
-        out.acc[((size_t)(task.first_row + head) * out.n_splits + split) * HEAD_DIM + d] = sum;
-    }
-    if (threadIdx.x < GROUP_SIZE) {
-        const int head = threadIdx.x;
-        float sum = 0.0f, block_max = negative_infinity();
-        for (int w = 0; w < kLaneGroups; ++w) {
-            sum += scratch.den[w][head];
-            block_max = fmaxf(block_max, scratch.max[w][head]);
-        }
-        out.den[(size_t)(task.first_row + head) * out.n_splits + split] = sum;
-        out.max[(size_t)(task.first_row + head) * out.n_splits + split] = block_max;
-    }
+    store_block_partials(scratch.acc, scratch.den, scratch.max, kAllHeads, task, out);
     __syncthreads();  // the scratch is reused by the recompute
 }
 

@@ -189,6 +189,34 @@ struct ReduceScratch {
     float acc[kWarps][GROUP_SIZE][HEAD_DIM];
 };
 
+// Add the block's partial sums, left in shared memory by its parts (warps or lane groups) in order,
+// into one partial per head and write it, for the heads whose bit is set in store_heads.
+template <int kAccParts, int kDenParts, int kHeads>
+__device__ __forceinline__ void store_block_partials(const float (&acc)[kAccParts][kHeads][HEAD_DIM],
+                                                     const float (&den)[kDenParts][kHeads],
+                                                     const float (&max)[kDenParts][kHeads], unsigned store_heads,
+                                                     const SplitTask& task, const Partials& out) {
+    const int split = blockIdx.x;
+    for (int i = threadIdx.x; i < GROUP_SIZE * HEAD_DIM; i += kThreads) {
+        const int g = i / HEAD_DIM, d = i % HEAD_DIM;
+        if (!(store_heads >> g & 1u)) continue;
+        float sum = 0.0f;
+#pragma unroll
+        for (int part = 0; part < kAccParts; ++part) sum += acc[part][g][d];
+        out.acc[((size_t)(task.first_row + g) * out.n_splits + split) * HEAD_DIM + d] = sum;
+    }
+    if (threadIdx.x < GROUP_SIZE && (store_heads >> threadIdx.x & 1u)) {
+        const int g = threadIdx.x;
+        float sum = 0.0f, block_max = negative_infinity();
+        for (int part = 0; part < kDenParts; ++part) {
+            sum += den[part][g];
+            block_max = fmaxf(block_max, max[part][g]);
+        }
+        out.den[(size_t)(task.first_row + g) * out.n_splits + split] = sum;
+        out.max[(size_t)(task.first_row + g) * out.n_splits + split] = block_max;
+    }
+}
+
 // Sum the block's lanes into one partial per head and write it for the heads whose bit is set in
 // store_heads (bit g = head g of the block).
 // kRescale: lanes hold running-max partials with different maxima; bring them to the block max
@@ -237,25 +265,7 @@ __device__ __forceinline__ void reduce_and_store(float acc[GROUP_SIZE][8], float
         for (int g = 0; g < GROUP_SIZE; ++g) scratch.den[team][g] = den[g];
     }
     __syncthreads();
-    const int split = blockIdx.x;
-    for (int i = threadIdx.x; i < GROUP_SIZE * HEAD_DIM; i += kThreads) {
-        const int g = i / HEAD_DIM, d = i % HEAD_DIM;
-        if (!(store_heads >> g & 1u)) continue;
-        float sum = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) sum += scratch.acc[w][g][d];
-        out.acc[((size_t)(task.first_row + g) * out.n_splits + split) * HEAD_DIM + d] = sum;
-    }
-    if (threadIdx.x < GROUP_SIZE && (store_heads >> threadIdx.x & 1u)) {
-        const int g = threadIdx.x;
-        float sum = 0.0f, block_max = negative_infinity();
-        for (int t = 0; t < kTeams; ++t) {
-            sum += scratch.den[t][g];
-            block_max = fmaxf(block_max, scratch.max[t][g]);
-        }
-        out.den[(size_t)(task.first_row + g) * out.n_splits + split] = sum;
-        out.max[(size_t)(task.first_row + g) * out.n_splits + split] = block_max;
-    }
+    store_block_partials(scratch.acc, scratch.den, scratch.max, store_heads, task, out);
     __syncthreads();  // the shared buffers may be reused by a second call
 }
 

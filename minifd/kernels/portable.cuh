@@ -125,14 +125,8 @@ __device__ __forceinline__ float load_from_l2(const float* global_ptr) {
 #endif
 }
 
-__device__ __forceinline__ int load_from_l2(const int* global_ptr) {
-#if defined(MINIFD_HIP)
-    return *static_cast<const volatile int*>(global_ptr);
-#else
-    int value;
-    asm volatile("ld.global.cg.s32 %0, [%1];\n" : "=r"(value) : "l"(global_ptr));
-    return value;
-#endif
+__device__ __forceinline__ int load_from_l2(const int* global_ptr) {  // the same 32 bits, read as an int
+    return __float_as_int(load_from_l2(reinterpret_cast<const float*>(global_ptr)));
 }
 
 // Unpack the eight halves of a uint4 into floats.
@@ -280,6 +274,28 @@ __device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
         __VA_ARGS__(x, w, y, gain, residual, M, N, K, eps, vector_ok);                                     \
     }
 
+#if !defined(MINIFD_HAS_MMA_16816)
+// The CUDA-core MMAs below: rows[h][c] holds this lane's share of C[g + 8h, c] over its own k; the four
+// lanes of a group (t = 0..3) sum their shares, and lane t keeps columns 2t and 2t + 1, as the MMA's
+// C fragment does.
+__device__ __forceinline__ void add_lane_partials(float acc[4], float (&rows)[2][8], int t) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int c = 0; c < 8; ++c) rows[h][c] = lane_group_sum<4>(rows[h][c]);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {  // constant indices keep rows[][] in registers
+        if (c == 2 * t) {
+            acc[0] += rows[0][c];
+            acc[2] += rows[1][c];
+        } else if (c == 2 * t + 1) {
+            acc[1] += rows[0][c];
+            acc[3] += rows[1][c];
+        }
+    }
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // One fragment product on every target: C[16, 8] += A[16, 16] B[16, 8] in NVIDIA's m16n8k16 layout
 // ---------------------------------------------------------------------------------------------
@@ -312,20 +328,7 @@ __device__ __forceinline__ void mma_16x8x16(float acc[4], const unsigned a[4], c
             rows[h][c] = a_low.x * b_low.x + a_low.y * b_low.y + a_high.x * b_high.x + a_high.y * b_high.y;
         }
     }
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int c = 0; c < 8; ++c) rows[h][c] = lane_group_sum<4>(rows[h][c]);
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {  // constant indices keep rows[][] in registers
-        if (c == 2 * t) {
-            acc[0] += rows[0][c];
-            acc[2] += rows[1][c];
-        } else if (c == 2 * t + 1) {
-            acc[1] += rows[0][c];
-            acc[3] += rows[1][c];
-        }
-    }
+    add_lane_partials(acc, rows, t);
 #endif
 }
 
@@ -345,19 +348,6 @@ __device__ __forceinline__ void mma_16x8x8_tf32(float acc[4], const unsigned a[4
 #pragma unroll
         for (int h = 0; h < 2; ++h) rows[h][c] = __uint_as_float(a[h]) * b_low + __uint_as_float(a[h + 2]) * b_high;
     }
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int c = 0; c < 8; ++c) rows[h][c] = lane_group_sum<4>(rows[h][c]);
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {  // constant indices keep rows[][] in registers
-        if (c == 2 * t) {
-            acc[0] += rows[0][c];
-            acc[2] += rows[1][c];
-        } else if (c == 2 * t + 1) {
-            acc[1] += rows[0][c];
-            acc[3] += rows[1][c];
-        }
-    }
+    add_lane_partials(acc, rows, t);
 #endif
 }
