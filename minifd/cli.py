@@ -378,12 +378,12 @@ def checkpoint_info_lines(weights, quantize, dtype):
     for f in projection_formats(checkpoint, quantize, dtype):
         layers = f" x {f.count} layers" if f.count > 1 else ""
         lines.append(f"  {f.projection:<9} {list(f.shape)}{layers}: {f.format}, {f.bits_per_weight:g} bits/weight "
-                     f"({f.description}), {f.nbytes / 1e6:.1f} MB")
-    lines.append(f"bytes per decode step: {streamed_bytes_per_step(checkpoint, quantize, dtype) / 1e6:.1f} MB "
+                     f"({f.description}), {f.nbytes / 1e6:.3g} MB")
+    lines.append(f"bytes per decode step: {streamed_bytes_per_step(checkpoint, quantize, dtype) / 1e6:.3g} MB "
                  "(the projections above and the norms; the embedding table gives one row per token)")
     if quantize is not None and dtype == numpy.float16:
         lines.append(f"  (no GPU kernel reads {quantize} codes yet: the GPU holds them dequantized to float16, "
-                     f"{streamed_bytes_per_step(checkpoint, None, dtype) / 1e6:.1f} MB per step)")
+                     f"{streamed_bytes_per_step(checkpoint, None, dtype) / 1e6:.3g} MB per step)")
     return lines
 
 

@@ -9,33 +9,18 @@ from minifd.fixture import fixture_dir, fixture_ready, shipped_gguf
 from minifd.decode_step import DecodeStep
 from minifd.model.llama import KVCache
 from minifd.sampling import SamplingParams
+from agreement import TEXT, teacher_forced_argmax
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not fixture_ready(), reason="SmolLM2 fixture not prepared"),
 ]
 
-TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
-        "movable metal type, oil-based ink and a wooden press into a system that could produce books quickly. "
-        "Within a few decades printing shops had spread across Europe, and the price of books fell sharply. "
-        "Scholars could compare identical copies of a text, which changed how knowledge was checked and shared.")
-
 
 @pytest.fixture(scope="module")
 def engines():
     return (minifd.load(fixture_dir(), device="cpu", progress=False),
             minifd.load(fixture_dir(), device="cuda", progress=False))
-
-
-def teacher_forced_argmax(engine, tokens):
-    """Feed `tokens` one at a time through prefill + decode -> the argmax after each position."""
-    xp = engine.xp
-    cache = KVCache.allocate(engine.config, 1, len(tokens), xp, engine.model.dtype)
-    choices = [int(engine.model.prefill(cache, 0, tokens[:1]).argmax())]
-    for position in range(1, len(tokens)):
-        logits = engine.model.decode(cache, np.array([tokens[position]]), np.array([position], dtype=np.int32))
-        choices.append(int(logits[0].argmax()))
-    return np.array(choices)
 
 
 def test_teacher_forced_top1_agreement_with_the_cpu_path(engines):
