@@ -111,7 +111,7 @@ class Engine:
         dtype = weight_dtype(xp)
         if quantize is not None and is_gpu(xp):
             print(f"minifd: note: quantize {quantize}: no GPU kernel reads quantized weights yet, so they are "
-                  f"dequantized to fp16 at load ({quantize}'s accuracy at fp16's speed and memory)", file=sys.stderr)
+                  f"dequantized to fp16 at load ({quantize}'s rounding at fp16's speed and memory)", file=sys.stderr)
         try:
             weights = load_weights(checkpoint, config, xp, dtype, progress=progress, quantize=quantize)
         except out_of_memory_errors(xp):

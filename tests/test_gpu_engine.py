@@ -127,3 +127,14 @@ def test_the_shipped_gguf_dequantized_to_fp16_agrees_with_its_float32_cpu_path()
     agreement = (teacher_forced_argmax(cpu, tokens) == teacher_forced_argmax(gpu, tokens)).mean()
     print(f"GGUF: teacher-forced top-1 agreement over {len(tokens)} positions: {agreement:.4f}")
     assert agreement >= 0.99
+
+
+def test_quantized_weights_dequantized_to_fp16_agree_with_their_float32_cpu_path(capfd):
+    """Until kernels read the codes, --quantize on the GPU holds the rounded weights as fp16."""
+    cpu, gpu = (minifd.load(fixture_dir(), device=device, progress=False, quantize="int4") for device in ("cpu", "cuda"))
+    assert "no GPU kernel reads quantized weights yet" in capfd.readouterr().err
+    assert gpu.model.weights.layers[0].wqkv.dtype == np.float16 and not gpu.model.weights.quantized
+    tokens = cpu.tokenizer.encode(TEXT)
+    agreement = (teacher_forced_argmax(cpu, tokens) == teacher_forced_argmax(gpu, tokens)).mean()
+    print(f"int4: teacher-forced top-1 agreement over {len(tokens)} positions: {agreement:.4f}")
+    assert agreement >= 0.99

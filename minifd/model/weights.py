@@ -10,8 +10,8 @@ stays near one tensor however large the checkpoint.
 With `quantize` ("int8" or "int4", minifd.model.quantized) every projection matrix (wqkv after its
 row arrangement, wo, w_gate_up, w_down, and the LM head unless it is the embedding) is rounded
 group-wise at load; norms and the embedding stay as they are. No kernel reads the codes yet: the
-layers hold each projection's dequantization as `dtype`, the exact float32 reference on the CPU and
-float16 on the GPU, and Weights.quantized keeps the quantized matrices themselves.
+layers hold each projection's dequantization as `dtype`: on the CPU the exact float32 reference,
+with the quantized matrices themselves in Weights.quantized; on the GPU float16, the codes dropped.
 """
 
 from dataclasses import dataclass, field
@@ -41,7 +41,7 @@ class Weights:
     layers: list
     norm: object  # [hidden]
     lm_head: object  # [vocab, hidden]; the embedding itself when tied
-    quantized: dict = field(default_factory=dict)  # "layers.{i}.{projection}" or "lm_head" -> Int8Groups | Int4Groups
+    quantized: dict = field(default_factory=dict)  # CPU: "layers.{i}.{projection}" or "lm_head" -> Int8Groups | Int4Groups
 
     def nbytes_streamed_per_step(self):
         """Bytes a decode step reads from weights: everything but the embedding table (one row per token)."""
@@ -167,8 +167,10 @@ def load_weights(checkpoint, config, xp, dtype, progress=None, quantize=None):
         else:
             host = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         if rounded:
-            quantized[projection] = QUANTIZERS[quantize](host)
-            host = quantized[projection].dequantize().astype(dtype, copy=False)
+            matrix = QUANTIZERS[quantize](host)
+            host = matrix.dequantize().astype(dtype, copy=False)
+            if xp is np:  # the GPU, with no kernel that reads codes yet, keeps only their dequantization
+                quantized[projection] = matrix
         placed = xp.asarray(host)
         if xp is not np or host.flags.owndata:  # the file's pages are no longer read: let them go
             for name in tensor_names:
