@@ -13,6 +13,7 @@ import click
 from minifd.calibrate import calibrate_command
 from minifd.check import check_command
 from minifd.errors import MinifdError
+from minifd.model.quantized import QUANTIZERS
 from minifd.tuning import tune_command
 
 # The flags whose names are not the Python parameter's with dashes (see cli_message).
@@ -27,8 +28,6 @@ def main_group():
 
 
 def quantize_option(help_text):
-    from minifd.model.quantized import QUANTIZERS
-
     return click.option("--quantize", type=click.Choice(list(QUANTIZERS)), default=None, help=help_text)
 
 
