@@ -1,12 +1,13 @@
 """Quantized weight formats: what a dequantizing GEMV would stream for a projection W [N, K].
 
 Both formats keep W row-major (row n = output n, as Hugging Face stores it) and cut every row into
-groups of GROUP = 32 consecutive weights along K, each group with its own fp16 scale (and min), so a
-kernel reading one row's bytes in order meets each group's codes right beside the scales it needs:
+groups of GROUP = 32 consecutive weights along K, each group with its own fp16 scale (and min): a
+kernel streaming a row reads its codes in order, and one scale (and min) per 32 of them from arrays
+of their own, row-major [N, K / 32] too:
 
 | format | one weight w = | codes | per group of 32 | bits per weight |
 | --- | --- | --- | --- | --- |
-| int8 | s * q | int8 q in [-127, 127], [N, K] | fp16 s, [N, K / 32] | 8 + 16 / 32 = 8.5 |
+| int8 | s * q | int8 q, [N, K] | fp16 s, [N, K / 32] | 8 + 16 / 32 = 8.5 |
 | int4 | d * q + m | 4-bit q in [0, 15], two per byte, [N, K / 2] | fp16 d and m, [N, K / 32] each | 4 + 32 / 32 = 5 |
 
 int8 is symmetric: with 255 levels the step s = max|w| / 127 is fine already, and no min keeps the
@@ -65,7 +66,7 @@ def _fp16_outward(value, xp, direction):
 class Int8Groups:
     """int8 codes with one fp16 scale per group of 32 along K: w = s * q; 8.5 bits per weight."""
 
-    codes: object  # [N, K] int8 in [-127, 127]
+    codes: object  # [N, K] int8 (quantize_int8 gives -127..127; Q8_0 blocks may hold -128 too)
     scales: object  # [N, K / GROUP] float16
 
     name: ClassVar[str] = "int8"
