@@ -185,12 +185,13 @@ def hf_available():
 
 def run_bench(prompt_lengths=(16, 1024, 4096), batches=(1, 2, 4, 8), decode_steps=64, with_hf=True,
               use_graph=True, weights_dir=None, out_json=None, out_png=None, log=print, shape_config=LLAMA2_7B,
-              attention_method="async", overlap=None):
+              attention_method="async", overlap=None, quantize=None):
     """Run the whole sweep on the GPU -> list of BenchRow (also written as JSON / PNG when asked).
 
     Without weights_dir the model has shape_config's shape (a config.json dict, SHAPES names two)
     with random float16 weights made on the GPU. attention_method: "async" (unified max) or "sync";
-    overlap: launch decode kernels overlapping (minifd.kernels.launch; None = wherever supported).
+    overlap: launch decode kernels overlapping (minifd.kernels.launch; None = wherever supported);
+    quantize: None, "int8" or "int4", the format weights_dir's projections are rounded to at load.
     """
     xp = array_module("cuda")
     max_seq = max(prompt_lengths) + decode_steps + 16
@@ -204,7 +205,7 @@ def run_bench(prompt_lengths=(16, 1024, 4096), batches=(1, 2, 4, 8), decode_step
     else:
         from minifd.engine import Engine
 
-        model = Engine.load(weights_dir, device="cuda", max_context=max_seq).model
+        model = Engine.load(weights_dir, device="cuda", max_context=max_seq, quantize=quantize).model
         config, weights, config_raw = model.config, model.weights, None
     log(f"weights: {weights.nbytes_streamed_per_step() / 1e9:.2f} GB read per decode step")
     overlapping = resolve_overlap(overlap)

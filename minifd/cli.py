@@ -13,6 +13,7 @@ import click
 from minifd.calibrate import calibrate_command
 from minifd.check import check_command
 from minifd.errors import MinifdError
+from minifd.model.quantized import QUANTIZERS
 from minifd.tuning import tune_command
 
 # The flags whose names are not the Python parameter's with dashes (see cli_message).
@@ -26,12 +27,21 @@ def main_group():
     """minifd: a small, readable FlashDecoding++ inference engine for Llama-family models."""
 
 
+def quantize_option(help_text):
+    return click.option("--quantize", type=click.Choice(list(QUANTIZERS)), default=None, help=help_text)
+
+
+QUANTIZE_HELP = ("Round a safetensors checkpoint's projection matrices to int8 (8.5 bits/weight) or int4 "
+                 "(5 bits/weight) group-wise at load.")
+
+
 def generation_options(command):
     """The options `run` and `chat` share: weights, device, sampling, lengths, stop rules, chat template."""
     options = [
         click.option("--weights", type=click.Path(path_type=Path), default=None,
                      help="Hugging Face Llama directory or .gguf file (default: the prepared SmolLM2 fixture)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        quantize_option(QUANTIZE_HELP),
         click.option("--max-new-tokens", type=int, default=128, show_default=True),
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
         click.option("--top-k", type=int, default=0, show_default=True, help="0 = no limit."),
@@ -189,14 +199,14 @@ def load_engine(options):
     import minifd
     from minifd.engine import check_sampling
 
-    weights, device, max_context, no_graph, chat_template = (
-        options.pop(name) for name in ("weights", "device", "max_context", "no_graph", "chat_template"))
+    weights, device, quantize, max_context, no_graph, chat_template = (
+        options.pop(name) for name in ("weights", "device", "quantize", "max_context", "no_graph", "chat_template"))
     check_sampling(options["max_new_tokens"], options["temperature"], options["top_k"], options["top_p"],
                    options["min_p"], options["repetition_penalty"])
     if options["temperature"] == 0 and (options["top_k"] != 0 or options["top_p"] != 1.0 or options["min_p"] != 0):
         note("--top-k, --top-p and --min-p shape sampling, and --temperature 0 decodes greedily: they have no effect")
     engine = minifd.load(resolve_weights(weights), device=device, max_context=max_context, use_graph=not no_graph,
-                         chat_template=chat_template)
+                         chat_template=chat_template, quantize=quantize)
     window = engine.config.max_position_embeddings
     if max_context is not None and max_context > window:
         note(f"--max-context {max_context} is above the model's window of {window} positions: using {window}")
@@ -278,6 +288,7 @@ def comma_ints(text):
               help="Shape of the random weights (without --weights or --config).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A config.json whose shape the random weights take.")
+@quantize_option(QUANTIZE_HELP + " Needs --weights.")
 @click.option("--attention", "attention_method", type=click.Choice(["async", "sync"]), default="async",
               show_default=True, help="Unified-max softmax (async) or the synchronised running max (sync).")
 @click.option("--prompts", "prompt_lengths", default="16,1024,4096", show_default=True, help="Prompt lengths.")
@@ -289,7 +300,7 @@ def comma_ints(text):
               help="Launch decode kernels one after another, without programmatic dependent launch.")
 @click.option("--json", "out_json", type=click.Path(path_type=Path), default=Path("minifd-bench.json"), show_default=True)
 @click.option("--png", "out_png", type=click.Path(path_type=Path), default=Path("minifd-bench.png"), show_default=True)
-def bench(weights, shape, config_file, attention_method, prompt_lengths, batches, decode_steps, no_hf, no_graph,
+def bench(weights, shape, config_file, quantize, attention_method, prompt_lengths, batches, decode_steps, no_hf, no_graph,
           no_overlap, out_json, out_png):
     """Prefill and decode speed on the GPU against the bandwidth roofline (and HF transformers)."""
     from minifd.bench import SHAPES, run_bench
@@ -303,27 +314,36 @@ def bench(weights, shape, config_file, attention_method, prompt_lengths, batches
 
     if decode_steps < 1:
         raise MinifdError(f"--decode-steps must be >= 1, not {decode_steps}")
+    if quantize is not None and weights is None:
+        raise MinifdError("--quantize rounds a checkpoint's weights: give --weights")
     run_bench(comma_ints(prompt_lengths), comma_ints(batches), decode_steps, with_hf=not no_hf,
               use_graph=not no_graph, weights_dir=weights, out_json=out_json, out_png=out_png,
               log=lambda line: click.echo(line, err=False), shape_config=shape_config,
-              attention_method=attention_method, overlap=False if no_overlap else None)
+              attention_method=attention_method, overlap=False if no_overlap else None, quantize=quantize)
 
 
 @main_group.command()
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="Also report the calibration table this checkpoint would use.")
-def info(weights):
-    """Backend, GPU, library versions, kernel compile status, tuning and calibration tables in use."""
+              help="Also report the calibration table and the weight formats this checkpoint would use.")
+@quantize_option("With --weights: report the formats and bytes --quantize would give.")
+def info(weights, quantize):
+    """Backend, GPU, library versions, kernel compile status, tuning and calibration tables in use, and a
+    checkpoint's weight formats and bytes per decode step."""
     import numpy
 
     from minifd.backend import cupy_or_none
     from minifd.check import describe_platform
+    from minifd.engine import weight_dtype
     from minifd.kernels import dispatch
     from minifd.tuning import dispatch_table_lines
 
-    calibration = calibration_line(weights) if weights is not None else None  # a bad --weights stops us first
-    click.echo(f"minifd {minifd_version()}, numpy {numpy.__version__}")
+    if quantize is not None and weights is None:
+        raise MinifdError("--quantize describes a checkpoint's weights: give --weights")
     cupy = cupy_or_none()
+    checkpoint_lines = []
+    if weights is not None:  # a bad --weights stops us before any output
+        checkpoint_lines = checkpoint_info_lines(weights, quantize, weight_dtype(cupy or numpy))
+    click.echo(f"minifd {minifd_version()}, numpy {numpy.__version__}")
     if cupy is None:
         click.echo(f"backend: {describe_platform(numpy)['summary']}: CuPy is not installed or sees no GPU")
         device = dispatch.CPU_DEVICE_NAME
@@ -338,16 +358,38 @@ def info(weights):
         device = gpu.name
     for line in dispatch_table_lines(dispatch.table_path(), [device]):
         click.echo(line)
-    if calibration is not None:
-        click.echo(calibration)
+    for line in checkpoint_lines:
+        click.echo(line)
 
 
-def calibration_line(weights):
-    """The unified max values phi the kernels use for this checkpoint, in one line."""
-    from minifd.kernels.softmax_range import DEFAULT_SOFTMAX_RANGE, load_softmax_ranges
+def checkpoint_info_lines(weights, quantize, dtype):
+    """The calibration in use, each projection's format and the bytes a decode step streams, as lines."""
+    import numpy
+
+    from minifd.engine import check_quantize
     from minifd.model.loader import open_checkpoint
+    from minifd.model.weights import projection_formats, streamed_bytes_per_step
 
     checkpoint = open_checkpoint(weights)
+    check_quantize(checkpoint, quantize)
+    lines = [calibration_line(checkpoint), f"weights, held as on this machine ({numpy.dtype(dtype).name} "
+             f"arrays){'' if quantize is None else ', with --quantize ' + quantize}:"]
+    for f in projection_formats(checkpoint, quantize, dtype):
+        layers = f" x {f.count} layers" if f.count > 1 else ""
+        lines.append(f"  {f.projection:<9} {list(f.shape)}{layers}: {f.format}, {f.bits_per_weight:g} bits/weight "
+                     f"({f.description}), {f.nbytes / 1e6:.3g} MB")
+    lines.append(f"bytes per decode step: {streamed_bytes_per_step(checkpoint, quantize, dtype) / 1e6:.3g} MB "
+                 "(the projections above and the norms; the embedding table gives one row per token)")
+    if quantize is not None and dtype == numpy.float16:
+        lines.append(f"  (no GPU kernel reads {quantize} codes yet: the GPU holds them dequantized to float16, "
+                     f"{streamed_bytes_per_step(checkpoint, None, dtype) / 1e6:.3g} MB per step)")
+    return lines
+
+
+def calibration_line(checkpoint):
+    """The unified max values phi the kernels use for this checkpoint, in one line."""
+    from minifd.kernels.softmax_range import DEFAULT_SOFTMAX_RANGE, load_softmax_ranges
+
     config, path = checkpoint.config, checkpoint.softmax_ranges_path
     ranges = load_softmax_ranges(path, config.n_layers)
     if not path.is_file():

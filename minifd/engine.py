@@ -3,6 +3,7 @@
 Both go through one loop (Engine._run): sequences are prefilled from the first position their KV-cache
 slot does not hold yet, then decoded together step by step until their stop rules end them."""
 
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -15,7 +16,9 @@ from minifd.errors import MinifdError
 from minifd.kernels.softmax_range import load_softmax_ranges
 from minifd.model.chat_template import ChatTemplate
 from minifd.model.llama import KVCache, Llama
+from minifd.model.gguf import GGUFCheckpoint
 from minifd.model.loader import open_checkpoint
+from minifd.model.quantized import QUANTIZERS
 from minifd.model.weights import expected_shapes, load_weights
 from minifd.decode_step import NON_FINITE, DecodeStep
 from minifd.progress import ProgressBar
@@ -80,20 +83,22 @@ class Engine:
 
     @classmethod
     def load(cls, weights_dir, device="auto", max_context=None, progress=None, use_graph=True,
-             prefill_chunk=PREFILL_CHUNK_TOKENS, chat_template=None):
+             prefill_chunk=PREFILL_CHUNK_TOKENS, chat_template=None, quantize=None):
         """weights_dir: a Hugging Face Llama directory (config.json, tokenizer.json, *.safetensors) or a
         llama.cpp .gguf file (minifd/model/gguf.py).
 
         max_context: the most positions (prompt + new tokens) a sequence may take, at most the model's
         window; progress: progress bars on stderr (None: when stderr is a terminal); prefill_chunk:
         prompt positions per prefill call; chat_template: a Jinja chat template file to use instead of
-        the checkpoint's own.
+        the checkpoint's own; quantize: None, "int8" or "int4": round a safetensors checkpoint's
+        projections to that format at load (minifd/model/quantized.py, minifd/model/weights.py).
         """
         if max_context is not None and max_context < 1:
             raise MinifdError(f"max_context must be >= 1, not {max_context}", parameter="max_context")
         if prefill_chunk < 1:
             raise MinifdError(f"prefill_chunk must be >= 1, not {prefill_chunk}", parameter="prefill_chunk")
         checkpoint = open_checkpoint(weights_dir)
+        check_quantize(checkpoint, quantize)
         xp = array_module(device)
         config = checkpoint.config
         tokenizer = checkpoint.tokenizer()
@@ -101,10 +106,14 @@ class Engine:
             chat_template = ChatTemplate.from_file(chat_template, tokenizer.special_tokens)
         else:
             chat_template = checkpoint.chat_template(tokenizer.special_tokens)
-        # On the GPU a GGUF's tensors, dequantized to float32, become float16 like any other checkpoint's.
-        dtype = np.float16 if is_gpu(xp) else np.float32
+        # On the GPU a GGUF's tensors, dequantized to float32, become float16 like any other checkpoint's,
+        # and so do the projections `quantize` rounds, until kernels read the codes themselves.
+        dtype = weight_dtype(xp)
+        if quantize is not None and is_gpu(xp):
+            print(f"minifd: note: quantize {quantize}: no GPU kernel reads quantized weights yet, so they are "
+                  f"dequantized to fp16 at load ({quantize}'s rounding at fp16's speed and memory)", file=sys.stderr)
         try:
-            weights = load_weights(checkpoint, config, xp, dtype, progress=progress)
+            weights = load_weights(checkpoint, config, xp, dtype, progress=progress, quantize=quantize)
         except out_of_memory_errors(xp):
             needed = sum(np.prod(shape) for shape in expected_shapes(config).values()) * np.dtype(dtype).itemsize
             raise MinifdError(f"out of memory loading the weights: they need {needed / 2**30:.1f} GiB as "
@@ -303,6 +312,23 @@ class Engine:
         seen = None if seen is None else self.xp.asarray(seen)
         chosen = self.xp.where(finite, sample(logits, params, uniforms.random(logits.shape[0]), seen), NON_FINITE)
         return [int(t) for t in to_numpy(chosen)]
+
+
+def check_quantize(checkpoint, quantize):
+    """quantize is None, or a format whose rounding applies to this checkpoint (not to a GGUF file)."""
+    if quantize is None:
+        return
+    if quantize not in QUANTIZERS:
+        raise MinifdError(f"quantize must be one of {', '.join(QUANTIZERS)} or None, not {quantize!r}",
+                          parameter="quantize")
+    if isinstance(checkpoint, GGUFCheckpoint):
+        raise MinifdError(f"{checkpoint.dir} is a GGUF file, quantized as it stands: quantize {quantize} "
+                          "applies to fp16, bf16 or fp32 safetensors checkpoints", parameter="quantize")
+
+
+def weight_dtype(xp):
+    """The dtype the weights are held in: float16 on the GPU, float32 on the CPU."""
+    return np.float16 if is_gpu(xp) else np.float32
 
 
 def raise_non_finite(tokens, step):

@@ -9,33 +9,18 @@ from minifd.fixture import fixture_dir, fixture_ready, shipped_gguf
 from minifd.decode_step import DecodeStep
 from minifd.model.llama import KVCache
 from minifd.sampling import SamplingParams
+from agreement import TEXT, teacher_forced_argmax
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not fixture_ready(), reason="SmolLM2 fixture not prepared"),
 ]
 
-TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
-        "movable metal type, oil-based ink and a wooden press into a system that could produce books quickly. "
-        "Within a few decades printing shops had spread across Europe, and the price of books fell sharply. "
-        "Scholars could compare identical copies of a text, which changed how knowledge was checked and shared.")
-
 
 @pytest.fixture(scope="module")
 def engines():
     return (minifd.load(fixture_dir(), device="cpu", progress=False),
             minifd.load(fixture_dir(), device="cuda", progress=False))
-
-
-def teacher_forced_argmax(engine, tokens):
-    """Feed `tokens` one at a time through prefill + decode -> the argmax after each position."""
-    xp = engine.xp
-    cache = KVCache.allocate(engine.config, 1, len(tokens), xp, engine.model.dtype)
-    choices = [int(engine.model.prefill(cache, 0, tokens[:1]).argmax())]
-    for position in range(1, len(tokens)):
-        logits = engine.model.decode(cache, np.array([tokens[position]]), np.array([position], dtype=np.int32))
-        choices.append(int(logits[0].argmax()))
-    return np.array(choices)
 
 
 def test_teacher_forced_top1_agreement_with_the_cpu_path(engines):
@@ -141,4 +126,15 @@ def test_the_shipped_gguf_dequantized_to_fp16_agrees_with_its_float32_cpu_path()
     tokens = cpu.tokenizer.encode(TEXT)
     agreement = (teacher_forced_argmax(cpu, tokens) == teacher_forced_argmax(gpu, tokens)).mean()
     print(f"GGUF: teacher-forced top-1 agreement over {len(tokens)} positions: {agreement:.4f}")
+    assert agreement >= 0.99
+
+
+def test_quantized_weights_dequantized_to_fp16_agree_with_their_float32_cpu_path(capfd):
+    """Until kernels read the codes, --quantize on the GPU holds the rounded weights as fp16."""
+    cpu, gpu = (minifd.load(fixture_dir(), device=device, progress=False, quantize="int4") for device in ("cpu", "cuda"))
+    assert "no GPU kernel reads quantized weights yet" in capfd.readouterr().err
+    assert gpu.model.weights.layers[0].wqkv.dtype == np.float16 and not gpu.model.weights.quantized
+    tokens = cpu.tokenizer.encode(TEXT)
+    agreement = (teacher_forced_argmax(cpu, tokens) == teacher_forced_argmax(gpu, tokens)).mean()
+    print(f"int4: teacher-forced top-1 agreement over {len(tokens)} positions: {agreement:.4f}")
     assert agreement >= 0.99

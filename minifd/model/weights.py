@@ -6,15 +6,22 @@ matrix (rows interleaved so the SwiGLU gate can run in the product's epilogue), 
 runs two large products instead of five small ones. Tensors are converted
 one at a time, moved to the device straight away, and their mapped pages released: peak host memory
 stays near one tensor however large the checkpoint.
+
+With `quantize` ("int8" or "int4", minifd.model.quantized) every projection matrix (wqkv after its
+row arrangement, wo, w_gate_up, w_down, and the LM head unless it is the embedding) is rounded
+group-wise at load; norms and the embedding stay as they are. No kernel reads the codes yet: the
+layers hold each projection's dequantization as `dtype`: on the CPU the exact float32 reference,
+with the quantized matrices themselves in Weights.quantized; on the GPU float16, the codes dropped.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from minifd.errors import MinifdError
 from minifd.kernels.rope import pair_rotary_rows
 from minifd.kernels.silu_mul import interleave_gate_up, padded_features
+from minifd.model.quantized import FORMATS, QUANTIZERS
 from minifd.progress import ProgressBar
 
 
@@ -34,11 +41,63 @@ class Weights:
     layers: list
     norm: object  # [hidden]
     lm_head: object  # [vocab, hidden]; the embedding itself when tied
+    quantized: dict = field(default_factory=dict)  # CPU: "layers.{i}.{projection}" or "lm_head" -> Int8Groups | Int4Groups
 
     def nbytes_streamed_per_step(self):
         """Bytes a decode step reads from weights: everything but the embedding table (one row per token)."""
         total = sum(w.nbytes for layer in self.layers for w in vars(layer).values())
         return total + self.norm.nbytes + self.lm_head.nbytes
+
+
+def projection_shapes(config):
+    """-> {LayerWeights projection: [N, K] as the layer holds it}, the fused and padded layouts included."""
+    hidden, features = config.hidden_size, padded_features(config.intermediate_size)
+    q_rows, kv_rows = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    return {"wqkv": (q_rows + 2 * kv_rows, hidden), "wo": (hidden, q_rows),
+            "w_gate_up": (2 * features, hidden), "w_down": (hidden, features)}
+
+
+@dataclass
+class ProjectionFormat:
+    """How one kind of projection is held: its [N, K], in how many layers, in which format."""
+
+    projection: str  # a LayerWeights field, or "lm_head"
+    shape: tuple  # [N, K]
+    count: int  # layers holding one such matrix (1 for the LM head)
+    format: str  # "int8", "int4", or the dtype's name ("float16", "float32")
+    bits_per_weight: float
+    description: str  # the format's layout in words
+
+    @property
+    def nbytes(self):
+        return int(self.shape[0] * self.shape[1] * self.count * self.bits_per_weight) // 8
+
+
+def projection_formats(checkpoint, quantize, dtype):
+    """-> [ProjectionFormat] of every product's weight, as load_weights(checkpoint, ..., dtype, quantize=
+    quantize) would hold it, from the checkpoint's config alone (no tensor is read)."""
+    config = checkpoint.config
+    dense = np.dtype(dtype)
+    dense_bits, dense_text = 8 * dense.itemsize, "not quantized"
+    rounded = FORMATS.get(quantize)
+    bits, text = (rounded.bits_per_weight, rounded.layout) if rounded else (dense_bits, dense_text)
+    formats = [ProjectionFormat(name, shape, config.n_layers, quantize or dense.name, bits, text)
+               for name, shape in projection_shapes(config).items()]
+    head_shape = (config.vocab_size, config.hidden_size)
+    if lm_head_name(checkpoint, config) == "lm_head.weight":
+        formats.append(ProjectionFormat("lm_head", head_shape, 1, quantize or dense.name, bits, text))
+    else:
+        formats.append(ProjectionFormat("lm_head", head_shape, 1, dense.name, dense_bits,
+                                        "the embedding itself (tied), not quantized"))
+    return formats
+
+
+def streamed_bytes_per_step(checkpoint, quantize, dtype):
+    """Bytes of weights a decode step reads in these formats: every product's weight and the norms
+    (the embedding table gives one row per token and is not counted)."""
+    config = checkpoint.config
+    norms = (2 * config.n_layers + 1) * config.hidden_size * np.dtype(dtype).itemsize
+    return sum(f.nbytes for f in projection_formats(checkpoint, quantize, dtype)) + norms
 
 
 def expected_shapes(config):
@@ -84,26 +143,34 @@ def check_checkpoint(checkpoint, config):
             )
 
 
-def load_weights(checkpoint, config, xp, dtype, progress=None):
-    """checkpoint: a minifd.model.loader Checkpoint or InMemoryCheckpoint -> Weights as `dtype` arrays of module `xp`."""
+def load_weights(checkpoint, config, xp, dtype, progress=None, quantize=None):
+    """checkpoint: a minifd.model.loader Checkpoint or InMemoryCheckpoint -> Weights as `dtype` arrays of module `xp`.
+    quantize: None, "int8" or "int4": the projections' format (the module docstring says how)."""
     check_checkpoint(checkpoint, config)
+    quantized = {}
     names = list(expected_shapes(config))
     head = lm_head_name(checkpoint, config)
     if head != "model.embed_tokens.weight":
         names.append(head)
     bar = ProgressBar("Loading weights", sum(checkpoint.nbytes(n) for n in names), 2**20, "MiB", enabled=progress)
 
-    def fetch(*tensor_names, arrange=None):
+    def fetch(*tensor_names, arrange=None, projection=None):
         """-> the named tensors converted to dtype, stacked along rows (or put together by
-        arrange(parts)), on the device."""
+        arrange(parts)), on the device; a projection (its Weights.quantized key) is quantized first."""
+        rounded = quantize is not None and projection is not None
         parts = []
         for name in tensor_names:
-            parts.append(_to_dtype(checkpoint, name, dtype))
+            parts.append(_to_dtype(checkpoint, name, np.float32 if rounded else dtype))
             bar.advance(checkpoint.nbytes(name))
         if arrange is not None:
             host = arrange(*parts)
         else:
             host = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        if rounded:
+            matrix = QUANTIZERS[quantize](host)
+            host = matrix.dequantize().astype(dtype, copy=False)
+            if xp is np:  # the GPU, with no kernel that reads codes yet, keeps only their dequantization
+                quantized[projection] = matrix
         placed = xp.asarray(host)
         if xp is not np or host.flags.owndata:  # the file's pages are no longer read: let them go
             for name in tensor_names:
@@ -118,16 +185,18 @@ def load_weights(checkpoint, config, xp, dtype, progress=None):
             attn_norm=fetch(p + "input_layernorm.weight"),
             wqkv=fetch(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight",
                        arrange=lambda q, k, v: np.concatenate([pair_rotary_rows(q, config.head_dim),
-                                                               pair_rotary_rows(k, config.head_dim), v])),
-            wo=fetch(p + "self_attn.o_proj.weight"),
+                                                               pair_rotary_rows(k, config.head_dim), v]),
+                       projection=f"layers.{i}.wqkv"),
+            wo=fetch(p + "self_attn.o_proj.weight", projection=f"layers.{i}.wo"),
             mlp_norm=fetch(p + "post_attention_layernorm.weight"),
-            w_gate_up=fetch(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", arrange=interleave_gate_up),
-            w_down=fetch(p + "mlp.down_proj.weight", arrange=pad_down_columns),
+            w_gate_up=fetch(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", arrange=interleave_gate_up,
+                            projection=f"layers.{i}.w_gate_up"),
+            w_down=fetch(p + "mlp.down_proj.weight", arrange=pad_down_columns, projection=f"layers.{i}.w_down"),
         ))
     norm = fetch("model.norm.weight")
-    lm_head = embed if head == "model.embed_tokens.weight" else fetch(head)
+    lm_head = embed if head == "model.embed_tokens.weight" else fetch(head, projection="lm_head")
     bar.close()
-    return Weights(embed, layers, norm, lm_head)
+    return Weights(embed, layers, norm, lm_head, quantized)
 
 
 def pad_down_columns(down):

@@ -1,0 +1,161 @@
+"""Quantized weight formats: what a dequantizing GEMV would stream for a projection W [N, K].
+
+Both formats keep W row-major (row n = output n, as Hugging Face stores it) and cut every row into
+groups of GROUP = 32 consecutive weights along K, each group with its own fp16 scale (and min): a
+kernel streaming a row reads its codes in order, and one scale (and min) per 32 of them from arrays
+of their own, row-major [N, K / 32] too:
+
+| format | one weight w = | codes | per group of 32 | bits per weight |
+| --- | --- | --- | --- | --- |
+| int8 | s * q | int8 q, [N, K] | fp16 s, [N, K / 32] | 8 + 16 / 32 = 8.5 |
+| int4 | d * q + m | 4-bit q in [0, 15], two per byte, [N, K / 2] | fp16 d and m, [N, K / 32] each | 4 + 32 / 32 = 5 |
+
+int8 is symmetric: with 255 levels the step s = max|w| / 127 is fine already, and no min keeps the
+product a plain integer dot product scaled once per group. int4 is asymmetric: 16 levels are few,
+and a group's weights are rarely centred on zero, so a symmetric grid would leave levels unused on
+the side the group does not reach; spanning exactly [min, max] gives the finest step 16 levels
+allow. Their arithmetic is GGUF's Q8_0 (w = d * q) and Q4_1 (w = d * q + m), so those blocks, and
+Q4_0's (d * (q - 8) = d * q - 8d), map onto these formats without changing a single weight.
+
+quantize_int8(w) and quantize_int4(w) round to nearest, group by group. The fp16 scale (and min)
+are rounded outward, so every weight lies inside its group's grid (no code clips) and a weight
+moves by at most half its group's step: |w - dequantize(w)| <= step / 2 (max_error()), plus the
+float32 rounding of dequantizing. The functions take NumPy or CuPy arrays and keep to that module.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from minifd.errors import MinifdError
+
+GROUP = 32  # weights per group along K, each group with its own scale (and min)
+
+
+def _array_module(array):
+    """numpy, or cupy for a cupy array (without importing cupy otherwise)."""
+    if isinstance(array, np.ndarray):
+        return np
+    import cupy
+
+    return cupy.get_array_module(array)
+
+
+def _groups(w):
+    """w: [N, K] -> [N, K / GROUP, GROUP] float32 (a view when w is float32 already)."""
+    n, k = w.shape
+    if k % GROUP:
+        raise MinifdError(f"quantizing a [{n}, {k}] weight needs K a multiple of {GROUP}, not {k}")
+    return w.astype(np.float32, copy=False).reshape(n, k // GROUP, GROUP)
+
+
+def _fp16_outward(value, xp, direction):
+    """float32 value -> the fp16 nearest to it, moved one fp16 step in `direction` (+1 or -1) where
+    rounding went the other way: fp16(value) >= value for +1, <= value for -1."""
+    rounded = value.astype(np.float16)
+    if not bool(xp.isfinite(rounded).all()):
+        raise MinifdError("weights beyond what fp16 scales hold (|w| up to about 1e6), or not finite: "
+                          "they cannot be quantized")
+    wrong_side = (rounded.astype(np.float32) - value) * direction < 0
+    stepped = xp.nextafter(rounded, xp.asarray(np.inf * direction, dtype=np.float16))
+    return xp.where(wrong_side, stepped, rounded)
+
+
+@dataclass
+class Int8Groups:
+    """int8 codes with one fp16 scale per group of 32 along K: w = s * q; 8.5 bits per weight."""
+
+    codes: object  # [N, K] int8 (quantize_int8 gives -127..127; Q8_0 blocks may hold -128 too)
+    scales: object  # [N, K / GROUP] float16
+
+    name: ClassVar[str] = "int8"
+    bits_per_weight: ClassVar[float] = 8 + 16 / GROUP
+    layout: ClassVar[str] = "int8 codes, an fp16 scale per 32 weights along K"
+
+    @property
+    def shape(self):
+        return self.codes.shape
+
+    @property
+    def nbytes(self):
+        return self.codes.nbytes + self.scales.nbytes
+
+    def dequantize(self):
+        """-> [N, K] float32, s * q."""
+        n, k = self.codes.shape
+        codes = self.codes.reshape(n, k // GROUP, GROUP).astype(np.float32)
+        return (codes * self.scales.astype(np.float32)[:, :, None]).reshape(n, k)
+
+    def max_error(self):
+        """-> [N, K / GROUP] float32: half of each group's step s, the most round to nearest moves a weight."""
+        return self.scales.astype(np.float32) / 2
+
+
+@dataclass
+class Int4Groups:
+    """4-bit codes with an fp16 scale and min per group of 32 along K: w = d * q + m; 5 bits per weight.
+    Byte j of a row holds weight 2j in its low nibble and weight 2j + 1 in its high nibble."""
+
+    packed: object  # [N, K / 2] uint8
+    scales: object  # [N, K / GROUP] float16: d
+    mins: object  # [N, K / GROUP] float16: m
+
+    name: ClassVar[str] = "int4"
+    bits_per_weight: ClassVar[float] = 4 + 32 / GROUP
+    layout: ClassVar[str] = "4-bit codes, an fp16 scale and min per 32 weights along K"
+
+    @property
+    def shape(self):
+        n, half_k = self.packed.shape
+        return n, 2 * half_k
+
+    @property
+    def nbytes(self):
+        return self.packed.nbytes + self.scales.nbytes + self.mins.nbytes
+
+    def codes(self):
+        """-> [N, K] uint8 codes in [0, 15]."""
+        xp = _array_module(self.packed)
+        n, k = self.shape
+        return xp.stack([self.packed & 0x0F, self.packed >> 4], axis=-1).reshape(n, k)
+
+    def dequantize(self):
+        """-> [N, K] float32, d * q + m."""
+        n, k = self.shape
+        codes = self.codes().reshape(n, k // GROUP, GROUP).astype(np.float32)
+        scales, mins = self.scales.astype(np.float32)[:, :, None], self.mins.astype(np.float32)[:, :, None]
+        return (codes * scales + mins).reshape(n, k)
+
+    def max_error(self):
+        """-> [N, K / GROUP] float32: half of each group's step d."""
+        return self.scales.astype(np.float32) / 2
+
+
+def quantize_int8(w):
+    """w: [N, K] (K a multiple of 32) -> Int8Groups: s = max|w| / 127 per group (fp16, rounded up),
+    q = round(w / s)."""
+    xp = _array_module(w)
+    groups = _groups(w)  # [N, K / GROUP, GROUP]
+    scales = _fp16_outward(xp.abs(groups).max(axis=-1) / 127, xp, +1)  # [N, K / GROUP]
+    step = scales.astype(np.float32)[:, :, None]
+    codes = xp.where(step > 0, xp.rint(groups / xp.where(step > 0, step, 1)), 0)
+    return Int8Groups(codes.astype(np.int8).reshape(w.shape), scales)
+
+
+def quantize_int4(w):
+    """w: [N, K] (K a multiple of 32) -> Int4Groups: m = min w per group (fp16, rounded down),
+    d = (max w - m) / 15 (fp16, rounded up), q = round((w - m) / d)."""
+    xp = _array_module(w)
+    groups = _groups(w)  # [N, K / GROUP, GROUP]
+    mins = _fp16_outward(groups.min(axis=-1), xp, -1)  # [N, K / GROUP]
+    low = mins.astype(np.float32)[:, :, None]
+    scales = _fp16_outward((groups.max(axis=-1) - low[:, :, 0]) / 15, xp, +1)
+    step = scales.astype(np.float32)[:, :, None]
+    codes = xp.where(step > 0, xp.rint((groups - low) / xp.where(step > 0, step, 1)), 0)
+    codes = xp.clip(codes, 0, 15).astype(np.uint8).reshape(w.shape[0], -1, 2)  # [N, K / 2, 2]
+    return Int4Groups(codes[:, :, 0] | (codes[:, :, 1] << 4), scales, mins)
+
+
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
+FORMATS = {"int8": Int8Groups, "int4": Int4Groups}

@@ -1,0 +1,140 @@
+"""Quantized weight formats (minifd/model/quantized.py) and --quantize: the round trip stays within
+half a step, the bits per weight are the formats' own, and the fixture keeps its top-1 choices."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import minifd
+from minifd.cli import main
+from minifd.engine import weight_dtype
+from minifd.fixture import fixture_dir, fixture_ready, shipped_gguf
+from minifd.model.loader import open_checkpoint
+from minifd.model.quantized import GROUP, FORMATS, QUANTIZERS, quantize_int4, quantize_int8
+from minifd.model.weights import projection_formats, streamed_bytes_per_step
+from agreement import TEXT, teacher_forced_argmax
+from tiny_model import tiny_model
+
+weight_matrices = st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(-9, 3)).flatmap(
+    lambda shape: arrays(np.float32, (shape[0], shape[1] * GROUP),
+                         elements=st.floats(-1, 1, width=32)).map(lambda w: w * np.float32(10.0 ** shape[2])))
+
+
+@given(weight_matrices, st.sampled_from(sorted(QUANTIZERS)))
+def test_round_trip_moves_each_weight_at_most_half_its_groups_step(w, name):
+    quantized = QUANTIZERS[name](w)
+    n, k = w.shape
+    moved = np.abs(quantized.dequantize() - w).reshape(n, k // GROUP, GROUP)
+    largest = np.abs(w).reshape(n, k // GROUP, GROUP).max(axis=-1, keepdims=True)
+    bound = quantized.max_error()[:, :, None] * (1 + 2**-16) + largest * 2**-20  # + float32 rounding
+    assert (moved <= bound).all()
+
+
+@given(weight_matrices)
+def test_int8_step_is_the_groups_largest_magnitude_over_127_and_int4_spans_min_to_max(w):
+    groups = w.reshape(w.shape[0], -1, GROUP)
+    int8, int4 = quantize_int8(w), quantize_int4(w)
+    step8 = int8.scales.astype(np.float64)
+    assert (step8 * 127 >= np.abs(groups).max(axis=-1)).all()
+    assert (step8 <= np.abs(groups).max(axis=-1) / 127 * (1 + 2**-10) + 2**-24).all()  # one fp16 rounding
+    low, step4 = int4.mins.astype(np.float64), int4.scales.astype(np.float64)
+    assert (low <= groups.min(axis=-1)).all() and (low + 15 * step4 >= groups.max(axis=-1)).all()
+    assert int8.codes.min() >= -127 and int4.codes().max() <= 15
+
+
+def test_bits_per_weight_and_bytes():
+    w = np.random.default_rng(0).standard_normal((96, 8 * GROUP)).astype(np.float32)
+    assert (FORMATS["int8"].bits_per_weight, FORMATS["int4"].bits_per_weight) == (8.5, 5.0)
+    for name, quantize in QUANTIZERS.items():
+        quantized = quantize(w)
+        assert quantized.shape == w.shape
+        assert quantized.nbytes * 8 == w.size * quantized.bits_per_weight, name
+
+
+def test_int4_packs_weight_2j_in_the_low_nibble_of_byte_j():
+    w = np.tile(np.arange(16, dtype=np.float32), 2)[None, :]  # [1, 32]: codes 0..15 with d = 1, m = 0
+    quantized = quantize_int4(w)
+    assert quantized.packed[0, :8].tolist() == [0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE]
+    assert quantized.codes()[0].tolist() == w[0].tolist()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory, _, _ = tiny_model(tmp_path_factory.mktemp("quantized") / "m", dtype="F16")
+    return directory
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+def test_loading_quantized_holds_the_dequantized_projections_and_info_counts_their_bytes(model_dir, name):
+    engine = minifd.load(model_dir, device="cpu", progress=False, quantize=name)
+    weights, layer = engine.model.weights, engine.model.weights.layers[1]
+    assert sorted(weights.quantized) == sorted([f"layers.{i}.{p}" for i in range(2)
+                                                for p in ("wqkv", "wo", "w_gate_up", "w_down")] + ["lm_head"])
+    for projection in ("wqkv", "wo", "w_gate_up", "w_down"):
+        held = getattr(layer, projection)
+        assert held.dtype == np.float32
+        assert np.array_equal(held, weights.quantized[f"layers.1.{projection}"].dequantize())
+    plain = minifd.load(model_dir, device="cpu", progress=False)
+    assert np.array_equal(layer.attn_norm, plain.model.weights.layers[1].attn_norm)
+    assert np.array_equal(weights.embed, plain.model.weights.embed)
+
+    checkpoint, dtype = open_checkpoint(model_dir), weight_dtype(np)
+    norms = sum(w.nbytes for w in [weights.norm] + [l.attn_norm for l in weights.layers] + [l.mlp_norm for l in weights.layers])
+    assert streamed_bytes_per_step(checkpoint, name, dtype) == sum(q.nbytes for q in weights.quantized.values()) + norms
+    assert streamed_bytes_per_step(checkpoint, None, dtype) == plain.model.weights.nbytes_streamed_per_step()
+    assert {f.format for f in projection_formats(checkpoint, name, dtype)} == {name}
+
+
+def test_a_tied_lm_head_stays_the_embedding(tmp_path):
+    directory, _, _ = tiny_model(tmp_path / "m", tie=True)
+    weights = minifd.load(directory, device="cpu", progress=False, quantize="int4").model.weights
+    assert "lm_head" not in weights.quantized and weights.lm_head is weights.embed
+
+
+def test_info_reports_formats_and_bytes_per_step(model_dir, capsys):
+    main(["info", "--weights", str(model_dir), "--quantize", "int4"])
+    out = capsys.readouterr().out
+    assert "  w_gate_up [192, 64] x 2 layers: int4, 5 bits/weight" in out
+    assert "bytes per decode step:" in out
+
+
+def one_line_error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_quantize_errors_are_one_line_exit_2(model_dir, tmp_path, capsys):
+    assert "'int3' is not one of 'int8', 'int4'" in one_line_error(
+        capsys, ["run", "--weights", str(model_dir), "--quantize", "int3", "hi"])
+    if shipped_gguf() is not None:
+        assert "is a GGUF file, quantized as it stands: --quantize int8 applies to" in one_line_error(
+            capsys, ["run", "--weights", str(shipped_gguf()), "--quantize", "int8", "hi"])
+    odd, _, _ = tiny_model(tmp_path / "odd", hidden_size=48, n_heads=4, n_kv_heads=2)
+    assert "multiple of 32" in one_line_error(capsys, ["run", "--weights", str(odd), "--quantize", "int8", "hi"])
+    assert "give --weights" in one_line_error(capsys, ["info", "--quantize", "int8"])
+    with pytest.raises(minifd.errors.MinifdError, match="quantize must be one of int8, int4"):
+        minifd.load(model_dir, device="cpu", quantize="fp8")
+
+
+@pytest.fixture(scope="module")
+def float32_choices():
+    """-> (the fixture's tokens of TEXT, its float32 engine's teacher-forced top-1 choices)."""
+    engine = minifd.load(fixture_dir(), device="cpu", progress=False)
+    tokens = engine.tokenizer.encode(TEXT)
+    return tokens, teacher_forced_argmax(engine, tokens)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fixture_ready(), reason="SmolLM2 fixture not prepared")
+@pytest.mark.parametrize("name, target", [("int8", 0.98), ("int4", 0.95)])
+def test_quantized_smollm2_keeps_its_teacher_forced_top1_choices(float32_choices, name, target):
+    tokens, reference = float32_choices
+    quantized = minifd.load(fixture_dir(), device="cpu", progress=False, quantize=name)
+    agreement = (teacher_forced_argmax(quantized, tokens) == reference).mean()
+    print(f"--quantize {name}: teacher-forced top-1 agreement with float32 over {len(tokens)} positions: {agreement:.4f}")
+    assert agreement >= target
