@@ -46,8 +46,9 @@ def linear(x, weight, *, norm=None, residual=None, gated=False, rotary=None, imp
     norm: None or an RMSNorm (minifd.kernels.rms_norm) applied to x first; gated: the weight's rows
     are gate/up interleaved (minifd.kernels.silu_mul) and y is SiLU(gate) * up; residual: None or
     [M, N(/2)] added last; rotary: None or a minifd.kernels.rope.Rotary: the product is the fused
-    QKV projection (q, k rows paired), and RoPE and the KV-cache write follow it. impl: None (the dispatcher picks from M and the tuned table) or one of
-    "gemv", "flat_gemm", "library" to force an implementation. launch (minifd.kernels.launch): how the
+    QKV projection (q, k rows paired), and RoPE and the KV-cache write follow it. impl: None (the
+    dispatcher picks from M and the tuned table) or one of "gemv", "flat_gemm", "library" to force
+    an implementation. launch (minifd.kernels.launch): how the
     kernels are launched, and whether the call is being recorded into a CUDA graph (the dispatcher
     then never picks the library). GPU: float16 in and
     out for the kernels; other dtypes take the library path (forcing a kernel on them is a
