@@ -14,7 +14,7 @@ from minifd.backend import cupy_or_none
 from minifd.errors import MinifdError
 from minifd.kernels import attention
 from minifd.kernels.decode_attention import UNIFIED_MAX_KERNEL
-from minifd.kernels.decode_attention_mma import TENSOR_CORE_KERNEL, round_to_tf32
+from minifd.kernels.decode_attention_mma import TENSOR_CORE_KERNEL, TENSOR_CORE_SPLIT_SIZES, round_to_tf32
 from minifd.kernels.decode_split_kv import SPLIT_SIZES, choose_keys_per_split, heads_per_block, plan_for
 from minifd.kernels.softmax_range import SoftmaxRange
 from minifd.properties import PROPERTIES
@@ -113,6 +113,23 @@ def test_split_size_fills_the_gpu_and_depends_only_on_capacity(blocks_per_split,
         assert blocks_per_split * math.ceil(max_seq / size) >= 4 * sms
     if size != SPLIT_SIZES[-1]:  # the next larger size would not have filled the GPU
         assert blocks_per_split * math.ceil(max_seq / (2 * size)) < 4 * sms
+
+
+@given(st.integers(1, 512), st.integers(1, 1 << 17), st.integers(1, 256))
+def test_tensor_core_split_size_is_the_nearest_wave(blocks_per_split, max_seq, sms):
+    size = TENSOR_CORE_KERNEL.keys_per_split(blocks_per_split, max_seq, sms)
+    assert size in TENSOR_CORE_SPLIT_SIZES
+
+    def distance(s):  # of the grid from one wave of 2 blocks per SM, as a ratio
+        return abs(math.log(blocks_per_split * math.ceil(max_seq / s) / (2 * sms)))
+    assert all(distance(size) <= distance(other) for other in TENSOR_CORE_SPLIT_SIZES)
+
+
+def test_tensor_core_split_sizes_measured_on_the_h200():
+    # GQA 32/8 (8 head groups per sequence) on 132 SMs: the sizes the BENCHMARKS.md sweep found fastest
+    cases = {(1, 8192): 512, (1, 32768): 1024, (1, 131072): 4096, (8, 8192): 2048, (8, 131072): 4096}
+    for (batch, max_seq), best in cases.items():
+        assert TENSOR_CORE_KERNEL.keys_per_split(8 * batch, max_seq, 132) == best
 
 
 def test_heads_per_block_divides_the_group():

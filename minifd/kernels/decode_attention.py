@@ -16,7 +16,7 @@ sm_80+ the plan runs the tensor-core kernel instead (decode_attention_mma.py).
 import numpy as np
 
 from minifd.kernels.decode_attention_mma import TENSOR_CORE_KERNEL
-from minifd.kernels.decode_split_kv import (CPU_KEYS_PER_SPLIT, THREADS_PER_BLOCK, SplitKernel, plan_for,
+from minifd.kernels.decode_split_kv import (CPU_KEYS_PER_SPLIT, SplitKernel, plan_for,
                                             unified_max_emulated)
 from minifd.kernels.launch import PLAIN
 
@@ -44,7 +44,7 @@ def decode_attention_gpu(q, k_cache, v_cache, lengths, softmax_range, recompute_
                              tensor_cores)
     phi, low, high = (np.float32(value) for value in softmax_range.in_log2_units())
     out = cupy.empty(q.shape, cupy.float16)
-    launch(plan.kernel, plan.grid, (THREADS_PER_BLOCK,),
+    launch(plan.kernel, plan.grid, plan.block,
            (q, k_cache, v_cache, lengths) + plan.shape_args
            + (phi, low, high, plan.partial_acc, plan.partial_den, plan.partial_max, plan.split_unsafe, plan.arrivals,
               out, recompute_counter))

@@ -44,18 +44,18 @@
 //   the warps of a block take adjacent tiles. At the end the warps' partials are added in warp order
 //   through shared memory and stored as decode_split_kv.cuh's partials.
 //
-// Launch geometry: as decode_attention.cu, grid (n_splits, batch * n_heads / GROUP_SIZE), block 128
-// (four groups of 32 lanes: on a 64-wide wavefront each half is one); the plan sizes the splits for
-// 2 resident blocks per SM rather than 4 (decode_attention_mma.py: BLOCKS_PER_SM). On targets
-// without the mma instructions (AMD, NVIDIA before sm_80) portable.cuh runs the same fragments on
-// CUDA cores.
+// Launch geometry: as decode_attention.cu, grid (n_splits, batch * n_heads / GROUP_SIZE), but blocks
+// of DECODE_THREADS = 256 (eight groups of 32 lanes: on a 64-wide wavefront each half is one) with
+// one tile per warp per step, and splits of 512-4096 keys sized to about one wave of two blocks per
+// SM (decode_attention_mma.py says why and what it measured). On targets without the mma
+// instructions (AMD, NVIDIA before sm_80) portable.cuh runs the same fragments on CUDA cores.
 // Workspace and arguments: those of decode_attention.cu. Compile-time parameters: -DHEAD_DIM,
 // -DGROUP_SIZE (at most 8: the n8 columns), -DDECODE_THREADS, -DDECODE_MMA_TILES
 // (decode_attention_mma.py passes them).
 #include "decode_split_kv.cuh"
 
 #ifndef DECODE_MMA_TILES
-#define DECODE_MMA_TILES 2  // 8-key tiles per warp per step whose loads are in flight together
+#define DECODE_MMA_TILES 1  // 8-key tiles per warp per step whose loads are in flight together
 #endif
 
 using namespace split_kv;

@@ -13,17 +13,25 @@ the kernel's other roundings (fp32 tensor-core sums, the score scaled after the 
 reorder float32 arithmetic.
 """
 
+import functools
+
 import numpy as np
 
-from minifd.kernels.decode_split_kv import CPU_KEYS_PER_SPLIT, SplitKernel, unified_max_emulated
+from minifd.kernels.decode_split_kv import (CPU_KEYS_PER_SPLIT, SplitKernel, nearest_wave_keys_per_split,
+                                           unified_max_emulated)
 
-TILES_PER_STEP = 2  # -DDECODE_MMA_TILES: 8-key tiles per warp whose loads are in flight together
-# A block keeps 4 warps x TILES_PER_STEP x 4 KB (K and V of 8 keys at head_dim 128) of loads in flight:
-# two per SM cover the H200's bandwidth x latency per SM (about 4.8 TB/s x 1 us / 132 SMs = 36 KB),
-# and the fewer, longer splits this allows shrink what the last block of each head group must add.
-BLOCKS_PER_SM = 2
+THREADS, TILES_PER_STEP = 256, 1  # -DDECODE_THREADS, -DDECODE_MMA_TILES (8-key tiles per warp in flight together)
+# Swept on an H200 at GQA 32/8, head_dim 128, batch 1 and 8, 8K-128K keys (BENCHMARKS.md): one tile
+# per warp keeps the kernel at 128 registers, two resident 8-warp blocks per SM, and with splits of
+# 512-4096 keys sized to about one wave of those blocks it streams K and V at 66-100% of copy
+# bandwidth, 1.3-2.5x the 4-warp, 2-tile blocks on splits of 4 per SM it replaced. Shorter splits
+# lose: every block pays its start, its partials' store and arrival, and the last block of a head
+# group adds one partial per split.
+TENSOR_CORE_SPLIT_SIZES = (512, 1024, 2048, 4096)
 TENSOR_CORE_KERNEL = SplitKernel("decode_attention_mma.cu", "decode_attention_mma",
-                                 (f"-DDECODE_MMA_TILES={TILES_PER_STEP}",), BLOCKS_PER_SM)
+                                 (f"-DDECODE_MMA_TILES={TILES_PER_STEP}",), THREADS,
+                                 functools.partial(nearest_wave_keys_per_split, blocks_per_sm=2,
+                                                   sizes=TENSOR_CORE_SPLIT_SIZES))
 PROBABILITY_ROUNDOFF = 2.0**-11  # unit roundoff of tf32: the relative error of each rounded p
 
 

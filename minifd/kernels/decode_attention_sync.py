@@ -8,7 +8,7 @@ emulation computes exactly these partials in float32, vectorised over batch, hea
 kernel's running max ends at the split max, so only the rounding order differs).
 """
 
-from minifd.kernels.decode_split_kv import (CPU_KEYS_PER_SPLIT, THREADS_PER_BLOCK, SplitKernel, plan_for,
+from minifd.kernels.decode_split_kv import (CPU_KEYS_PER_SPLIT, SplitKernel, plan_for,
                                             rescaled_combine, running_max_partials, split_scores)
 from minifd.kernels.launch import PLAIN
 
@@ -36,7 +36,7 @@ def decode_attention_sync_gpu(q, k_cache, v_cache, lengths, keys_per_split=None,
 
     plan, lengths = plan_for(SYNC_KERNEL, None, q, k_cache, v_cache, lengths, keys_per_split)
     out = cupy.empty(q.shape, cupy.float16)
-    launch(plan.kernel, plan.grid, (THREADS_PER_BLOCK,),
+    launch(plan.kernel, plan.grid, plan.block,
            (q, k_cache, v_cache, lengths) + plan.shape_args
            + (plan.partial_acc, plan.partial_den, plan.partial_max, plan.arrivals, out))
     return out

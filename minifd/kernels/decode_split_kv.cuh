@@ -11,13 +11,14 @@
 // log2(e) / sqrt(HEAD_DIM) once, so a score costs one dot product.
 //
 // Launch geometry of a split kernel (one launch does the splits and their combine):
-//     grid  = (n_splits, batch * n_heads / GROUP_SIZE), block = 128 threads.
+//     grid  = (n_splits, batch * n_heads / GROUP_SIZE), block = DECODE_THREADS threads (128; the
+//     tensor-core kernel takes 256).
 //     Block (x, y) handles split x of GROUP_SIZE query heads that share one KV head (GQA), so each
 //     K/V row is read once for the whole group. Splits at or beyond lengths[b] exit at once, so the
 //     grid depends only on max_seq and the step can be captured in a CUDA graph.
 //     A "team" of HEAD_DIM / 8 consecutive lanes owns one key at a time: each lane loads 16 bytes
 //     (8 halves) of the key and of the value, the team sums its partial dot products by shuffles, and
-//     the lane accumulates its 8 output dimensions. 128 / team threads = keys in flight per step.
+//     the lane accumulates its 8 output dimensions. DECODE_THREADS / team = keys in flight per step.
 // Partials are written to a workspace indexed by row = b * n_heads + h:
 //     partial_acc [rows, n_splits, HEAD_DIM], partial_den and partial_max [rows, n_splits] (fp32).
 // The combine is fused into the same launch: every active split block, once its partials are
@@ -37,7 +38,7 @@
 #define GROUP_SIZE 4
 #endif
 #ifndef DECODE_THREADS
-#define DECODE_THREADS 128  // decode_split_kv.py passes its THREADS_PER_BLOCK
+#define DECODE_THREADS 128  // decode_split_kv.py passes the kernel's SplitKernel.threads
 #endif
 
 namespace split_kv {

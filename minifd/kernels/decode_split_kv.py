@@ -16,6 +16,7 @@ NVIDIA sm_80+ (uses_tensor_cores).
 import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from minifd.errors import MinifdError
 from minifd.kernels.compile import load_module
 
 LOG2E = math.log2(math.e)
-THREADS_PER_BLOCK = 128  # passed to decode_split_kv.cuh as -DDECODE_THREADS
+THREADS_PER_BLOCK = 128  # per block of the CUDA-core split kernels (SplitKernel.threads)
 MAX_HEADS_PER_BLOCK = 8  # register budget: each query head costs 8 accumulators + 8 query floats per lane
 TENSOR_CORE_MIN_HEADS = 4  # query heads per block from which the unified max runs on tensor cores
 SPLIT_SIZES = (64, 128, 256, 512, 1024)
@@ -47,16 +48,28 @@ def heads_per_block(group):
 
 
 def choose_keys_per_split(blocks_per_split, max_seq, sm_count=None, blocks_per_sm=4):
-    """The largest split size that still launches at least blocks_per_sm blocks per SM for a cache of
-    max_seq keys (blocks_per_split = batch * n_heads / heads_per_block): fewer, longer splits leave
-    less for the combine to add. Depends on the cache capacity, never on the current lengths, so a
-    captured graph stays valid. sm_count=None (CPU) -> CPU_KEYS_PER_SPLIT."""
+    """The largest split size that still launches at least blocks_per_sm blocks per SM for
+    a cache of max_seq keys (blocks_per_split = batch * n_heads / heads_per_block): fewer, longer
+    splits leave less for the combine to add. Depends on the cache capacity, never on the current
+    lengths, so a captured graph stays valid. sm_count=None (CPU) -> CPU_KEYS_PER_SPLIT."""
     if sm_count is None:
         return CPU_KEYS_PER_SPLIT
     for size in reversed(SPLIT_SIZES):
         if blocks_per_split * math.ceil(max_seq / size) >= blocks_per_sm * sm_count:
             return size
     return SPLIT_SIZES[0]
+
+
+def nearest_wave_keys_per_split(blocks_per_split, max_seq, sm_count=None, blocks_per_sm=2, sizes=SPLIT_SIZES):
+    """The split size (of `sizes`) whose grid comes nearest, by ratio, to one wave of blocks_per_sm
+    resident blocks per SM, the larger on a tie: for kernels whose blocks cost more to start and to
+    combine than a short split saves, a slightly short wave of long splits beats a full one of short
+    splits. Like choose_keys_per_split, from the cache capacity only; sm_count=None (CPU) ->
+    CPU_KEYS_PER_SPLIT."""
+    if sm_count is None:
+        return CPU_KEYS_PER_SPLIT
+    wave = blocks_per_sm * sm_count
+    return min(reversed(sizes), key=lambda size: abs(math.log(blocks_per_split * math.ceil(max_seq / size) / wave)))
 
 
 def check_head_dim(head_dim):
@@ -165,13 +178,17 @@ def unified_max_emulated(q, k_cache, v_cache, lengths, softmax_range, keys_per_s
 
 @dataclass(frozen=True)
 class SplitKernel:
-    """A split kernel (splits and combine in one launch): its source, its name and the -D flags of
-    its own tile constants (the shared ones, HEAD_DIM, GROUP_SIZE, DECODE_THREADS, come from the plan)."""
+    """A split kernel (splits and combine in one launch): its source, its name, the -D flags of its
+    own tile constants (the shared ones, HEAD_DIM, GROUP_SIZE, DECODE_THREADS, come from the plan),
+    its block size and how it sizes its splits."""
 
     source: str
     name: str
     options: tuple = ()
-    blocks_per_sm: int = 4  # resident blocks per SM it needs to keep the memory busy (choose_keys_per_split)
+    threads: int = THREADS_PER_BLOCK  # per block, passed as -DDECODE_THREADS
+    # (blocks_per_split, max_seq, sm_count) -> keys per split; the default: at least 4 resident blocks
+    # per SM, what the CUDA-core kernels need to keep the memory busy
+    keys_per_split: Callable = choose_keys_per_split
 
 
 def uses_tensor_cores(per_block, device_id):
@@ -195,6 +212,7 @@ class SplitPlan:
     kernel: object
     tensor_cores: bool  # the kernel is the tensor-core one (SplitKernel tensor_core of split_plan)
     grid: tuple  # (n_splits, batch * n_heads / heads_per_block)
+    block: tuple  # (threads,)
     shape_args: tuple  # n_heads, n_kv_heads, max_seq, keys_per_split, n_splits (int32) and score_scale (float32)
     keys_per_split: int
     partial_acc: object  # [batch * n_heads, n_splits, head_dim] float32
@@ -237,15 +255,15 @@ def split_plan(device_id, cuda_core, tensor_core, batch, n_heads, n_kv_heads, ma
     kernel = tensor_core if tensor_cores else cuda_core
     if keys_per_split is None:
         sm_count = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
-        keys_per_split = choose_keys_per_split(batch * n_heads // per_block, max_seq, sm_count, kernel.blocks_per_sm)
+        keys_per_split = kernel.keys_per_split(batch * n_heads // per_block, max_seq, sm_count)
     n_splits = math.ceil(max_seq / keys_per_split)
     module = load_module(kernel.source, (f"-DHEAD_DIM={head_dim}", f"-DGROUP_SIZE={per_block}",
-                                         f"-DDECODE_THREADS={THREADS_PER_BLOCK}") + kernel.options)
+                                         f"-DDECODE_THREADS={kernel.threads}") + kernel.options)
     i32 = np.int32
     with cupy.cuda.Device(device_id):
         workspace = _workspace(cupy, device_id, batch * n_heads, n_splits, head_dim)
     return SplitPlan(module.get_function(kernel.name), tensor_cores, (n_splits, batch * n_heads // per_block),
-                     (i32(n_heads), i32(n_kv_heads), i32(max_seq), i32(keys_per_split), i32(n_splits),
+                     (kernel.threads,), (i32(n_heads), i32(n_kv_heads), i32(max_seq), i32(keys_per_split), i32(n_splits),
                       score_scale(head_dim)),
                      keys_per_split, *workspace)
 
