@@ -23,7 +23,7 @@ moves by at most half its group's step: |w - dequantize(w)| <= step / 2 (max_err
 float32 rounding of dequantizing. The functions take NumPy or CuPy arrays and keep to that module.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import numpy as np
@@ -155,6 +155,11 @@ def quantize_int4(w):
     codes = xp.where(step > 0, xp.rint((groups - low) / xp.where(step > 0, step, 1)), 0)
     codes = xp.clip(codes, 0, 15).astype(np.uint8).reshape(w.shape[0], -1, 2)  # [N, K / 2, 2]
     return Int4Groups(codes[:, :, 0] | (codes[:, :, 1] << 4), scales, mins)
+
+
+def placed(weight, xp):
+    """An Int8Groups or Int4Groups -> the same weight with its arrays in module `xp` (numpy or cupy)."""
+    return type(weight)(*(xp.asarray(getattr(weight, field.name)) for field in fields(weight)))
 
 
 QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
