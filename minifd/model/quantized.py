@@ -81,11 +81,11 @@ class Int8Groups:
     def nbytes(self):
         return self.codes.nbytes + self.scales.nbytes
 
-    def dequantize(self):
-        """-> [N, K] float32, s * q."""
+    def dequantize(self, dtype=np.float32):
+        """-> [N, K] `dtype` (float32, or float64 for an oracle), s * q."""
         n, k = self.codes.shape
-        codes = self.codes.reshape(n, k // GROUP, GROUP).astype(np.float32)
-        return (codes * self.scales.astype(np.float32)[:, :, None]).reshape(n, k)
+        codes = self.codes.reshape(n, k // GROUP, GROUP).astype(dtype)
+        return (codes * self.scales.astype(dtype)[:, :, None]).reshape(n, k)
 
     def max_error(self):
         """-> [N, K / GROUP] float32: half of each group's step s, the most round to nearest moves a weight."""
@@ -120,11 +120,11 @@ class Int4Groups:
         n, k = self.shape
         return xp.stack([self.packed & 0x0F, self.packed >> 4], axis=-1).reshape(n, k)
 
-    def dequantize(self):
-        """-> [N, K] float32, d * q + m."""
+    def dequantize(self, dtype=np.float32):
+        """-> [N, K] `dtype` (float32, or float64 for an oracle), d * q + m."""
         n, k = self.shape
-        codes = self.codes().reshape(n, k // GROUP, GROUP).astype(np.float32)
-        scales, mins = self.scales.astype(np.float32)[:, :, None], self.mins.astype(np.float32)[:, :, None]
+        codes = self.codes().reshape(n, k // GROUP, GROUP).astype(dtype)
+        scales, mins = self.scales.astype(dtype)[:, :, None], self.mins.astype(dtype)[:, :, None]
         return (codes * scales + mins).reshape(n, k)
 
     def max_error(self):
