@@ -20,9 +20,12 @@ import numpy as np
 
 from minifd.backend import array_module
 from minifd.decode_step import DecodeStep
+from minifd.errors import MinifdError
 from minifd.kernels.launch import overlap_supported, resolve_overlap
+from minifd.kernels.weight_formats import format_name
 from minifd.model.config import LlamaConfig
 from minifd.model.llama import KVCache, Llama
+from minifd.model.quantized import QUANTIZERS
 from minifd.model.weights import LayerWeights, Weights
 from minifd.sampling import SamplingParams
 
@@ -53,25 +56,41 @@ class BenchRow:
     roofline_percent: float
 
 
-def random_weights(config, xp, dtype, seed=0):
-    """Weights of the given shape drawn on the device: N(0, 1/fan_in) matrices, norms near 1."""
+def random_weights(config, xp, dtype, seed=0, quantize=None):
+    """Weights of the given shape drawn on the device: N(0, 1/fan_in) matrices, norms near 1;
+    quantize: None, or "int8" / "int4" to round the projections (the LM head too, not the embedding)
+    to that format on the device, as a checkpoint's are at load."""
     rng = xp.random.default_rng(seed)
+    rounded = QUANTIZERS[quantize] if quantize is not None else (lambda w: w)
 
     def matrix(rows, cols):
         return (rng.standard_normal((rows, cols), dtype=xp.float32) / math.sqrt(cols)).astype(dtype)
+
+    def projection(rows, cols):
+        return rounded(matrix(rows, cols))
 
     def norm(size):
         return (1.0 + 0.05 * rng.standard_normal(size, dtype=xp.float32)).astype(dtype)
 
     c = config
     qkv_rows = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
-    layers = [LayerWeights(norm(c.hidden_size), matrix(qkv_rows, c.hidden_size),
-                           matrix(c.hidden_size, c.n_heads * c.head_dim), norm(c.hidden_size),
-                           matrix(2 * c.intermediate_size, c.hidden_size), matrix(c.hidden_size, c.intermediate_size))
+    layers = [LayerWeights(norm(c.hidden_size), projection(qkv_rows, c.hidden_size),
+                           projection(c.hidden_size, c.n_heads * c.head_dim), norm(c.hidden_size),
+                           projection(2 * c.intermediate_size, c.hidden_size),
+                           projection(c.hidden_size, c.intermediate_size))
               for _ in range(c.n_layers)]
     embed = matrix(c.vocab_size, c.hidden_size)
-    lm_head = matrix(c.vocab_size, c.hidden_size)
+    lm_head = projection(c.vocab_size, c.hidden_size)
     return Weights(embed, layers, norm(c.hidden_size), lm_head)
+
+
+def check_quantized_kernels(weights, quantize):
+    """Every projection is held in `quantize`'s format, so the decode step's products read the codes
+    (linear sends them to the quantized GEMV and flat GEMM) and the roofline's bytes are what they read."""
+    held = {format_name(w) for layer in weights.layers for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)}
+    if held != {quantize}:
+        raise MinifdError(f"--quantize {quantize}: the projections are held as {', '.join(sorted(held))}, "
+                          "so the bench would not measure the quantized kernels")
 
 
 def copy_bandwidth(xp, nbytes=2 * 2**30, repeats=10):
@@ -191,7 +210,8 @@ def run_bench(prompt_lengths=(16, 1024, 4096), batches=(1, 2, 4, 8), decode_step
     Without weights_dir the model has shape_config's shape (a config.json dict, SHAPES names two)
     with random float16 weights made on the GPU. attention_method: "async" (unified max) or "sync";
     overlap: launch decode kernels overlapping (minifd.kernels.launch; None = wherever supported);
-    quantize: None, "int8" or "int4", the format weights_dir's projections are rounded to at load.
+    quantize: None, "int8" or "int4", the format the projections are rounded to (weights_dir's at
+    load, or the random ones on the GPU); the roofline counts the bytes that format streams.
     """
     xp = array_module("cuda")
     max_seq = max(prompt_lengths) + decode_steps + 16
@@ -200,14 +220,17 @@ def run_bench(prompt_lengths=(16, 1024, 4096), batches=(1, 2, 4, 8), decode_step
     if weights_dir is None:
         config_raw = dict(shape_config, max_position_embeddings=max(max_seq, shape_config.get("max_position_embeddings", 0)))
         config = LlamaConfig.from_dict(config_raw)
-        weights = random_weights(config, xp, np.float16)
+        weights = random_weights(config, xp, np.float16, quantize=quantize)
         model = Llama(config, weights, xp, max_seq=max_seq, attention_method=attention_method)
     else:
         from minifd.engine import Engine
 
         model = Engine.load(weights_dir, device="cuda", max_context=max_seq, quantize=quantize).model
         config, weights, config_raw = model.config, model.weights, None
-    log(f"weights: {weights.nbytes_streamed_per_step() / 1e9:.2f} GB read per decode step")
+    log(f"weights: {weights.nbytes_streamed_per_step() / 1e9:.2f} GB read per decode step"
+        f"{f' (projections {quantize})' if quantize else ''}")
+    if quantize is not None:
+        check_quantized_kernels(weights, quantize)
     overlapping = resolve_overlap(overlap)
     why_not = "" if overlapping else " (turned off)" if overlap is False else f" ({overlap_supported()[1]})"
     log(f"decode kernels overlap the previous kernel's tail: {'yes' if overlapping else 'no'}{why_not}")

@@ -288,7 +288,7 @@ def comma_ints(text):
               help="Shape of the random weights (without --weights or --config).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A config.json whose shape the random weights take.")
-@quantize_option(QUANTIZE_HELP + " Needs --weights.")
+@quantize_option(QUANTIZE_HELP + " Without --weights: the random weights, quantized on the GPU.")
 @click.option("--attention", "attention_method", type=click.Choice(["async", "sync"]), default="async",
               show_default=True, help="Unified-max softmax (async) or the synchronised running max (sync).")
 @click.option("--prompts", "prompt_lengths", default="16,1024,4096", show_default=True, help="Prompt lengths.")
@@ -314,8 +314,6 @@ def bench(weights, shape, config_file, quantize, attention_method, prompt_length
 
     if decode_steps < 1:
         raise MinifdError(f"--decode-steps must be >= 1, not {decode_steps}")
-    if quantize is not None and weights is None:
-        raise MinifdError("--quantize rounds a checkpoint's weights: give --weights")
     run_bench(comma_ints(prompt_lengths), comma_ints(batches), decode_steps, with_hf=not no_hf,
               use_graph=not no_graph, weights_dir=weights, out_json=out_json, out_png=out_png,
               log=lambda line: click.echo(line, err=False), shape_config=shape_config,
@@ -381,8 +379,8 @@ def checkpoint_info_lines(weights, quantize, dtype):
     lines.append(f"bytes per decode step: {streamed_bytes_per_step(checkpoint, quantize, dtype) / 1e6:.3g} MB "
                  "(the projections above and the norms; the embedding table gives one row per token)")
     if quantize is not None and dtype == numpy.float16:
-        lines.append(f"  (no GPU kernel reads {quantize} codes yet: the GPU holds them dequantized to float16, "
-                     f"{streamed_bytes_per_step(checkpoint, None, dtype) / 1e6:.3g} MB per step)")
+        lines.append(f"  (the GPU's GEMV and flat GEMM read the {quantize} codes themselves; as float16 the same "
+                     f"weights would stream {streamed_bytes_per_step(checkpoint, None, dtype) / 1e6:.3g} MB per step)")
     return lines
 
 

@@ -8,6 +8,10 @@ forth, so (M1, M2) is the pair whose three-region policy has the least total slo
 best implementation, summed over the sweep; when each pair of curves crosses once, that is the
 paper's definition.
 
+With --quantize int8|int4 the weights are random float16 ones quantized on the GPU, and the
+thresholds go to that format's entries of the table (the kernels read the codes; the library GEMM
+dequantizes first, and pays for it).
+
 The table is the per-user one every run reads (minifd.kernels.dispatch.table_path), or --out FILE.
 Tuning measures a GPU: on the CPU, where the products are NumPy emulations whose timings say nothing
 about any GPU, the command only writes a table given as --out.
@@ -29,15 +33,18 @@ from minifd.backend import array_module, is_gpu
 from minifd.errors import MinifdError
 from minifd.kernels.dispatch import (
     CPU_DEVICE_NAME,
-    DEFAULT_THRESHOLDS,
     IMPLEMENTATIONS,
+    PLAIN_FORMAT,
+    default_thresholds,
     gpu_properties,
+    parse_shape_key,
     read_table,
     shape_key,
     table_path,
     write_table,
 )
 from minifd.kernels.linear import linear
+from minifd.model.quantized import QUANTIZERS
 
 REPEATS = 9             # timed calls per (implementation, M); the median counts
 DROP_AFTER = 8          # an implementation this many M in a row at >= DROP_RATIO x the best stops being timed
@@ -151,9 +158,10 @@ class GpuTimer:
 # The sweep and the thresholds
 # ----------------------------------------------------------------------------------------------
 
-def sweep(shape, max_m, xp, timer, repeats=REPEATS):
-    """-> {implementation: [max_m] median seconds at M = 1..max_m; inf once it stopped being timed}."""
-    x, weights = make_operands(shape, max_m, xp)
+def sweep(shape, max_m, xp, timer, repeats=REPEATS, quantize=None):
+    """-> {implementation: [max_m] median seconds at M = 1..max_m; inf once it stopped being timed};
+    quantize: None, or "int8" / "int4" to time weights in that format."""
+    x, weights = make_operands(shape, max_m, xp, quantize)
     times = {impl: np.full(max_m, np.inf) for impl in IMPLEMENTATIONS}
     active = list(IMPLEMENTATIONS)
     losing_streak = dict.fromkeys(IMPLEMENTATIONS, 0)
@@ -173,16 +181,19 @@ def sweep(shape, max_m, xp, timer, repeats=REPEATS):
     return times
 
 
-def make_operands(shape, max_m, xp):
-    """-> x: [max_m, K], and copies of a weight [N, K] enough to exceed the L2 cache on GPU."""
+def make_operands(shape, max_m, xp, quantize=None):
+    """-> x: [max_m, K], and copies of a weight [N, K] (quantized when `quantize` names a format)
+    enough to exceed the L2 cache on GPU."""
     rng = np.random.default_rng(0)
+    rounded = QUANTIZERS[quantize] if quantize is not None else (lambda w: w)
     if not is_gpu(xp):
         x = rng.uniform(-1, 1, (max_m, shape.k)).astype(np.float32)
-        return x, [rng.uniform(-1, 1, (shape.n, shape.k)).astype(np.float32)]
-    weight_bytes = shape.n * shape.k * 2
-    copies = max(2, math.ceil(ROTATION_L2_MULTIPLE * gpu_properties().l2_bytes / weight_bytes))
+        return x, [rounded(rng.uniform(-1, 1, (shape.n, shape.k)).astype(np.float32))]
+    weights = [rounded((xp.random.random((shape.n, shape.k), dtype=xp.float32) - 0.5).astype(xp.float16))]
+    copies = max(2, math.ceil(ROTATION_L2_MULTIPLE * gpu_properties().l2_bytes / weights[0].nbytes))
+    weights += [rounded((xp.random.random((shape.n, shape.k), dtype=xp.float32) - 0.5).astype(xp.float16))
+                for _ in range(copies - 1)]
     x = xp.asarray(rng.uniform(-1, 1, (max_m, shape.k)), dtype=xp.float16)
-    weights = [(xp.random.random((shape.n, shape.k), dtype=xp.float32) - 0.5).astype(xp.float16) for _ in range(copies)]
     return x, weights
 
 
@@ -210,13 +221,16 @@ def choose_thresholds(times):
 @click.argument("shape_texts", nargs=-1, metavar="[N,K ...]")
 @click.option("--max-m", type=click.IntRange(1, 4096), default=256, show_default=True, help="Sweep M = 1..this.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--quantize", type=click.Choice(sorted(QUANTIZERS)), default=None,
+              help="Tune weights in this quantized format (random weights quantized on the GPU).")
 @click.option("--show", is_flag=True, help="Print the dispatch table and exit.")
 @click.option("--out", "out_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write (with --show: read) this table instead of the per-user one every run reads.")
-def tune_command(weights, use_shapes, shape_texts, max_m, device, show, out_path):
+def tune_command(weights, use_shapes, shape_texts, max_m, device, quantize, show, out_path):
     """Find, per weight shape, where flat GEMM beats GEMV (M1) and the library beats flat GEMM (M2).
 
-    minifd tune --weights DIR|FILE.gguf | --shapes N,K [N,K ...] [--out FILE]; minifd tune --show
+    minifd tune --weights DIR|FILE.gguf | --shapes N,K [N,K ...] [--quantize int8|int4] [--out FILE];
+    minifd tune --show
     """
     path = table_path() if out_path is None else out_path
     if show:
@@ -234,12 +248,14 @@ def tune_command(weights, use_shapes, shape_texts, max_m, device, show, out_path
         raise MinifdError("nothing to tune: give --weights DIR|FILE.gguf or --shapes N,K [N,K ...]")
     device_name = gpu_properties().name if is_gpu(xp) else CPU_DEVICE_NAME
     timer = GpuTimer(xp) if is_gpu(xp) else CpuTimer()
-    click.echo(f"tuning on {device_name}, M = 1..{max_m}")
+    weight_format = quantize or PLAIN_FORMAT
+    click.echo(f"tuning on {device_name}, {weight_format} weights, M = 1..{max_m}")
     for shape in _unique(shapes):
-        times = sweep(shape, max_m, xp, timer)
+        times = sweep(shape, max_m, xp, timer, quantize=quantize)
         m1, m2 = choose_thresholds(times)
         devices = read_table(path)  # each shape is saved as soon as it is measured
-        devices.setdefault(device_name, {})[shape_key(shape.n, shape.k)] = {"m1": m1, "m2": m2, "max_m": max_m}
+        key = shape_key(shape.n, shape.k, weight_format)
+        devices.setdefault(device_name, {})[key] = {"m1": m1, "m2": m2, "max_m": max_m}
         write_table(path, devices)
         click.echo(f"  {shape.name:>8} {shape.n} x {shape.k}: M1 = {m1}, M2 = {m2}   " + _timings_line(times, max_m))
     click.echo(f"wrote {path}")
@@ -262,16 +278,19 @@ def dispatch_table_lines(path, device_names=None):
     weight shape, the M each implementation covers, and what every other shape uses."""
     devices = read_table(path)
     shown = sorted(name for name in devices if device_names is None or name in device_names)
-    defaults = implementation_ranges(*DEFAULT_THRESHOLDS)
+    defaults = implementation_ranges(*default_thresholds())
+    quantized_defaults = implementation_ranges(*default_thresholds("int4"))
     if not shown:
         where = f"no dispatch table at {path}" if not devices else f"{path} has no entry for {', '.join(device_names)}"
-        return [f"dispatch: {where}; every shape uses the defaults: {defaults} (`minifd tune` on a GPU measures it)"]
-    lines = [f"dispatch table: {path} (shapes not listed: {defaults})"]
+        return [f"dispatch: {where}; every shape uses the defaults: {defaults}; quantized weights: "
+                f"{quantized_defaults} (`minifd tune` on a GPU measures it)"]
+    lines = [f"dispatch table: {path} (shapes not listed: {defaults}; quantized: {quantized_defaults})"]
     for name in shown:
         lines.append(f"  {name}")
-        for key, entry in sorted(devices[name].items(), key=lambda item: [int(v) for v in item[0].split(",")]):
-            n, k = key.split(",")
-            lines.append(f"    {n} x {k}: {implementation_ranges(entry['m1'], entry['m2'])} "
+        for key, entry in sorted(devices[name].items(), key=lambda item: parse_shape_key(item[0])):
+            n, k, weight_format = parse_shape_key(key)
+            quantized = "" if weight_format == PLAIN_FORMAT else f" {weight_format}"
+            lines.append(f"    {n} x {k}{quantized}: {implementation_ranges(entry['m1'], entry['m2'])} "
                          f"(swept M <= {entry['max_m']})")
     return lines
 

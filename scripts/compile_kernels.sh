@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile every minifd/kernels/*.cu standalone for the four targets minifd supports:
-#   NVIDIA sm_80 and sm_90 (nvcc), AMD gfx90a (wavefront 64) and gfx1030 (wave 32) (hipcc, HIP_PLATFORM=amd).
+#   NVIDIA sm_80 and sm_90 (nvcc), AMD gfx90a (wavefront 64) and gfx1030 (wave 32) (hipcc, HIP_PLATFORM=amd);
+#   the sources that read weights through weight_formats.cuh once per weight format.
 # Prints one line per (source, target) and exits 1 if any compilation fails or a compiler is missing.
 # Usage: scripts/compile_kernels.sh            (NVCC=..., HIPCC=... override the compilers)
 set -uo pipefail
@@ -42,12 +43,24 @@ fi
 
 for source in "${sources[@]}"; do
     name="$(basename "$source" .cu)"
-    for arch in sm_80 sm_90; do
-        compile "$arch" "$source" "$nvcc" -c -arch="$arch" -I "$kernels_dir" "$source" -o "$build_dir/$name.$arch.o"
-    done
-    for arch in gfx90a gfx1030; do
-        compile "$arch" "$source" env HIP_PLATFORM=amd "$hipcc" -c --offload-arch="$arch" -I "$kernels_dir" "$source" \
-            -o "$build_dir/$name.$arch.o"
+    # The product kernels are compiled once per weight format (weight_formats.cuh), every other source once.
+    variants=("")
+    if grep -q '#include "weight_formats.cuh"' "$source"; then
+        variants=(WEIGHT_FP16 WEIGHT_INT8 WEIGHT_INT4)
+    fi
+    for variant in "${variants[@]}"; do
+        define=() suffix=""
+        if [ -n "$variant" ]; then
+            define=("-DWEIGHT_FORMAT=$variant") suffix=".$variant"
+        fi
+        for arch in sm_80 sm_90; do
+            compile "$arch$suffix" "$source" "$nvcc" -c -arch="$arch" "${define[@]}" -I "$kernels_dir" "$source" \
+                -o "$build_dir/$name$suffix.$arch.o"
+        done
+        for arch in gfx90a gfx1030; do
+            compile "$arch$suffix" "$source" env HIP_PLATFORM=amd "$hipcc" -c --offload-arch="$arch" "${define[@]}" \
+                -I "$kernels_dir" "$source" -o "$build_dir/$name$suffix.$arch.o"
+        done
     done
 done
 

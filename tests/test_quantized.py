@@ -138,3 +138,96 @@ def test_quantized_smollm2_keeps_its_teacher_forced_top1_choices(float32_choices
     agreement = (teacher_forced_argmax(quantized, tokens) == reference).mean()
     print(f"--quantize {name}: teacher-forced top-1 agreement with float32 over {len(tokens)} positions: {agreement:.4f}")
     assert agreement >= target
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernels that read the codes (minifd.kernels.weight_formats, gemv.cu, flat_gemm.cu)
+# ----------------------------------------------------------------------------------------------
+
+def quantized_operands(name, m=3, n=48, k=4 * GROUP, seed=0):
+    """-> x [m, k] float32, and a random [n, k] weight quantized to `name`."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1, 1, (m, k)).astype(np.float32), QUANTIZERS[name](rng.uniform(-1, 1, (n, k)).astype(np.float32))
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+def test_emulations_multiply_by_the_weights_as_the_kernels_rebuild_them(name):
+    from minifd.kernels.flat_gemm import flat_gemm_emulated
+    from minifd.kernels.gemv import gemv_emulated
+
+    x, weight = quantized_operands(name)
+    dequantized = weight.dequantize()  # float32 s q or d q + m: what gemv.cu computes
+    assert np.array_equal(gemv_emulated(x, weight), gemv_emulated(x, dequantized))
+    as_mma_operand = dequantized.astype(np.float16).astype(np.float32)  # flat_gemm.cu rounds it for the MMA
+    assert np.array_equal(flat_gemm_emulated(x, weight), flat_gemm_emulated(x, as_mma_operand))
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+def test_float64_dequantization_is_the_float32_one_widened_where_that_is_exact(name):
+    _, weight = quantized_operands(name)
+    if name == "int8":  # s q: an 11-bit significand times an 8-bit integer, exact in float32
+        assert np.array_equal(weight.dequantize(np.float64), weight.dequantize().astype(np.float64))
+    else:  # d q + m: one float32 rounding
+        assert np.allclose(weight.dequantize(np.float64), weight.dequantize(), rtol=2**-23, atol=0)
+
+
+def test_placed_moves_every_array_and_keeps_the_format():
+    from minifd.model.quantized import placed
+
+    for name in QUANTIZERS:
+        _, weight = quantized_operands(name)
+        moved = placed(weight, np)
+        assert type(moved) is type(weight) and np.array_equal(moved.dequantize(), weight.dequantize())
+
+
+def test_linear_dispatches_a_quantized_weight_to_the_kernels_that_read_codes(monkeypatch):
+    """Untuned, a quantized weight takes the GEMV at M = 1, the flat GEMM up to its 64-row tile, and the
+    library (on the dequantized weight) beyond; each agrees with the product of the dequantized weight."""
+    import minifd.kernels.linear as seam
+    from minifd.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "table_path", lambda: dispatch.Path("/nonexistent/linear_dispatch.json"))
+    dispatch.forget_tables()
+    ran = []
+    for impl, product in list(seam._CPU.items()):
+        monkeypatch.setitem(seam._CPU, impl, lambda *args, impl=impl, product=product, **kw: ran.append(impl) or product(*args, **kw))
+    for name in QUANTIZERS:
+        for m, expected in ((1, "gemv"), (2, "flat_gemm"), (64, "flat_gemm"), (65, "library")):
+            x, weight = quantized_operands(name, m=m)
+            ran.clear()
+            y = seam.linear(x, weight)
+            assert ran == [expected]
+            reference = x.astype(np.float64) @ weight.dequantize(np.float64).T
+            assert np.allclose(y, reference, rtol=0, atol=2e-3 * np.abs(reference).max())
+    dispatch.forget_tables()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+@pytest.mark.parametrize("m", [1, 2, 8, 33])
+def test_gpu_kernels_read_the_codes_as_their_emulations_do(name, m):
+    """gemv.cu and flat_gemm.cu on int8 / int4 weights (CuPy arrays) against their NumPy emulations
+    on the same codes, every fused step the model uses."""
+    import cupy
+
+    from minifd.kernels.flat_gemm import flat_gemm_emulated, flat_gemm_gpu
+    from minifd.kernels.gemv import gemv_emulated, gemv_gpu
+    from minifd.kernels.rms_norm import RMSNorm
+    from minifd.model.quantized import placed
+
+    x, weight = quantized_operands(name, m=m, n=96, k=40 * GROUP)  # K crosses an M_TILE = 8 chunk
+    x16 = x.astype(np.float16)
+    gain = np.random.default_rng(1).uniform(0.5, 1.5, x.shape[1]).astype(np.float16)
+    residual = np.random.default_rng(2).uniform(-1, 1, (m, 96)).astype(np.float16)
+    steps = {"store": {}, "norm": {"norm": (gain, 1e-5)}, "residual": {"residual": residual},
+             "gated_norm": {"norm": (gain, 1e-5), "gated": True}}
+    on_gpu = placed(weight, cupy)
+    for emulated, kernel in ((gemv_emulated, gemv_gpu), (flat_gemm_emulated, flat_gemm_gpu)):
+        for step, arguments in steps.items():
+            def built(xp, arguments=arguments):
+                return {key: RMSNorm(xp.asarray(value[0]), value[1]) if key == "norm" else
+                        value if key == "gated" else xp.asarray(value) for key, value in arguments.items()}
+            expected = emulated(x16.astype(np.float32), weight, **built(np))
+            got = cupy.asnumpy(kernel(cupy.asarray(x16), on_gpu, **built(cupy))).astype(np.float32)
+            scale = np.abs(expected).max()
+            assert np.allclose(got, expected, rtol=2e-3, atol=2e-3 * scale), (kernel.__name__, step)

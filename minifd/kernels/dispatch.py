@@ -9,14 +9,19 @@ thresholds measured offline per GPU and per weight shape (N, K):
 
 `minifd tune` writes the thresholds to <cache dir>/linear_dispatch.json:
 
-    {"format": 1, "devices": {"<device name>": {"<N>,<K>": {"m1": int, "m2": int, "max_m": int}}}}
+    {"format": 1, "devices": {"<device name>": {"<N>,<K>[,<weight format>]": {"m1": int, "m2": int, "max_m": int}}}}
 
-where <device name> is the GPU's name as the runtime reports it ("cpu" for the NumPy backend) and
-max_m is the largest M the sweep measured. A shape or device missing from the table gets
-DEFAULT_THRESHOLDS: GEMV for M = 1 and the library from M = 2, with no flat-GEMM range. That is
+where <device name> is the GPU's name as the runtime reports it ("cpu" for the NumPy backend), the
+weight format is left out for float16 weights and is "int8" or "int4" for quantized ones
+(minifd.kernels.weight_formats), and max_m is the largest M the sweep measured. A float16 shape or
+device missing from the table gets DEFAULT_THRESHOLDS: GEMV for M = 1 and the library from M = 2,
+with no flat-GEMM range. That is
 what the one GPU measured so far said (an H200 on the Llama-2-7B shapes, scripts/bench_gemm.py):
 cuBLAS was within a few percent of the best from M = 2 on, and the flat GEMM won only M = 3..4 of
 the 4096 x 4096 shape. The flat GEMM runs wherever `minifd tune` measured it faster.
+A quantized weight missing from the table gets QUANTIZED_DEFAULT_THRESHOLDS instead: the library
+GEMM would first dequantize the whole weight to float16, so the kernels that read the codes keep
+every M up to the flat GEMM's 64-row tile (untuned: `minifd tune --quantize` measures it).
 """
 
 import functools
@@ -29,6 +34,8 @@ from minifd.files import cache_root, write_text_atomically
 
 IMPLEMENTATIONS = ("gemv", "flat_gemm", "library")
 DEFAULT_THRESHOLDS = (2, 2)  # (M1, M2) when the table has no entry
+QUANTIZED_DEFAULT_THRESHOLDS = (2, 65)  # the same for a quantized weight
+PLAIN_FORMAT = "float16"  # minifd.kernels.weight_formats' name of a plain weight's format
 TABLE_FILE = "linear_dispatch.json"
 TABLE_FORMAT = 1
 CPU_DEVICE_NAME = "cpu"
@@ -42,8 +49,18 @@ def table_path():
     return cache_root() / TABLE_FILE
 
 
-def shape_key(n, k):
-    return f"{n},{k}"
+def shape_key(n, k, weight_format=PLAIN_FORMAT):
+    return f"{n},{k}" if weight_format == PLAIN_FORMAT else f"{n},{k},{weight_format}"
+
+
+def parse_shape_key(key):
+    """shape_key's inverse: "N,K[,format]" -> (N, K, weight format)."""
+    n, k, *weight_format = key.split(",")
+    return int(n), int(k), weight_format[0] if weight_format else PLAIN_FORMAT
+
+
+def default_thresholds(weight_format=PLAIN_FORMAT):
+    return DEFAULT_THRESHOLDS if weight_format == PLAIN_FORMAT else QUANTIZED_DEFAULT_THRESHOLDS
 
 
 def read_table(path):
@@ -80,20 +97,20 @@ def forget_tables():
 # The decision
 # ----------------------------------------------------------------------------------------------
 
-def thresholds(device, n, k):
-    """-> (M1, M2) for weight shape [n, k] on `device` (a name as in the table)."""
-    entry = _table_at(str(table_path())).get(device, {}).get(shape_key(n, k))
+def thresholds(device, n, k, weight_format=PLAIN_FORMAT):
+    """-> (M1, M2) for weight shape [n, k] in `weight_format` on `device` (a name as in the table)."""
+    entry = _table_at(str(table_path())).get(device, {}).get(shape_key(n, k, weight_format))
     if entry is None:
-        return DEFAULT_THRESHOLDS
+        return default_thresholds(weight_format)
     return int(entry["m1"]), int(entry["m2"])
 
 
-def choose_implementation(m, n, k, device, graph_captured=False):
-    """M rows of x against a weight [n, k] on `device` -> "gemv" | "flat_gemm" | "library".
+def choose_implementation(m, n, k, device, graph_captured=False, weight_format=PLAIN_FORMAT):
+    """M rows of x against a weight [n, k] in `weight_format` on `device` -> "gemv" | "flat_gemm" | "library".
 
     graph_captured: the product is being recorded into a CUDA graph, where CuPy cannot launch
     cuBLAS, so where the table says library the flat GEMM runs instead."""
-    m1, m2 = thresholds(device, n, k)
+    m1, m2 = thresholds(device, n, k, weight_format)
     if m < m1:
         return "gemv"
     if m < m2 or (graph_captured and device != CPU_DEVICE_NAME):

@@ -1,6 +1,6 @@
 // flat_gemm.cu: ImplB of the heuristic dataflow, FlashDecoding++'s flat GEMM, flat in M.
 //
-// Math (fp16 storage, fp32 accumulation), for m < M and output feature n:
+// Math (fp16 activations, fp32 accumulation), for m < M and output feature n:
 //     s[m, n] = sum_k W[n, k] a[m, k]                   the product, y^T = W a^T
 // with three optional fused steps, chosen per launch (template arguments, one kernel each):
 //     NORM:     a[m, k] = x[m, k] g[k] / rms_m,  rms_m = sqrt(mean_k x[m, k]^2 + eps)   (RMSNorm prologue)
@@ -24,8 +24,14 @@
 // Lane (g, t) (g = lane / 4, t = lane % 4) loads 16 contiguous bytes, columns 8t..8t+7 of a 32-wide
 // K piece, from W rows g and g + 8 and from x row g: the first four of those columns play the
 // MMA's k = {2t, 2t+1, 2t+8, 2t+9} of one m16n8k16 step and the last four the same k of a second.
-// So W goes from global memory straight into A fragments, one 16-byte load per row and piece, with
-// no shared-memory round trip and no ldmatrix.
+// So W goes from global memory straight into A fragments, one load per row and piece, with no
+// shared-memory round trip and no ldmatrix.
+//
+// Weight formats: W is read through weight_formats.cuh in the WEIGHT_FORMAT the module is compiled
+// for (-D; fp16, or int8 / int4 codes with group scales): a lane's piece of a row is then 8 (int8) or
+// 4 (int4) bytes of codes and its group's scale (and min), loaded with the rest of the chunk and
+// dequantized in registers to the fp16 A fragment (float32 s q or d q + m, rounded to fp16) right
+// before its MMAs.
 //
 // Launch geometry: block = FLAT_WARPS warps of 32 lanes (FLAT_THREADS), owning FLAT_ROWS =
 // 16 FLAT_ROW_TILES rows of W, all of K; grid = (ceil(N / FLAT_ROWS), ceil(M / M_PAD)). The block
@@ -38,7 +44,7 @@
 // (deterministic, no atomics) and the epilogue writes y. Before any of this the block waits for the
 // previous kernel (MINIFD_PRODUCT_KERNEL, launch.py).
 // vector_ok == 0 (K % 8 != 0 or a pointer not 16-byte aligned) loads the same pieces 2 bytes at a time.
-#include "portable.cuh"
+#include "weight_formats.cuh"
 
 #ifndef FLAT_WARPS
 #define FLAT_WARPS 8  // warps per block; they split K
@@ -66,22 +72,14 @@ struct FlatChunk {
     static constexpr int sum_bytes = FLAT_WARPS * 16 * M_PAD * 4;  // one row tile's partials of every warp
 };
 
-// Eight halves of `row` from column k (k % 8 == 0); zeros past K.
-__device__ __forceinline__ uint4 load_piece(const half_t* row, int k, int K, int vector_ok) {
-    if (vector_ok && k < K) return load16(row + k);
-    uint4 piece = {0u, 0u, 0u, 0u};
-    half_t* halves = reinterpret_cast<half_t*>(&piece);
-    for (int i = 0; i < 8; ++i)
-        if (k + i < K) halves[i] = row[k + i];
-    return piece;
-}
 
 template <int M_PAD, int EPILOGUE, bool NORM>
-__device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, const half_t* __restrict__ w,
-                                                half_t* y, const half_t* __restrict__ norm_weight,
+__device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, const void* __restrict__ w,
+                                                const half_t* __restrict__ w_scales,
+                                                const half_t* __restrict__ w_mins, half_t* y, const half_t* __restrict__ norm_weight,
                                                 const half_t* residual, int M, int N, int K, float eps,
                                                 int vector_ok) {
-    // x: [M, K], w: [N, K], norm_weight: [K] (NORM), residual: [M, N] (RESIDUAL, may be y itself)
+    // x: [M, K], W: [N, K] as (w, w_scales, w_mins), norm_weight: [K] (NORM), residual: [M, N] (RESIDUAL, may be y itself)
     // -> y: [M, N], or [M, N / 2] when GATED
     typedef FlatChunk<M_PAD> C;
     constexpr int n_tiles = M_PAD / 8;
@@ -96,13 +94,13 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
     x += (size_t)m0 * K;
 
     // Rows past N re-read row N - 1 and drop the result, so the loads need no bounds branch.
-    const half_t* w_rows[FLAT_ROW_TILES][2];
+    WeightRow w_rows[FLAT_ROW_TILES][2];
 #pragma unroll
     for (int r = 0; r < FLAT_ROW_TILES; ++r)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int n = n0 + 16 * r + g + 8 * h;
-            w_rows[r][h] = w + (size_t)(n < N ? n : N - 1) * K;
+            w_rows[r][h] = weight_row(w, w_scales, w_mins, n < N ? n : N - 1, K);
         }
     float acc[FLAT_ROW_TILES][n_tiles][4];
 #pragma unroll
@@ -118,19 +116,20 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
 
     for (int k0 = 0; k0 < K; k0 += C::width) {
         // Every load of the chunk is issued before any arithmetic uses one.
-        uint4 w_pieces[C::pieces][FLAT_ROW_TILES][2], x_pieces[C::pieces][n_tiles], gain_pieces[C::pieces];
+        WeightPiece w_pieces[C::pieces][FLAT_ROW_TILES][2];
+        uint4 x_pieces[C::pieces][n_tiles], gain_pieces[C::pieces];
 #pragma unroll
         for (int p = 0; p < C::pieces; ++p) {
             const int k = k0 + (warp * C::pieces + p) * 32 + 8 * t;
-            if (NORM) gain_pieces[p] = load_piece(norm_weight, k, K, vector_ok);
+            if (NORM) gain_pieces[p] = load_halves_piece(norm_weight, k, K, vector_ok);
 #pragma unroll
             for (int r = 0; r < FLAT_ROW_TILES; ++r)
 #pragma unroll
-                for (int h = 0; h < 2; ++h) w_pieces[p][r][h] = load_piece(w_rows[r][h], k, K, vector_ok);
+                for (int h = 0; h < 2; ++h) w_pieces[p][r][h] = load_weight_piece(w_rows[r][h], k, K, vector_ok);
 #pragma unroll
             for (int j = 0; j < n_tiles; ++j) {
                 const uint4 zero = {0u, 0u, 0u, 0u};
-                x_pieces[p][j] = 8 * j + g < rows_here ? load_piece(x + (size_t)(8 * j + g) * K, k, K, vector_ok) : zero;
+                x_pieces[p][j] = 8 * j + g < rows_here ? load_halves_piece(x + (size_t)(8 * j + g) * K, k, K, vector_ok) : zero;
             }
         }
 
@@ -151,13 +150,18 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
                     x_pieces[p][j] = float_to_halves8(values);
                 }
             }
+            uint4 w_halves[FLAT_ROW_TILES][2];  // the piece's weights, dequantized once for every x tile
+#pragma unroll
+            for (int r = 0; r < FLAT_ROW_TILES; ++r)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) w_halves[r][h] = weight_piece_to_halves(w_pieces[p][r][h]);
 #pragma unroll
             for (int j = 0; j < n_tiles; ++j) {
                 const uint4 b = x_pieces[p][j];
                 const unsigned b_first[2] = {b.x, b.y}, b_second[2] = {b.z, b.w};
 #pragma unroll
                 for (int r = 0; r < FLAT_ROW_TILES; ++r) {
-                    const uint4 low = w_pieces[p][r][0], high = w_pieces[p][r][1];  // rows g and g + 8
+                    const uint4 low = w_halves[r][0], high = w_halves[r][1];  // rows g and g + 8
                     const unsigned a_first[4] = {low.x, high.x, low.y, high.y};
                     const unsigned a_second[4] = {low.z, high.z, low.w, high.w};
                     mma_16x8x16(acc[r][j], a_first, b_first);

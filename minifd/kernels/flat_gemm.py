@@ -7,6 +7,9 @@ walks M beyond 64), so W is streamed once whatever M. The block's warps split ea
 FlatChunk.width columns into runs of `pieces` x 32 columns, one run per warp, and their partial
 sums are added in warp order. The emulation follows the same plan: one float32 product per warp
 over that warp's columns, the warps' partials added in order, then the epilogue.
+The weight is float16 or quantized (int8, int4: minifd.kernels.weight_formats), each format one
+compiled module; the kernel dequantizes in float32 and rounds to float16 for the MMA, and so does
+the emulation.
 """
 
 import functools
@@ -18,6 +21,7 @@ from minifd.kernels.compile import load_module
 from minifd.kernels.gemv import FUSED_KERNELS, fusable, fused_steps, vectorisable
 from minifd.kernels.launch import PLAIN
 from minifd.kernels.silu_mul import GATE_TILE, silu_mul
+from minifd.kernels.weight_formats import emulated_weight, format_name, format_option, is_quantized, kernel_operands
 
 FLAT_M_PADS = (8, 16, 32, 64)
 
@@ -59,8 +63,9 @@ def flat_m_pad(m):
 
 
 def flat_gemm_emulated(x, weight, norm=None, residual=None, gated=False, geometry=DEFAULT_GEOMETRY):
-    """x: [M, K], weight: [N, K] (NumPy), norm: None or an RMSNorm, residual: None or [M, N]
-    -> [M, N] float32 ([M, N / 2] when gated), summed by warp like the kernel."""
+    """x: [M, K], weight: [N, K] (NumPy, or a quantized weight of NumPy arrays), norm: None or an
+    RMSNorm, residual: None or [M, N] -> [M, N] float32 ([M, N / 2] when gated), summed by warp like
+    the kernel."""
     m, k = x.shape
     a = x.astype(np.float32)  # [M, K]
     if norm is not None:
@@ -69,11 +74,12 @@ def flat_gemm_emulated(x, weight, norm=None, residual=None, gated=False, geometr
     width = geometry.chunk_width(flat_m_pad(m))
     run = width // geometry.warps
     warp_of_column = (np.arange(k) % width) // run  # [K]
-    s = np.zeros((m, weight.shape[0]), np.float32)  # [M, N]
+    w = emulated_weight(weight, rounded_to_half=is_quantized(weight))  # [N, K] float32
+    s = np.zeros((m, w.shape[0]), np.float32)  # [M, N]
     for warp in range(geometry.warps):
         columns = warp_of_column == warp
         if columns.any():
-            s += a[:, columns] @ weight[:, columns].astype(np.float32, copy=False).T
+            s += a[:, columns] @ w[:, columns].T
     if norm is not None:
         s *= row_scale
     if gated:
@@ -84,7 +90,8 @@ def flat_gemm_emulated(x, weight, norm=None, residual=None, gated=False, geometr
 
 
 def flat_gemm_gpu(x, weight, norm=None, residual=None, gated=False, geometry=DEFAULT_GEOMETRY, launch=PLAIN):
-    """x: [M, K] float16, weight: [N, K] float16 (CuPy, C-contiguous), norm: None or an RMSNorm of
+    """x: [M, K] float16, weight: [N, K] float16 (CuPy, C-contiguous) or a quantized weight of CuPy
+    arrays (minifd.kernels.weight_formats), norm: None or an RMSNorm of
     float16 weights, residual: None or [M, N] float16 -> [M, N] float16 ([M, N / 2] when gated).
     One launch (minifd.kernels.launch says how); no host sync. The combination of fused steps must be
     in FUSED_KERNELS."""
@@ -104,12 +111,12 @@ def flat_gemm_gpu(x, weight, norm=None, residual=None, gated=False, geometry=DEF
     vector_ok = vectorisable(x, weight) and (norm is None or norm_weight.data.ptr % 16 == 0)
     grid = (-(-n // geometry.rows_per_block), -(-m // m_pad))
     kernel_name = f"flat_gemm_m{m_pad}_{FUSED_KERNELS[fused_steps(norm, residual, gated)]}"
-    launch(_kernel(cupy.cuda.runtime.getDevice(), kernel_name, geometry), grid, (geometry.warps * 32,),
-           (x, weight, y, norm_weight, residual_in, np.int32(m), np.int32(n), np.int32(k),
-            np.float32(norm.eps if norm is not None else 0.0), np.int32(vector_ok)))
+    launch(_kernel(cupy.cuda.runtime.getDevice(), kernel_name, geometry, format_name(weight)), grid,
+           (geometry.warps * 32,), (x, *kernel_operands(weight), y, norm_weight, residual_in, np.int32(m), np.int32(n),
+                                    np.int32(k), np.float32(norm.eps if norm is not None else 0.0), np.int32(vector_ok)))
     return y
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(device_id, name, geometry):
-    return load_module("flat_gemm.cu", geometry.options()).get_function(name)
+def _kernel(device_id, name, geometry, weight_format):
+    return load_module("flat_gemm.cu", geometry.options() + (format_option(weight_format),)).get_function(name)

@@ -1,7 +1,9 @@
 // gemv.cu: ImplA of the heuristic dataflow, a GEMV on CUDA cores for the smallest M (decode batch 1..2).
 //
 // Math: y[m, n] = sum_k x[m, k] * W[n, k] for m < M, n < N (fp16 in, fp32 accumulation, fp16 out).
-// W is in the Hugging Face [N, K] layout, so every output is the dot product of two contiguous rows.
+// W is in the Hugging Face [N, K] layout, so every output is the dot product of two contiguous rows,
+// in any of the weight formats of weight_formats.cuh (-DWEIGHT_FORMAT; fp16, or int8 / int4 codes
+// with group scales, dequantized in registers between the loads and the FMAs).
 // Three steps around it can be fused, as in flat_gemm.cu (which says why): NORM, the RMSNorm of x
 // (x g is staged, the block computes each row's 1 / rms(x) first and scales the dot products by
 // it), RESIDUAL, y = r + the product, and GATED, the SwiGLU y[m, j] = SiLU(s[m, gate row j])
@@ -13,7 +15,7 @@
 // qkv.
 //
 // Why CUDA cores: at M = 1 or 2 the product streams W once at 2 bytes per 2M flops; tensor cores
-// would only pad M, and speed is decided by how many 16-byte loads of W each thread keeps in flight.
+// would only pad M, and speed is decided by how many bytes of W each thread keeps in flight.
 //
 // Launch geometry: block = GEMV_THREADS threads = GEMV_THREADS / MINIFD_WARP_SIZE warps. Warp w of
 // block b owns the GEMV_ROWS_PER_WARP rows n = (b * warps + w) * GEMV_ROWS_PER_WARP + r, or, GATED or
@@ -24,12 +26,13 @@
 // plain one: pairing whole K per warp halved the warps and left the last wave half full; grid = (ceil(rows / rows_per_block),
 // ceil(M / M_TILE)) and blockIdx.y picks M_TILE rows of x. The block walks
 // K in chunks of GEMV_STAGE_HALVES / M_TILE: the chunk of its x rows is staged in shared memory once
-// for all warps, then each lane streams 16-byte pieces of its warp's rows of W, `unroll` pieces per
+// for all warps, then each lane streams pieces of 8 weights of its warp's rows of W (16 bytes in fp16), `unroll` pieces per
 // row in flight (GEMV_UNROLL for M_TILE <= 2, where the arithmetic is light; half that above, where
 // registers go to the accumulators), and a warp_sum closes each dot product. vector_ok == 0 (K not a multiple of 8, or a
 // pointer not 16-byte aligned) walks the same geometry with 2-byte loads.
 // Before any of this the block waits for the previous kernel (MINIFD_PRODUCT_KERNEL, launch.py).
 #include "rotary_cache.cuh"
+#include "weight_formats.cuh"
 
 // The geometry can be set at compile time (-D...) so a sweep can compare variants; gemv.py passes
 // the values it plans with.
@@ -40,7 +43,7 @@
 #define GEMV_ROWS_PER_WARP 1
 #endif
 #ifndef GEMV_UNROLL
-#define GEMV_UNROLL 8  // 16-byte pieces of each row in flight per lane for M_TILE <= 2 (half that above)
+#define GEMV_UNROLL 8  // 8-weight pieces of each row in flight per lane for M_TILE <= 2 (half that above)
 #endif
 #ifndef GEMV_STAGE_HALVES
 #define GEMV_STAGE_HALVES 8192  // 16 KB of shared memory holds M_TILE x-rows of one K chunk
@@ -115,11 +118,12 @@ __device__ __forceinline__ void inverse_rms_rows(float* row_scale, const half_t*
 }
 
 template <int M_TILE, bool NORM, bool RESIDUAL, bool GATED, bool ROTARY = false>
-__device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const half_t* __restrict__ w,
+__device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const void* __restrict__ w,
+                                          const half_t* __restrict__ w_scales, const half_t* __restrict__ w_mins,
                                           half_t* __restrict__ y, const half_t* __restrict__ gain,
                                           const half_t* __restrict__ residual, int M, int N, int K, float eps,
                                           int vector_ok, RotaryCache rotary = RotaryCache{}) {
-    // x: [M, K], w: [N, K], gain: [K] (NORM), residual: [M, N] (RESIDUAL) -> y: [M, N], or [M, N / 2]
+    // x: [M, K], W: [N, K] as (w, w_scales, w_mins), gain: [K] (NORM), residual: [M, N] (RESIDUAL) -> y: [M, N], or [M, N / 2]
     // when GATED; ROTARY writes rotary.q [M, n_heads, head_dim] and the caches instead of y
     constexpr bool PAIRED = GATED || ROTARY;  // two warps share the two rows of one pair, halving K
     constexpr int k_parts = PAIRED ? 2 : 1;
@@ -139,9 +143,9 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
     const int row0 = PAIRED ? 16 * (feature / 8) + feature % 8 : feature * GEMV_ROWS_PER_WARP;
     const int row_step = PAIRED ? 8 : 1;  // PAIRED: the first row, then its partner 8 further
     // Rows past N re-read row N - 1 and drop the result, so the load stream needs no bounds branch.
-    const half_t* w_rows[rows];
+    WeightRow w_rows[rows];
 #pragma unroll
-    for (int r = 0; r < rows; ++r) w_rows[r] = w + (size_t)gemv_min(row0 + r * row_step, N - 1) * K;
+    for (int r = 0; r < rows; ++r) w_rows[r] = weight_row(w, w_scales, w_mins, gemv_min(row0 + r * row_step, N - 1), K);
 
     float acc[rows][M_TILE];
 #pragma unroll
@@ -156,19 +160,17 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
         stage_x_chunk<M_TILE>(x_stage, x, NORM ? gain : nullptr, m0, M, K, k0, width, vector_ok);
         __syncthreads();
         if (vector_ok) {
-            const int part = (width / 8 + k_parts - 1) / k_parts;  // 16-byte pieces per K part
+            const int part = (width / 8 + k_parts - 1) / k_parts;  // 8-weight pieces per K part
             const int pieces = gemv_min(width / 8, (k_part + 1) * part);
             for (int first = k_part * part + lane; first < pieces; first += MINIFD_WARP_SIZE * unroll) {
-                uint4 w_pieces[rows][unroll];
+                WeightPiece w_pieces[rows][unroll];
 #pragma unroll
                 for (int u = 0; u < unroll; ++u) {
                     const int piece = first + u * MINIFD_WARP_SIZE;
 #pragma unroll
-                    for (int r = 0; r < rows; ++r) {
-                        uint4 value = {0u, 0u, 0u, 0u};
-                        if (piece < pieces) value = load16(w_rows[r] + k0 + 8 * piece);
-                        w_pieces[r][u] = value;
-                    }
+                    for (int r = 0; r < rows; ++r)
+                        w_pieces[r][u] = piece < pieces ? load_weight_piece(w_rows[r], k0 + 8 * piece, K, 1)
+                                                        : zero_weight_piece();
                 }
 #pragma unroll
                 for (int u = 0; u < unroll; ++u) {
@@ -176,7 +178,7 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
                     if (piece >= pieces) break;
                     float w_values[rows][8];
 #pragma unroll
-                    for (int r = 0; r < rows; ++r) halves8_to_float(w_pieces[r][u], w_values[r]);
+                    for (int r = 0; r < rows; ++r) weight_piece_to_float(w_pieces[r][u], w_values[r]);
 #pragma unroll
                     for (int m = 0; m < M_TILE; ++m) {
                         float x_values[8];
@@ -193,7 +195,7 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
             for (int k = k_part * part + lane; k < gemv_min(width, (k_part + 1) * part); k += MINIFD_WARP_SIZE) {
 #pragma unroll
                 for (int r = 0; r < rows; ++r) {
-                    const float w_value = __half2float(w_rows[r][k0 + k]);
+                    const float w_value = load_weight(w_rows[r], k0 + k);
 #pragma unroll
                     for (int m = 0; m < M_TILE; ++m) acc[r][m] += w_value * __half2float(x_stage[m * chunk + k]);
                 }
@@ -256,17 +258,19 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const ha
     MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_gated_norm, GEMV_THREADS, 1, gemv_rows<M_TILE, true, false, true>)   \
     GEMV_ROTARY_KERNEL(gemv_m##M_TILE##_rotary_norm, M_TILE)
 
-// The QKV projection with RoPE and the cache write: x [M, K], w [N, K] (q, k rows paired), the norm's
+// The QKV projection with RoPE and the cache write: x [M, K], W [N, K] (q, k rows paired), the norm's
 // gain [K], then RotaryCache's fields (rotary_cache.cuh); pair tile 8 (head_dim % 16 == 0).
 #define GEMV_ROTARY_KERNEL(NAME, M_TILE)                                                                          \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                                    \
-        NAME(const half_t* x, const half_t* w, const half_t* gain, int M, int N, int K, float eps, int vector_ok, \
+        NAME(const half_t* x, const void* w, const half_t* w_scales, const half_t* w_mins, const half_t* gain,     \
+             int M, int N, int K, float eps, int vector_ok,                                                       \
              const float* cos_table, const float* sin_table, const int* positions, const int* slots, half_t* q,   \
              half_t* k_cache, half_t* v_cache, int n_heads, int n_kv_heads, int head_dim, int max_seq) {         \
         start_after_previous_kernel();                                                                            \
         const RotaryCache rotary{cos_table, sin_table, positions, slots, q, k_cache, v_cache,                    \
                                  n_heads, n_kv_heads, head_dim, max_seq};                                         \
-        gemv_rows<M_TILE, true, false, false, true>(x, w, q, gain, nullptr, M, N, K, eps, vector_ok, rotary);    \
+        gemv_rows<M_TILE, true, false, false, true>(x, w, w_scales, w_mins, q, gain, nullptr, M, N, K, eps,       \
+                                                    vector_ok, rotary);                                           \
     }
 
 GEMV_KERNELS(1) GEMV_KERNELS(2) GEMV_KERNELS(4) GEMV_KERNELS(8)

@@ -6,6 +6,8 @@ FUSED_KERNELS lists the combinations).
 The kernel takes the rows of x in tiles of M_TILE (1, 2, 4 or 8; one compiled kernel each) and walks
 K in chunks of GEMV_STAGE_HALVES / M_TILE, staging each chunk of x in shared memory; the emulation
 accumulates the same K chunks in float32 in the same order.
+The weight is float16 or quantized (int8, int4: minifd.kernels.weight_formats), each format one
+compiled module; the kernel dequantizes in float32, and so does the emulation.
 """
 
 import functools
@@ -18,6 +20,8 @@ from minifd.kernels.dispatch import gpu_properties
 from minifd.kernels.launch import PLAIN
 from minifd.kernels.rope import pair_tile, rotary_kernel_arguments
 from minifd.kernels.silu_mul import GATE_TILE, silu_mul
+from minifd.kernels.weight_formats import (emulated_weight, format_name, format_option, kernel_operands,
+                                           weights_aligned)
 
 GEMV_M_TILES = (1, 2, 4, 8)
 # The fused steps gemv.cu has kernels for, (gated, residual, norm, rotary) -> kernel name suffix;
@@ -45,6 +49,11 @@ class GemvGeometry:
 # 3.51 ms of GEMV per decode step against 3.61 ms for 256 threads x 2 rows, 4.48 ms at worst.
 DEFAULT_GEOMETRY = GemvGeometry()
 GEMV_STAGE_HALVES = DEFAULT_GEOMETRY.stage_halves
+# A quantized piece of 8 weights is 8 (int8) or 4 (int4) bytes of codes, not 16: twice the pieces in
+# flight keep int8's bytes in flight at fp16's and int4's at half (more would spill registers). An
+# untuned choice: scripts/sweep_gemv.py --quantize measures the alternatives. The x chunk, and so
+# the emulation's summation plan, is the same in every format.
+FORMAT_GEOMETRIES = {"float16": DEFAULT_GEOMETRY, "int8": GemvGeometry(unroll=16), "int4": GemvGeometry(unroll=16)}
 
 
 def gemv_m_tile(m):
@@ -63,17 +72,18 @@ def fusable(norm, residual, gated, rotary=None):
 
 
 def gemv_emulated(x, weight, geometry=None, *, norm=None, residual=None, gated=False, rotary=None):
-    """x: [M, K], weight: [N, K] (NumPy), norm: None or an RMSNorm, residual: None or [M, N],
-    rotary: None or a minifd.kernels.rope.Rotary -> [M, N] float32 ([M, N / 2] when gated; with
+    """x: [M, K], weight: [N, K] (NumPy, or a quantized weight of NumPy arrays), norm: None or an
+    RMSNorm, residual: None or [M, N], rotary: None or a minifd.kernels.rope.Rotary -> [M, N] float32 ([M, N / 2] when gated; with
     rotary q: [M, n_heads, head_dim], k and v written to its caches), summed over K chunks like the
     kernel."""
     m, k = x.shape
     chunk = (geometry or DEFAULT_GEOMETRY).stage_halves // gemv_m_tile(m)
     x32 = x.astype(np.float32, copy=False)
     staged = x32 if norm is None else x32 * norm.weight.astype(np.float32)
-    y = np.zeros((m, weight.shape[0]), dtype=np.float32)
+    w = emulated_weight(weight)  # [N, K] float32
+    y = np.zeros((m, w.shape[0]), dtype=np.float32)
     for k0 in range(0, k, chunk):
-        y += staged[:, k0:k0 + chunk] @ weight[:, k0:k0 + chunk].astype(np.float32, copy=False).T
+        y += staged[:, k0:k0 + chunk] @ w[:, k0:k0 + chunk].T
     if norm is not None:
         y *= 1.0 / np.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + np.float32(norm.eps))
     if gated:
@@ -83,14 +93,16 @@ def gemv_emulated(x, weight, geometry=None, *, norm=None, residual=None, gated=F
     return y if rotary is None else rotary.apply(y)
 
 
-def gemv_gpu(x, weight, geometry=DEFAULT_GEOMETRY, *, norm=None, residual=None, gated=False, rotary=None,
+def gemv_gpu(x, weight, geometry=None, *, norm=None, residual=None, gated=False, rotary=None,
              launch=PLAIN):
-    """x: [M, K] float16, weight: [N, K] float16 (CuPy, C-contiguous), norm: None or an RMSNorm of
+    """x: [M, K] float16, weight: [N, K] float16 (CuPy, C-contiguous) or a quantized weight of CuPy
+    arrays (minifd.kernels.weight_formats), norm: None or an RMSNorm of
     float16 weights, residual: None or [M, N] float16; gated: the weight's rows are gate/up
     interleaved (minifd.kernels.silu_mul); rotary: None or a minifd.kernels.rope.Rotary (float16
     caches, head_dim % 16 == 0) -> [M, N] float16 ([M, N / 2] when gated; with rotary q:
     [M, n_heads, head_dim], k and v written to its caches). The combination of fused steps must be
-    in FUSED_KERNELS. No host sync. launch: how the kernel is launched (minifd.kernels.launch)."""
+    in FUSED_KERNELS. No host sync. launch: how the kernel is launched (minifd.kernels.launch);
+    geometry: None for the weight format's (FORMAT_GEOMETRIES)."""
     import cupy
 
     if not fusable(norm, residual, gated, rotary):
@@ -101,14 +113,16 @@ def gemv_gpu(x, weight, geometry=DEFAULT_GEOMETRY, *, norm=None, residual=None, 
     if gated and n % (2 * GATE_TILE):
         raise ValueError(f"gemv: a gated weight has whole tiles of {2 * GATE_TILE} rows, not {n}")
     tile = gemv_m_tile(m)
+    geometry = geometry or FORMAT_GEOMETRIES[format_name(weight)]
     warps = geometry.threads // gpu_properties().warp_size
     # Two warps share each pair of rows (a feature's gate and up, or a rotary pair): one warp per row.
     warps_needed = n if gated or rotary is not None else -(-n // geometry.rows_per_warp)
     grid = (-(-warps_needed // warps), -(-m // tile))
     gain = norm.weight if norm is not None else x  # unread without NORM
     vector_ok = vectorisable(x, weight) and gain.data.ptr % 16 == 0
-    kernel = _kernel(cupy.cuda.runtime.getDevice(),
-                     f"gemv_m{tile}_{FUSED_KERNELS[fused_steps(norm, residual, gated, rotary)]}", geometry)
+    kernel = _kernel(cupy.cuda.runtime.getDevice(), f"gemv_m{tile}_{FUSED_KERNELS[fused_steps(norm, residual, gated, rotary)]}",
+                     geometry, format_name(weight))
+    weight_operands = kernel_operands(weight)  # (codes, scales, mins)
     shape_arguments = (np.int32(m), np.int32(n), np.int32(k), np.float32(norm.eps if norm is not None else 0.0),
                        np.int32(vector_ok))
     if rotary is not None:
@@ -119,19 +133,21 @@ def gemv_gpu(x, weight, geometry=DEFAULT_GEOMETRY, *, norm=None, residual=None, 
         q, rotary_arguments = rotary_kernel_arguments(rotary.cos, rotary.sin, rotary.positions, rotary.slots,
                                                       rotary.k_cache, rotary.v_cache, m,
                                                       n // head_dim - 2 * rotary.k_cache.shape[1])
-        launch(kernel, grid, (geometry.threads,), (x, weight, gain) + shape_arguments + rotary_arguments)
+        launch(kernel, grid, (geometry.threads,), (x, *weight_operands, gain) + shape_arguments + rotary_arguments)
         return q
     y = cupy.empty((m, n // 2 if gated else n), dtype=cupy.float16)
     residual_in = cupy.ascontiguousarray(residual) if residual is not None else y  # unread without RESIDUAL
-    launch(kernel, grid, (geometry.threads,), (x, weight, y, gain, residual_in) + shape_arguments)
+    launch(kernel, grid, (geometry.threads,), (x, *weight_operands, y, gain, residual_in) + shape_arguments)
     return y
 
 
 def vectorisable(x, weight):
-    """True when every row of x and W starts on a 16-byte boundary, so kernels may move 8 halves at once."""
-    return x.shape[1] % 8 == 0 and x.data.ptr % 16 == 0 and weight.data.ptr % 16 == 0
+    """True when every row of x and W starts on a 16-byte boundary, so kernels may move 8 halves (or 8
+    weights' codes) at once; a quantized weight's K is a multiple of 32, so its rows are aligned
+    whenever its arrays are."""
+    return x.shape[1] % 8 == 0 and x.data.ptr % 16 == 0 and weights_aligned(weight)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(device_id, name, geometry):
-    return load_module("gemv.cu", geometry.options()).get_function(name)
+def _kernel(device_id, name, geometry, weight_format):
+    return load_module("gemv.cu", geometry.options() + (format_option(weight_format),)).get_function(name)

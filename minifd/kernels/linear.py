@@ -10,6 +10,11 @@ RoPE with the cache write too; the library GEMM, and any other combination, runs
 product as kernels of their own.
 On GPU (CuPy) the kernels take float16 and accumulate in float32; on CPU (NumPy) the emulations of
 the same kernels run in float32, and the library path is plain `x @ W.T`.
+
+The weight is a plain array or a quantized one (minifd.kernels.weight_formats: int8 or int4 codes
+with group scales): GEMV and the flat GEMM read the codes themselves, in the same fused variants,
+and the dispatcher's table is kept per format; the library GEMM multiplies by the weight
+dequantized to float16 (a GPU dequantization per call, never inside a captured step).
 """
 
 import functools
@@ -22,17 +27,18 @@ from minifd.kernels.gemv import fusable, gemv_emulated, gemv_gpu
 from minifd.kernels.launch import PLAIN
 from minifd.kernels.rms_norm import rms_norm
 from minifd.kernels.silu_mul import silu_mul
+from minifd.kernels.weight_formats import dequantized_half, emulated_weight, format_name, is_quantized
 
 
 def _library_cpu(x, weight):
-    return x @ weight.T
+    return x @ emulated_weight(weight).T
 
 
 def _library_gpu(x, weight, launch=PLAIN):
     import cupy
 
     # cuBLAS through CuPy takes no launch attributes; the dispatcher keeps it out of captured steps.
-    return cupy.matmul(x, weight.T)
+    return cupy.matmul(x, dequantized_half(weight).T)
 
 
 _CPU = {"gemv": gemv_emulated, "flat_gemm": flat_gemm_emulated, "library": _library_cpu}
@@ -40,7 +46,7 @@ _GPU = {"gemv": gemv_gpu, "flat_gemm": flat_gemm_gpu, "library": _library_gpu}
 
 
 def linear(x, weight, *, norm=None, residual=None, gated=False, rotary=None, impl=None, launch=PLAIN):
-    """x: [M, K]; weight: [N, K] -> y: [M, N] ([M, N / 2] when gated; q: [M, n_heads, head_dim]
+    """x: [M, K]; weight: [N, K], plain or quantized -> y: [M, N] ([M, N / 2] when gated; q: [M, n_heads, head_dim]
     with rotary).
 
     norm: None or an RMSNorm (minifd.kernels.rms_norm) applied to x first; gated: the weight's rows
@@ -57,28 +63,32 @@ def linear(x, weight, *, norm=None, residual=None, gated=False, rotary=None, imp
     """
     m, k = x.shape
     n, weight_k = weight.shape
+    weight_format = format_name(weight)
     if weight_k != k:
         raise ValueError(f"linear: x is [{m}, {k}] but weight is [{n}, {weight_k}]")
     if impl is not None and impl not in IMPLEMENTATIONS:
         raise ValueError(f"linear: impl must be one of {IMPLEMENTATIONS} or None, not {impl!r}")
 
     if isinstance(x, np.ndarray):
-        chosen = impl or choose_implementation(m, n, k, CPU_DEVICE_NAME)
+        chosen = impl or choose_implementation(m, n, k, CPU_DEVICE_NAME, weight_format=weight_format)
         if m == 0 or n == 0:
             chosen = "library"
         product = _CPU[chosen]
     else:
         import cupy
 
-        half_precision = x.dtype == cupy.float16 and weight.dtype == cupy.float16
+        quantized = is_quantized(weight)
+        half_precision = x.dtype == cupy.float16 and (quantized or weight.dtype == cupy.float16)
         if impl in ("gemv", "flat_gemm") and not half_precision:
-            raise TypeError(f"linear: impl={impl!r} takes float16 arrays, not {x.dtype} and {weight.dtype}")
+            raise TypeError(f"linear: impl={impl!r} takes float16 arrays, not {x.dtype} and {weight_format}")
         if not half_precision or m == 0 or n == 0:
             chosen = "library"
         else:
-            chosen = impl or choose_implementation(m, n, k, gpu_properties().name, launch.graph_captured)
+            chosen = impl or choose_implementation(m, n, k, gpu_properties().name, launch.graph_captured,
+                                                   weight_format)
             if chosen != "library":
-                x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
+                x = cupy.ascontiguousarray(x)
+                weight = weight if quantized else cupy.ascontiguousarray(weight)  # quantized arrays are built so
         product = functools.partial(_GPU[chosen], launch=launch)
 
     if chosen == "gemv" and rotary is not None and fusable(norm, residual, gated, rotary):

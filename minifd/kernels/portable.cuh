@@ -262,16 +262,17 @@ __device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
 // ---------------------------------------------------------------------------------------------
 // The entry point of every product kernel (gemv.cu, flat_gemm.cu)
 // ---------------------------------------------------------------------------------------------
-// x [M, K], w [N, K] -> y; the norm's gain [K] and the residual [M, N] are read only by the variants
+// x [M, K], W [N, K] as (w, w_scales, w_mins) in the WEIGHT_FORMAT the kernel was compiled for
+// (weight_formats.cuh) -> y; the norm's gain [K] and the residual [M, N] are read only by the variants
 // that fuse them. The last argument names the device function (a template instance) that does the
 // work; it starts once the previous kernel has finished (launch.py). MIN_BLOCKS: blocks per SM the
 // compiler must leave registers for (__launch_bounds__' second argument; 1 leaves it free).
 #define MINIFD_PRODUCT_KERNEL(NAME, THREADS, MIN_BLOCKS, ...)                                              \
     extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)                                       \
-        NAME(const half_t* x, const half_t* w, half_t* y, const half_t* gain, const half_t* residual, int M, \
-             int N, int K, float eps, int vector_ok) {                                                      \
+        NAME(const half_t* x, const void* w, const half_t* w_scales, const half_t* w_mins, half_t* y,          \
+             const half_t* gain, const half_t* residual, int M, int N, int K, float eps, int vector_ok) {        \
         start_after_previous_kernel();                                                                      \
-        __VA_ARGS__(x, w, y, gain, residual, M, N, K, eps, vector_ok);                                     \
+        __VA_ARGS__(x, w, w_scales, w_mins, y, gain, residual, M, N, K, eps, vector_ok);                   \
     }
 
 #if !defined(MINIFD_HAS_MMA_16816)

@@ -23,7 +23,7 @@ moves by at most half its group's step: |w - dequantize(w)| <= step / 2 (max_err
 float32 rounding of dequantizing. The functions take NumPy or CuPy arrays and keep to that module.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import numpy as np
@@ -81,11 +81,11 @@ class Int8Groups:
     def nbytes(self):
         return self.codes.nbytes + self.scales.nbytes
 
-    def dequantize(self):
-        """-> [N, K] float32, s * q."""
+    def dequantize(self, dtype=np.float32):
+        """-> [N, K] `dtype` (float32, or float64 for an oracle), s * q."""
         n, k = self.codes.shape
-        codes = self.codes.reshape(n, k // GROUP, GROUP).astype(np.float32)
-        return (codes * self.scales.astype(np.float32)[:, :, None]).reshape(n, k)
+        codes = self.codes.reshape(n, k // GROUP, GROUP).astype(dtype)
+        return (codes * self.scales.astype(dtype)[:, :, None]).reshape(n, k)
 
     def max_error(self):
         """-> [N, K / GROUP] float32: half of each group's step s, the most round to nearest moves a weight."""
@@ -120,11 +120,11 @@ class Int4Groups:
         n, k = self.shape
         return xp.stack([self.packed & 0x0F, self.packed >> 4], axis=-1).reshape(n, k)
 
-    def dequantize(self):
-        """-> [N, K] float32, d * q + m."""
+    def dequantize(self, dtype=np.float32):
+        """-> [N, K] `dtype` (float32, or float64 for an oracle), d * q + m."""
         n, k = self.shape
-        codes = self.codes().reshape(n, k // GROUP, GROUP).astype(np.float32)
-        scales, mins = self.scales.astype(np.float32)[:, :, None], self.mins.astype(np.float32)[:, :, None]
+        codes = self.codes().reshape(n, k // GROUP, GROUP).astype(dtype)
+        scales, mins = self.scales.astype(dtype)[:, :, None], self.mins.astype(dtype)[:, :, None]
         return (codes * scales + mins).reshape(n, k)
 
     def max_error(self):
@@ -155,6 +155,11 @@ def quantize_int4(w):
     codes = xp.where(step > 0, xp.rint((groups - low) / xp.where(step > 0, step, 1)), 0)
     codes = xp.clip(codes, 0, 15).astype(np.uint8).reshape(w.shape[0], -1, 2)  # [N, K / 2, 2]
     return Int4Groups(codes[:, :, 0] | (codes[:, :, 1] << 4), scales, mins)
+
+
+def placed(weight, xp):
+    """An Int8Groups or Int4Groups -> the same weight with its arrays in module `xp` (numpy or cupy)."""
+    return type(weight)(*(xp.asarray(getattr(weight, field.name)) for field in fields(weight)))
 
 
 QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}

@@ -9,9 +9,11 @@ stays near one tensor however large the checkpoint.
 
 With `quantize` ("int8" or "int4", minifd.model.quantized) every projection matrix (wqkv after its
 row arrangement, wo, w_gate_up, w_down, and the LM head unless it is the embedding) is rounded
-group-wise at load; norms and the embedding stay as they are. No kernel reads the codes yet: the
-layers hold each projection's dequantization as `dtype`: on the CPU the exact float32 reference,
-with the quantized matrices themselves in Weights.quantized; on the GPU float16, the codes dropped.
+group-wise at load; norms and the embedding stay as they are. On the GPU the layers hold the
+quantized matrices themselves (CuPy arrays), which the product kernels read as they are
+(minifd.kernels.weight_formats). On the CPU they hold each projection's exact float32
+dequantization, the same weights the kernels' emulations would compute from the codes at every
+call, with the quantized matrices in Weights.quantized.
 """
 
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ import numpy as np
 from minifd.errors import MinifdError
 from minifd.kernels.rope import pair_rotary_rows
 from minifd.kernels.silu_mul import interleave_gate_up, padded_features
-from minifd.model.quantized import FORMATS, QUANTIZERS
+from minifd.model.quantized import FORMATS, QUANTIZERS, placed
 from minifd.progress import ProgressBar
 
 
@@ -42,6 +44,7 @@ class Weights:
     norm: object  # [hidden]
     lm_head: object  # [vocab, hidden]; the embedding itself when tied
     quantized: dict = field(default_factory=dict)  # CPU: "layers.{i}.{projection}" or "lm_head" -> Int8Groups | Int4Groups
+    # (on the GPU the layers hold those themselves)
 
     def nbytes_streamed_per_step(self):
         """Bytes a decode step reads from weights: everything but the embedding table (one row per token)."""
@@ -156,7 +159,8 @@ def load_weights(checkpoint, config, xp, dtype, progress=None, quantize=None):
 
     def fetch(*tensor_names, arrange=None, projection=None):
         """-> the named tensors converted to dtype, stacked along rows (or put together by
-        arrange(parts)), on the device; a projection (its Weights.quantized key) is quantized first."""
+        arrange(parts)), on the device; a projection (its Weights.quantized key) is quantized first
+        (on the GPU: the quantized matrix, on the CPU: its float32 dequantization)."""
         rounded = quantize is not None and projection is not None
         parts = []
         for name in tensor_names:
@@ -168,14 +172,15 @@ def load_weights(checkpoint, config, xp, dtype, progress=None, quantize=None):
             host = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         if rounded:
             matrix = QUANTIZERS[quantize](host)
-            host = matrix.dequantize().astype(dtype, copy=False)
-            if xp is np:  # the GPU, with no kernel that reads codes yet, keeps only their dequantization
+            if xp is np:
                 quantized[projection] = matrix
-        placed = xp.asarray(host)
+                host = matrix.dequantize().astype(dtype, copy=False)
+        # The GPU keeps the codes (the kernels read them), the CPU their dequantization.
+        on_device = placed(matrix, xp) if rounded and xp is not np else xp.asarray(host)
         if xp is not np or host.flags.owndata:  # the file's pages are no longer read: let them go
             for name in tensor_names:
                 checkpoint.release(name)
-        return placed
+        return on_device
 
     embed = fetch("model.embed_tokens.weight")
     layers = []

@@ -34,6 +34,7 @@ from minifd.kernels.flat_gemm import FlatGemmGeometry, flat_gemm_emulated, flat_
 from minifd.kernels.gemv import gemv_emulated, gemv_gpu
 from minifd.kernels.rms_norm import RMSNorm
 from minifd.kernels.rope import Rotary, pair_rotary_rows
+from minifd.model.quantized import GROUP, QUANTIZERS, placed
 from minifd.properties.registry import SEEDS, Property, storage_dtype
 from minifd.properties.tolerance import (U32, PropertyFailure, absolute_floor, closest_to_bound, exactly_equal,
                                          expect_layout, relative_scale, unit_roundoff, within_bound)
@@ -158,6 +159,9 @@ def check_flat_gemm(case, xp):
 #   K + 12 rounded float32 operations behind each element).
 # The relative error reported is against the magnitude the bound scales with (T, or for the gate
 # 1.1 T_G |U64| + |SiLU(G64)| T_U).
+# Quantized weights (quantized_product): the oracle multiplies by the float64 dequantization of the
+# codes, d q + m; the kernels rebuild each weight with one float32 rounding (GEMV, u32 |w|) or that
+# and a float16 one (the flat GEMM's MMA operand, u16 |w| more), which adds u_w T to e_s.
 
 FUSED_STEPS = {"flat_gemm": ("norm", "residual", "gated_norm"), "gemv": ("norm", "residual", "gated_norm")}
 
@@ -172,13 +176,36 @@ def fused_product_cases(backend):
     return st.tuples(kernels, sized).map(lambda pair: {"impl": pair[0][0], "steps": pair[0][1], **pair[1]})
 
 
+def quantized_product_cases(backend):
+    """-> a fused_product case with a quantized weight: {format, impl, steps, m, n, k, seed}, K a
+    multiple of the group (32); steps include the plain product (store)."""
+    groups = (SIZES[backend]["k"] + GROUP - 1) // GROUP
+    kernels = st.tuples(st.sampled_from(tuple(FUSED_STEPS)), st.sampled_from(("store",) + FUSED_STEPS["gemv"]))
+    sized = st.fixed_dictionaries(dict(format=st.sampled_from(tuple(QUANTIZERS)),
+                                       m=st.integers(1, 64 if backend == "gpu" else 20), n=st.integers(1, 320),
+                                       k=st.integers(1, groups).map(lambda g: GROUP * g), seed=SEEDS))
+    return st.tuples(kernels, sized).map(lambda pair: {"impl": pair[0][0], "steps": pair[0][1], **pair[1]})
+
+
+def product_weight(w, case, xp):
+    """w: [N, K] (NumPy) -> (the weight the kernel takes, in module xp; its float64 values, the
+    oracle's; the unit roundoff of the kernel's rebuilding of one weight from it). With a "format"
+    in the case, w is quantized to it first."""
+    if case.get("format") is None:
+        return xp.asarray(w), w.astype(np.float64), 0.0
+    quantized = QUANTIZERS[case["format"]](w)
+    rebuilt = U32 + (unit_roundoff(np.float16) if case["impl"] == "flat_gemm" else 0.0)
+    return placed(quantized, xp), quantized.dequantize(np.float64), rebuilt
+
+
 def silu64(values):
     return values / (1.0 + np.exp(-values))
 
 
 def check_fused_product(case, xp):
     """flat_gemm.cu or gemv.cu with a norm prologue, a residual or SwiGLU epilogue (float16), or
-    their emulations (float32), against the same steps in float64."""
+    their emulations (float32), against the same steps in float64; with a "format" in the case, of
+    the weight quantized to it."""
     dtype = storage_dtype(xp)
     norm_in, gated = case["steps"] in ("norm", "gated_norm"), case["steps"] == "gated_norm"
     m, k = case["m"], case["k"]
@@ -188,12 +215,13 @@ def check_fused_product(case, xp):
     gain = rng.uniform(-2.0, 2.0, k).astype(dtype)
     residual = rng.uniform(-4.0, 4.0, (m, n)).astype(dtype) if case["steps"] == "residual" else None
 
-    x64, w64, gain64 = (a.astype(np.float64) for a in (x, w, gain))
+    weight, w64, weight_rounding = product_weight(w, case, xp)
+    x64, gain64 = x.astype(np.float64), gain.astype(np.float64)
     rinv64 = 1.0 / np.sqrt((x64 * x64).mean(axis=-1, keepdims=True) + EPS) if norm_in else np.ones((m, 1))
     a64 = x64 * gain64 if norm_in else x64  # [m, k]
     s64 = (a64 @ w64.T) * rinv64  # [m, n]
     terms = (np.abs(a64) @ np.abs(w64).T) * rinv64  # [m, n]: T
-    error_s = (unit_roundoff(dtype) + 2 * (k + 2) * U32) * terms + ((k / 2 + 6) * U32 * np.abs(s64) if norm_in else 0.0)
+    error_s = (unit_roundoff(dtype) + weight_rounding + 2 * (k + 2) * U32) * terms + ((k / 2 + 6) * U32 * np.abs(s64) if norm_in else 0.0)
     if gated:
         tiles = lambda v: v.reshape(m, n // 16, 2, 8)  # noqa: E731 - [m, tile, gate | up, 8]
         gate, up = tiles(s64)[:, :, 0].reshape(m, -1), tiles(s64)[:, :, 1].reshape(m, -1)
@@ -216,7 +244,7 @@ def check_fused_product(case, xp):
         kernel = gemv_gpu if is_gpu(xp) else gemv_emulated
     else:
         kernel = flat_gemm_gpu if is_gpu(xp) else flat_gemm_emulated
-    y = kernel(xp.asarray(x), xp.asarray(w), **arguments)
+    y = kernel(xp.asarray(x), weight, **arguments)
     expect_layout("y", y, dtype, reference.shape)
     return within_bound("y", to_numpy(y), reference, allowed, relative_scale(magnitude, unit_roundoff(dtype), dtype))
 
@@ -257,11 +285,12 @@ def check_rotary_product(case, xp):
     k_cache, v_cache = (rng.standard_normal(cache_shape).astype(dtype) for _ in range(2))
     positions, slots = np.array(c["positions"], np.int32), np.arange(m, dtype=np.int32)
 
-    x64, w64, gain64 = (a.astype(np.float64) for a in (x, w, gain))
+    weight, w64, weight_rounding = product_weight(w, case, xp)
+    x64, gain64 = x.astype(np.float64), gain.astype(np.float64)
     rinv64 = 1.0 / np.sqrt((x64 * x64).mean(axis=-1, keepdims=True) + EPS)  # [m, 1]
     s64 = ((x64 * gain64) @ w64.T * rinv64).reshape(m, heads, head_dim)  # [m, heads, head_dim] natural
     terms = ((np.abs(x64 * gain64) @ np.abs(w64).T) * rinv64).reshape(s64.shape)
-    error_s = (unit_roundoff(dtype) + 2 * (k + 2) * U32) * terms + (k / 2 + 6) * U32 * np.abs(s64)
+    error_s = (unit_roundoff(dtype) + weight_rounding + 2 * (k + 2) * U32) * terms + (k / 2 + 6) * U32 * np.abs(s64)
     cos64, sin64 = np.cos(angles)[positions][:, None], np.sin(angles)[positions][:, None]  # [m, 1, half]
     first, second = s64[..., :half], s64[..., half:]
     rotated = np.concatenate([first * cos64 - second * sin64, second * cos64 + first * sin64], axis=-1)
@@ -383,6 +412,8 @@ PROPERTIES = (
     Property("flat_gemm", "flat GEMM, flat in M (ImplB) vs the float64 product", flat_gemm_cases, check_flat_gemm),
     Property("fused_product", "flat GEMM and GEMV with an RMSNorm prologue, a residual or SwiGLU epilogue vs float64",
              fused_product_cases, check_fused_product),
+    Property("quantized_product", "flat GEMM and GEMV reading int8 / int4 weights, fused steps and all, "
+             "vs float64 on the dequantized weights", quantized_product_cases, check_fused_product),
     Property("rotary_product", "the QKV GEMV with RoPE and the KV-cache write in its epilogue vs float64",
              rotary_product_cases, check_rotary_product),
     Property("dispatch", "the seam runs what a temporary dispatch table says (or the forced implementation)",
