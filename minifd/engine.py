@@ -3,7 +3,6 @@
 Both go through one loop (Engine._run): sequences are prefilled from the first position their KV-cache
 slot does not hold yet, then decoded together step by step until their stop rules end them."""
 
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -106,12 +105,9 @@ class Engine:
             chat_template = ChatTemplate.from_file(chat_template, tokenizer.special_tokens)
         else:
             chat_template = checkpoint.chat_template(tokenizer.special_tokens)
-        # On the GPU a GGUF's tensors, dequantized to float32, become float16 like any other checkpoint's,
-        # and so do the projections `quantize` rounds, until kernels read the codes themselves.
+        # On the GPU a GGUF's tensors, dequantized to float32, become float16 like any other checkpoint's;
+        # the projections `quantize` rounds stay codes and scales, read by the quantized kernels.
         dtype = weight_dtype(xp)
-        if quantize is not None and is_gpu(xp):
-            print(f"minifd: note: quantize {quantize}: no GPU kernel reads quantized weights yet, so they are "
-                  f"dequantized to fp16 at load ({quantize}'s rounding at fp16's speed and memory)", file=sys.stderr)
         try:
             weights = load_weights(checkpoint, config, xp, dtype, progress=progress, quantize=quantize)
         except out_of_memory_errors(xp):
