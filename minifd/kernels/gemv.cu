@@ -26,8 +26,9 @@
 // plain one: pairing whole K per warp halved the warps and left the last wave half full; grid = (ceil(rows / rows_per_block),
 // ceil(M / M_TILE)) and blockIdx.y picks M_TILE rows of x. The block walks
 // K in chunks of GEMV_STAGE_HALVES / M_TILE: the chunk of its x rows is staged in shared memory once
-// for all warps, then each lane streams pieces of 8 weights of its warp's rows of W (16 bytes in fp16), `unroll` pieces per
-// row in flight (GEMV_UNROLL for M_TILE <= 2, where the arithmetic is light; half that above, where
+// for all warps, then each lane streams 16-byte pieces of its warp's rows of W (ROW_PIECE_WEIGHTS =
+// 8 halves, 16 int8 or 32 int4 codes with their group's scale and min: weight_formats.cuh), `unroll`
+// pieces per row in flight (GEMV_UNROLL for M_TILE <= 2, where the arithmetic is light; half that above, where
 // registers go to the accumulators), and a warp_sum closes each dot product. vector_ok == 0 (K not a multiple of 8, or a
 // pointer not 16-byte aligned) walks the same geometry with 2-byte loads.
 // Before any of this the block waits for the previous kernel (MINIFD_PRODUCT_KERNEL, launch.py).
@@ -160,33 +161,37 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const vo
         stage_x_chunk<M_TILE>(x_stage, x, NORM ? gain : nullptr, m0, M, K, k0, width, vector_ok);
         __syncthreads();
         if (vector_ok) {
-            const int part = (width / 8 + k_parts - 1) / k_parts;  // 8-weight pieces per K part
-            const int pieces = gemv_min(width / 8, (k_part + 1) * part);
+            // quantized widths are multiples of 32 (K % 32 == 0 and 32 | chunk), so pieces are whole
+            const int part = (width / ROW_PIECE_WEIGHTS + k_parts - 1) / k_parts;  // pieces per K part
+            const int pieces = gemv_min(width / ROW_PIECE_WEIGHTS, (k_part + 1) * part);
             for (int first = k_part * part + lane; first < pieces; first += MINIFD_WARP_SIZE * unroll) {
-                WeightPiece w_pieces[rows][unroll];
+                RowPiece w_pieces[rows][unroll];
 #pragma unroll
                 for (int u = 0; u < unroll; ++u) {
                     const int piece = first + u * MINIFD_WARP_SIZE;
 #pragma unroll
                     for (int r = 0; r < rows; ++r)
-                        w_pieces[r][u] = piece < pieces ? load_weight_piece(w_rows[r], k0 + 8 * piece, K, 1)
-                                                        : zero_weight_piece();
+                        w_pieces[r][u] = piece < pieces ? load_row_piece(w_rows[r], k0 + ROW_PIECE_WEIGHTS * piece)
+                                                        : RowPiece{};
                 }
 #pragma unroll
                 for (int u = 0; u < unroll; ++u) {
                     const int piece = first + u * MINIFD_WARP_SIZE;
                     if (piece >= pieces) break;
-                    float w_values[rows][8];
+                    float w_values[rows][ROW_PIECE_WEIGHTS];
 #pragma unroll
-                    for (int r = 0; r < rows; ++r) weight_piece_to_float(w_pieces[r][u], w_values[r]);
+                    for (int r = 0; r < rows; ++r) row_piece_to_float(w_pieces[r][u], w_values[r]);
 #pragma unroll
                     for (int m = 0; m < M_TILE; ++m) {
-                        float x_values[8];
-                        halves8_to_float(load16(x_stage + m * chunk + 8 * piece), x_values);
 #pragma unroll
-                        for (int r = 0; r < rows; ++r)
+                        for (int s = 0; s < ROW_PIECE_WEIGHTS / 8; ++s) {
+                            float x_values[8];
+                            halves8_to_float(load16(x_stage + m * chunk + ROW_PIECE_WEIGHTS * piece + 8 * s), x_values);
 #pragma unroll
-                            for (int j = 0; j < 8; ++j) acc[r][m] += w_values[r][j] * x_values[j];
+                            for (int r = 0; r < rows; ++r)
+#pragma unroll
+                                for (int j = 0; j < 8; ++j) acc[r][m] += w_values[r][8 * s + j] * x_values[j];
+                        }
                     }
                 }
             }

@@ -49,11 +49,6 @@ class GemvGeometry:
 # 3.51 ms of GEMV per decode step against 3.61 ms for 256 threads x 2 rows, 4.48 ms at worst.
 DEFAULT_GEOMETRY = GemvGeometry()
 GEMV_STAGE_HALVES = DEFAULT_GEOMETRY.stage_halves
-# A quantized piece of 8 weights is 8 (int8) or 4 (int4) bytes of codes, not 16: twice the pieces in
-# flight keep int8's bytes in flight at fp16's and int4's at half (more would spill registers). An
-# untuned choice: scripts/sweep_gemv.py --quantize measures the alternatives. The x chunk, and so
-# the emulation's summation plan, is the same in every format.
-FORMAT_GEOMETRIES = {"float16": DEFAULT_GEOMETRY, "int8": GemvGeometry(unroll=16), "int4": GemvGeometry(unroll=16)}
 
 
 def gemv_m_tile(m):
@@ -102,7 +97,7 @@ def gemv_gpu(x, weight, geometry=None, *, norm=None, residual=None, gated=False,
     caches, head_dim % 16 == 0) -> [M, N] float16 ([M, N / 2] when gated; with rotary q:
     [M, n_heads, head_dim], k and v written to its caches). The combination of fused steps must be
     in FUSED_KERNELS. No host sync. launch: how the kernel is launched (minifd.kernels.launch);
-    geometry: None for the weight format's (FORMAT_GEOMETRIES)."""
+    geometry: None for DEFAULT_GEOMETRY (every format reads 16-byte pieces)."""
     import cupy
 
     if not fusable(norm, residual, gated, rotary):
@@ -113,7 +108,7 @@ def gemv_gpu(x, weight, geometry=None, *, norm=None, residual=None, gated=False,
     if gated and n % (2 * GATE_TILE):
         raise ValueError(f"gemv: a gated weight has whole tiles of {2 * GATE_TILE} rows, not {n}")
     tile = gemv_m_tile(m)
-    geometry = geometry or FORMAT_GEOMETRIES[format_name(weight)]
+    geometry = geometry or DEFAULT_GEOMETRY
     warps = geometry.threads // gpu_properties().warp_size
     # Two warps share each pair of rows (a feature's gate and up, or a rotary pair): one warp per row.
     warps_needed = n if gated or rotary is not None else -(-n // geometry.rows_per_warp)

@@ -108,22 +108,70 @@ __device__ __forceinline__ WeightPiece load_weight_piece(WeightRow row, int k, i
 #endif
 }
 
+// 32 bits of codes -> the weights they hold (2 halves, 4 int8 or 8 int4 codes), in column order.
+#if WEIGHT_FORMAT == WEIGHT_FP16
+constexpr int kWeightsPerWord = 2;
+#elif WEIGHT_FORMAT == WEIGHT_INT8
+constexpr int kWeightsPerWord = 4;
+#else
+constexpr int kWeightsPerWord = 8;
+#endif
+__device__ __forceinline__ void dequantize_word(unsigned word, float scale, float min, float out[kWeightsPerWord]) {
+#if WEIGHT_FORMAT == WEIGHT_FP16
+    const float2 pair = half2_bits_to_float2(word);
+    out[0] = pair.x;
+    out[1] = pair.y;
+#elif WEIGHT_FORMAT == WEIGHT_INT8
+#pragma unroll
+    for (int i = 0; i < 4; ++i)  // q + 128 in [0, 255], then back: an exact signed q
+        out[i] = scale * (small_uint_to_float(((word >> (8 * i)) & 0xFFu) ^ 0x80u) - 128.0f);
+#else
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = fmaf(scale, small_uint_to_float((word >> (4 * i)) & 0xFu), min);
+#endif
+}
+
 // The piece's 8 weights as floats, w[k + i] -> out[i].
 __device__ __forceinline__ void weight_piece_to_float(WeightPiece piece, float out[8]) {
 #if WEIGHT_FORMAT == WEIGHT_FP16
     halves8_to_float(piece, out);
 #elif WEIGHT_FORMAT == WEIGHT_INT8
     const float scale = __half2float(piece.scale);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {  // q + 128 in [0, 255], then back: an exact signed q
-        const unsigned word = i < 4 ? piece.codes.x : piece.codes.y;
-        out[i] = scale * (small_uint_to_float(((word >> (8 * (i % 4))) & 0xFFu) ^ 0x80u) - 128.0f);
-    }
+    dequantize_word(piece.codes.x, scale, 0.0f, out);
+    dequantize_word(piece.codes.y, scale, 0.0f, out + 4);
 #else
-    const float scale = __half2float(piece.scale), min = __half2float(piece.min);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = fmaf(scale, small_uint_to_float((piece.codes >> (4 * i)) & 0xFu), min);
+    dequantize_word(piece.codes, __half2float(piece.scale), __half2float(piece.min), out);
 #endif
+}
+
+// The GEMV's wide pieces: 16 bytes of codes in every format, ROW_PIECE_WEIGHTS consecutive weights
+// of one row (8 halves, 16 int8 or 32 int4 codes; a quantized piece lies in one group of 32, so one
+// scale and min). The 8-weight pieces above keep the flat GEMM's MMA fragment layout; a GEMV lane
+// may take any columns, and reading quantized rows 4 or 8 bytes at a time left the kernel bound by
+// load instructions, not bytes (int4 at 24% of its roofline, BENCHMARKS.md).
+#define ROW_PIECE_WEIGHTS (4 * kWeightsPerWord)
+struct RowPiece {
+    uint4 codes;
+    float scale, min;  // of the piece's group (quantized formats)
+};
+
+// The ROW_PIECE_WEIGHTS weights of `row` from column k (k % ROW_PIECE_WEIGHTS == 0, k < K, rows aligned).
+__device__ __forceinline__ RowPiece load_row_piece(WeightRow row, int k) {
+    RowPiece piece;
+    piece.codes = load16(static_cast<const char*>(row.codes) + (size_t)k * 16 / ROW_PIECE_WEIGHTS);
+#if WEIGHT_FORMAT != WEIGHT_FP16
+    piece.scale = __half2float(row.scales[k / WEIGHT_GROUP]);
+#endif
+#if WEIGHT_FORMAT == WEIGHT_INT4
+    piece.min = __half2float(row.mins[k / WEIGHT_GROUP]);
+#endif
+    return piece;
+}
+
+__device__ __forceinline__ void row_piece_to_float(const RowPiece& piece, float out[ROW_PIECE_WEIGHTS]) {
+    const unsigned words[4] = {piece.codes.x, piece.codes.y, piece.codes.z, piece.codes.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dequantize_word(words[i], piece.scale, piece.min, out + i * kWeightsPerWord);
 }
 
 // The piece's 8 weights as the halves an MMA takes (quantized formats: the float weights rounded).
