@@ -16,6 +16,7 @@ summation order, so it sums each row in one go.
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,6 +33,26 @@ TILE_OPTIONS = (f"-DPREFILL_WARPS={WARPS}", f"-DPREFILL_ROW_TILES={ROW_TILES}", 
                 f"-DPREFILL_CORE_QUERY_TILE={CUDA_CORE_QUERY_TILE}", f"-DPREFILL_CORE_KEY_TILE={CUDA_CORE_KEY_TILE}")
 LARGEST_LOG2_PROBABILITY = 15.0  # kLargestLog2Probability: exp2(15) stays below fp16's 65504
 SMALLEST_NORMAL_HALF = 2.0**-14  # kSmallestNormalHalf: a safe row's mean term is at least this
+
+
+@dataclass(frozen=True)
+class RaggedQueries:
+    """Where the query rows of a ragged prefill pass come from: sequence j's lengths[j] rows follow
+    those of sequences 0..j-1 and sit at positions [key_ends[j] - lengths[j], key_ends[j]) of cache
+    slot slots[j]; they attend to that slot's positions [0, key_ends[j])."""
+
+    lengths: tuple
+    slots: tuple
+    key_ends: tuple
+
+    @property
+    def row_starts(self):
+        """-> each sequence's first row, [n_sequences] int"""
+        return np.cumsum((0,) + self.lengths[:-1])
+
+    def sequences(self):
+        """-> (first row, rows, slot, key end) of each sequence"""
+        return zip(self.row_starts.tolist(), self.lengths, self.slots, self.key_ends)
 
 
 def prefill_attention_emulated(q, k, v, softmax_range, unified_max=True):
