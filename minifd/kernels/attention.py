@@ -3,7 +3,7 @@ sequence's chunk or of a ragged batch of chunks of several sequences read from t
 
 On GPU (CuPy, float16) the calls launch the unified-max kernels (decode: decode_attention.cu, or
 decode_attention_mma.cu on tensor cores where the launch plan picks it for GQA groups, one launch per
-call; prefill: prefill_attention.cu); on CPU (NumPy, float32) they run the NumPy emulations that
+call; prefill: prefill_attention.cu, one launch for a ragged batch); on CPU (NumPy, float32) they run the NumPy emulations that
 block the work the same way (decode: decode_attention.cu's, with p exact in float32).
 `method="sync"` selects the synchronised running-max path instead (the baseline).
 
@@ -15,11 +15,11 @@ many rows took that path (a device-to-host read: statistics only, never inside a
 
 import numpy as np
 
-from minifd.backend import module_of
 from minifd.kernels.decode_attention import decode_attention_emulated, decode_attention_gpu
 from minifd.kernels.decode_attention_sync import decode_attention_sync_emulated, decode_attention_sync_gpu
 from minifd.kernels.launch import PLAIN
-from minifd.kernels.prefill_attention import RaggedQueries, prefill_attention_emulated, prefill_attention_gpu
+from minifd.kernels.prefill_attention import (RaggedQueries, prefill_attention_emulated, prefill_attention_gpu,
+                                              prefill_attention_ragged_emulated, prefill_attention_ragged_gpu)
 from minifd.kernels.softmax_range import DEFAULT_SOFTMAX_RANGE
 
 METHODS = ("async", "sync")
@@ -110,11 +110,15 @@ def prefill_attention_ragged(q, k_cache, v_cache, ragged, softmax_range=None, me
     ragged: RaggedQueries (sequence j's rows sit at positions [key_ends[j] - lengths[j], key_ends[j])
     of slot slots[j] and attend to that slot's positions [0, key_ends[j])) -> [rows, n_heads, head_dim].
     """
-    xp = module_of(q)
-    outputs = [prefill_attention(q[first:first + length], k_cache[slot, :, :end].transpose(1, 0, 2),
-                                 v_cache[slot, :, :end].transpose(1, 0, 2), softmax_range, method)
-               for first, length, slot, end in ragged.sequences()]  # each [length, n_heads, head_dim]
-    return xp.concatenate(outputs)  # [rows, n_heads, head_dim]
+    softmax_range = softmax_range or DEFAULT_SOFTMAX_RANGE
+    _check_method(method)
+    if isinstance(q, np.ndarray):
+        out, n_recomputed = prefill_attention_ragged_emulated(q, k_cache, v_cache, ragged, softmax_range,
+                                                              unified_max=method == "async")
+        _count_cpu_rows(n_recomputed)
+        return out.astype(q.dtype)
+    return prefill_attention_ragged_gpu(q, k_cache, v_cache, ragged, softmax_range, _device_counter(q),
+                                        unified_max=method == "async")
 
 
 def _check_method(method):
