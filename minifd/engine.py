@@ -278,22 +278,14 @@ class Engine:
 
     def _prefill(self, cache, sequences):
         """Each prompt into its cache slot (sequence i in slot i) from the first position the slot does
-        not hold yet, in passes over the weights that each take a chunk of every prompt with positions
-        left (prefill_pass), with a progress bar once that takes a while -> logits of each prompt's last
-        position, [batch, vocab]."""
+        not hold yet (prefill_prompts), with a progress bar once that takes a while -> logits of each
+        prompt's last position, [batch, vocab]."""
         bar = ProgressBar("Prefill", sum(len(s.prompt_ids) - s.cached for s in sequences), unit="tokens",
                           enabled=self.progress, delay=PREFILL_PROGRESS_DELAY)
-        held = [sequence.cached for sequence in sequences]  # the prompt positions each slot holds
-        last_logits = [None] * len(sequences)
-        while chunks := prefill_pass([s.prompt_ids for s in sequences], held, self.prefill_chunk):
-            logits = self.model.prefill_chunks(cache, chunks)  # [chunks, vocab]
-            for chunk, chunk_logits in zip(chunks, logits):
-                held[chunk.slot] = chunk.end
-                if chunk.end == len(sequences[chunk.slot].prompt_ids):
-                    last_logits[chunk.slot] = chunk_logits  # [vocab]
-            bar.advance(sum(len(chunk.token_ids) for chunk in chunks))
+        logits = prefill_prompts(self.model, cache, [s.prompt_ids for s in sequences], [s.cached for s in sequences],
+                                 self.prefill_chunk, bar.advance)  # [batch, vocab]
         bar.close()
-        return self.xp.stack(last_logits)  # [batch, vocab]
+        return logits
 
     def _prompt_ids(self, what, prompt, max_new_tokens):
         """A prompt as text or token ids -> its token ids, once they are known to fit the context."""
@@ -315,6 +307,24 @@ class Engine:
         seen = None if seen is None else self.xp.asarray(seen)
         chosen = self.xp.where(finite, sample(logits, params, uniforms.random(logits.shape[0]), seen), NON_FINITE)
         return [int(t) for t in to_numpy(chosen)]
+
+
+def prefill_prompts(model, cache, prompts, held, budget, advance=None):
+    """Prompt i (token ids) into cache slot i past the first held[i] positions it holds already, in
+    passes over the weights of at most `budget` positions that each take a chunk of every prompt with
+    positions left (prefill_pass). advance(positions): called after each pass -> logits of each
+    prompt's last position, [batch, vocab]."""
+    held = list(held)
+    last_logits = [None] * len(prompts)
+    while chunks := prefill_pass(prompts, held, budget):
+        logits = model.prefill_chunks(cache, chunks)  # [chunks, vocab]
+        for chunk, chunk_logits in zip(chunks, logits):
+            held[chunk.slot] = chunk.end
+            if chunk.end == len(prompts[chunk.slot]):
+                last_logits[chunk.slot] = chunk_logits  # [vocab]
+        if advance is not None:
+            advance(sum(len(chunk.token_ids) for chunk in chunks))
+    return model.xp.stack(last_logits)  # [batch, vocab]
 
 
 def prefill_pass(prompts, held, budget):
