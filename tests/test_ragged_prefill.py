@@ -80,8 +80,11 @@ def test_the_ragged_pass_gives_each_prompt_what_prefilling_it_alone_gives(xp, le
     sequences = [Sequence(ids, TOKENIZER, 4, cached=held) for ids, held in zip(prompts, cached)]
     logits = engine_on(model, xp, chunk)._prefill(cache, sequences)  # [batch, vocab]
     logits = np.asarray(logits.get() if xp is not np else logits, np.float32)
-    np.testing.assert_allclose(logits, expected, **TOLERANCE[backend(xp)])
-    assert (logits.argmax(axis=-1) == expected.argmax(axis=-1)).all()
+    tolerance = TOLERANCE[backend(xp)]
+    np.testing.assert_allclose(logits, expected, **tolerance)
+    top_two = np.sort(expected, axis=-1)[:, -2:]  # [batch, 2]
+    decided = top_two[:, 1] - top_two[:, 0] > 2 * (tolerance["atol"] + tolerance["rtol"] * np.abs(top_two[:, 1]))
+    assert decided.any() and (logits.argmax(axis=-1) == expected.argmax(axis=-1))[decided].all()
     for slot, (length, lone) in enumerate(zip(lengths, alone)):
         for ragged_layer, lone_layer in zip(cache.k + cache.v, lone.k + lone.v):
             got, want = (np.asarray(a.get() if xp is not np else a, np.float32)
@@ -89,8 +92,11 @@ def test_the_ragged_pass_gives_each_prompt_what_prefilling_it_alone_gives(xp, le
             np.testing.assert_allclose(got, want, **TOLERANCE[backend(xp)])
 
 
+# CPU only: on the GPU a batch's decode steps run other kernels than a lone prompt's (flat GEMM, GEMV),
+# so their fp16 tokens may part at a near tie whatever the prefill; the test above covers its logits.
 @pytest.mark.parametrize("batch", [1, 2, 3, 5, 8])
-def test_a_batch_generates_the_greedy_tokens_of_each_prompt_alone(xp, batch):
+def test_a_batch_generates_the_greedy_tokens_of_each_prompt_alone(batch):
+    xp = np
     model = random_model(xp)
     prompts = prompts_of([3 + 37 * b % 150 for b in range(batch)], seed=batch)
     together = engine_on(model, xp, 64).generate(prompts, max_new_tokens=6, ignore_eos=True)
