@@ -90,9 +90,10 @@ class Engine:
 
         max_context: the most positions (prompt + new tokens) a sequence may take, at most the model's
         window; progress: progress bars on stderr (None: when stderr is a terminal); prefill_chunk:
-        prompt positions per prefill pass, all prompts of a batch together; chat_template: a Jinja chat template file to use instead of
-        the checkpoint's own; quantize: None, "int8" or "int4": round a safetensors checkpoint's
-        projections to that format at load (minifd/model/quantized.py, minifd/model/weights.py).
+        prompt positions per prefill pass, all prompts of a batch together; chat_template: a Jinja
+        chat template file to use instead of the checkpoint's own; quantize: None, "int8" or "int4":
+        round a safetensors checkpoint's projections to that format at load (minifd/model/quantized.py,
+        minifd/model/weights.py).
         """
         if max_context is not None and max_context < 1:
             raise MinifdError(f"max_context must be >= 1, not {max_context}", parameter="max_context")

@@ -106,7 +106,8 @@ def test_the_ragged_kernel_gives_what_one_launch_per_sequence_gives(method):
     """The ragged launch reads each chunk's keys in its cache slot; one launch per chunk over
     contiguous copies of those keys must give the same rows bit for bit (same tiles, same order)."""
     rng = np.random.default_rng(7)
-    lengths, starts, slots, max_seq, n_heads, n_kv_heads, head_dim = [300, 17, 129], [0, 5, 64], [1, 2, 0], 320, 8, 2, 128
+    lengths, starts, slots = [300, 17, 129], [0, 5, 64], [1, 2, 0]  # slot 1's chunk spans three 128-row tiles
+    max_seq, n_heads, n_kv_heads, head_dim = 320, 8, 2, 128
     k_cache, v_cache = (cupy.asarray(rng.standard_normal((3, n_kv_heads, max_seq, head_dim)), cupy.float16)
                         for _ in range(2))
     q = cupy.asarray(rng.standard_normal((sum(lengths) - sum(starts), n_heads, head_dim)), cupy.float16)

@@ -3,8 +3,9 @@ sequence's chunk or of a ragged batch of chunks of several sequences read from t
 
 On GPU (CuPy, float16) the calls launch the unified-max kernels (decode: decode_attention.cu, or
 decode_attention_mma.cu on tensor cores where the launch plan picks it for GQA groups, one launch per
-call; prefill: prefill_attention.cu, one launch for a ragged batch); on CPU (NumPy, float32) they run the NumPy emulations that
-block the work the same way (decode: decode_attention.cu's, with p exact in float32).
+call; prefill: prefill_attention.cu, one launch for a ragged batch too); on CPU (NumPy, float32)
+they run the NumPy emulations that block the work the same way (decode: decode_attention.cu's, with
+p exact in float32).
 `method="sync"` selects the synchronised running-max path instead (the baseline).
 
 softmax_range: the layer's SoftmaxRange (phi and its safe window, from `minifd calibrate`); None

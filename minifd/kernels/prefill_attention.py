@@ -61,8 +61,8 @@ class RaggedQueries:
         [n_sequences, 4] int32: (first row, n_queries, n_keys, slot))."""
         sequences = np.array([(first, length, end, slot) for first, length, slot, end in self.sequences()],
                              np.int32).reshape(-1, 4)
-        tiles = np.array([(j, first) for j, length in enumerate(self.lengths) for first in range(0, length, query_tile)],
-                         np.int32).reshape(-1, 2)
+        tiles = np.array([(j, first) for j, length in enumerate(self.lengths)
+                          for first in range(0, length, query_tile)], np.int32).reshape(-1, 2)
         lengths, key_ends = np.asarray(self.lengths)[tiles[:, 0]], np.asarray(self.key_ends)[tiles[:, 0]]
         reach = np.minimum(tiles[:, 1] + query_tile, lengths) + key_ends - lengths  # [n_tiles]
         return tiles[np.argsort(-reach, kind="stable")], sequences
@@ -113,9 +113,9 @@ def prefill_attention_ragged_emulated(q, k_cache, v_cache, ragged, softmax_range
     recomputed rows). The kernel tiles each sequence from its own first row, as this runs each alone."""
     out, n_recomputed = np.empty(q.shape, np.float32), 0
     for first, length, slot, end in ragged.sequences():
+        keys, values = k_cache[slot, :, :end].transpose(1, 0, 2), v_cache[slot, :, :end].transpose(1, 0, 2)
         out[first:first + length], recomputed = prefill_attention_emulated(
-            q[first:first + length], k_cache[slot, :, :end].transpose(1, 0, 2), v_cache[slot, :, :end].transpose(1, 0, 2),
-            softmax_range, unified_max)  # [length, n_heads, head_dim]
+            q[first:first + length], keys, values, softmax_range, unified_max)  # [length, n_heads, head_dim]
         n_recomputed += recomputed
     return out, n_recomputed
 
@@ -158,8 +158,8 @@ def prefill_attention_ragged_gpu(q, k_cache, v_cache, ragged, softmax_range, rec
                          f"(contiguous float16) and lengths {ragged.lengths} do not match")
     if not all(length <= end <= max_seq and 0 <= slot < batch
                for length, slot, end in zip(ragged.lengths, ragged.slots, ragged.key_ends)):
-        raise ValueError(f"ragged prefill attention: slots {ragged.slots}, key ends {ragged.key_ends} outside "
-                         f"the cache of {batch} slots x {max_seq} positions, or shorter than the lengths {ragged.lengths}")
+        raise ValueError(f"ragged prefill attention: slots {ragged.slots}, key ends {ragged.key_ends} outside the "
+                         f"cache of {batch} slots x {max_seq} positions, or short of the lengths {ragged.lengths}")
     key_layout = (n_kv_heads * max_seq * head_dim, max_seq * head_dim, head_dim)  # [batch, n_kv_heads, max_seq, d]
     return _launch(cupy.ascontiguousarray(q, dtype=cupy.float16), k_cache, v_cache, ragged, n_kv_heads, key_layout,
                    softmax_range, recompute_counter, unified_max)

@@ -7,7 +7,7 @@ A prompt is prefilled chunk by chunk (a chunk's positions at once, causal attent
 several prompts in one pass over the weights (a ragged batch, Llama.prefill_chunks); afterwards each
 decode step feeds one token per sequence and attends over that sequence's KV cache. The two hot
 spots go through the seams in minifd.kernels: `linear` for every projection and
-`prefill_attention` / `decode_attention` for attention. RMSNorm, the SwiGLU gate, the residual adds
+`prefill_attention_ragged` / `decode_attention` for attention. RMSNorm, the SwiGLU gate, the residual adds
 and RoPE with the KV-cache write are arguments of `linear`, which folds them into the product's
 prologue and epilogue where its kernel can (minifd/kernels/linear.py says where).
 """
