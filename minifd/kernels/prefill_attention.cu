@@ -24,7 +24,7 @@
 //
 // Launch geometry: grid (n_tiles, n_heads), block 128 threads (4 warps). Row x of `tiles` [n_tiles, 2]
 // (sequence, first query row) gives block x its tile of kQueryTile rows of one sequence (a sequence's
-// tiles start at its row 0); the host orders the rows by the keys they reach, longest first, so the
+// tiles start at its row 0); the host orders the table by the keys each tile reaches, longest first, so the
 // longest tiles are scheduled first. A block owns its tile's rows of one head (GQA: head h reads KV
 // head h / (n_heads / n_kv_heads)) and walks the key tiles up to its diagonal.
 // - Tensor cores (NVIDIA sm_80+), kQueryTile = 128: warp w owns query rows [32 w, 32 w + 32), two
