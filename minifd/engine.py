@@ -1,7 +1,8 @@
 """The engine: load a model (directory or .gguf file) once, then generate text for batches of prompts, or chat.
 
 Both go through one loop (Engine._run): sequences are prefilled from the first position their KV-cache
-slot does not hold yet, then decoded together step by step until their stop rules end them."""
+slot does not hold yet, a chunk of every prompt per pass over the weights, then decoded together step
+by step until their stop rules end them."""
 
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from minifd.backend import array_module, free_memory_text, is_gpu, out_of_memory
 from minifd.errors import MinifdError
 from minifd.kernels.softmax_range import load_softmax_ranges
 from minifd.model.chat_template import ChatTemplate
-from minifd.model.llama import KVCache, Llama
+from minifd.model.llama import KVCache, Llama, PrefillChunk
 from minifd.model.gguf import GGUFCheckpoint
 from minifd.model.loader import open_checkpoint
 from minifd.model.quantized import QUANTIZERS
@@ -24,7 +25,7 @@ from minifd.progress import ProgressBar
 from minifd.sampling import SamplingParams, draw_seed, mark_seen, sample, tokens_seen, uniform_source
 from minifd.sequence import Sequence
 
-PREFILL_CHUNK_TOKENS = 512  # prompt positions per prefill call: bounds the activations of a long prompt
+PREFILL_CHUNK_TOKENS = 512  # prompt positions per prefill pass, all prompts together: bounds the activations
 PREFILL_PROGRESS_DELAY = 2.0  # seconds a prefill runs before its progress bar shows
 
 
@@ -88,9 +89,10 @@ class Engine:
 
         max_context: the most positions (prompt + new tokens) a sequence may take, at most the model's
         window; progress: progress bars on stderr (None: when stderr is a terminal); prefill_chunk:
-        prompt positions per prefill call; chat_template: a Jinja chat template file to use instead of
-        the checkpoint's own; quantize: None, "int8" or "int4": round a safetensors checkpoint's
-        projections to that format at load (minifd/model/quantized.py, minifd/model/weights.py).
+        prompt positions per prefill pass, all prompts of a batch together; chat_template: a Jinja
+        chat template file to use instead of the checkpoint's own; quantize: None, "int8" or "int4":
+        round a safetensors checkpoint's projections to that format at load (minifd/model/quantized.py,
+        minifd/model/weights.py).
         """
         if max_context is not None and max_context < 1:
             raise MinifdError(f"max_context must be >= 1, not {max_context}", parameter="max_context")
@@ -272,21 +274,15 @@ class Engine:
                               parameter="max_new_tokens") from None
 
     def _prefill(self, cache, sequences):
-        """Each prompt into its cache slot from the first position the slot does not hold yet,
-        prefill_chunk positions per call, with a progress bar once that takes a while -> logits of each
+        """Each prompt into its cache slot (sequence i in slot i) from the first position the slot does
+        not hold yet (prefill_prompts), with a progress bar once that takes a while -> logits of each
         prompt's last position, [batch, vocab]."""
         bar = ProgressBar("Prefill", sum(len(s.prompt_ids) - s.cached for s in sequences), unit="tokens",
                           enabled=self.progress, delay=PREFILL_PROGRESS_DELAY)
-        last_logits = []
-        for slot, sequence in enumerate(sequences):
-            ids = sequence.prompt_ids
-            for start in range(sequence.cached, len(ids), self.prefill_chunk):
-                chunk = ids[start:start + self.prefill_chunk]
-                logits = self.model.prefill(cache, slot, chunk, start)  # [vocab]
-                bar.advance(len(chunk))
-            last_logits.append(logits)
+        logits = prefill_prompts(self.model, cache, [s.prompt_ids for s in sequences], [s.cached for s in sequences],
+                                 self.prefill_chunk, bar.advance)  # [batch, vocab]
         bar.close()
-        return self.xp.stack(last_logits)
+        return logits
 
     def _prompt_ids(self, what, prompt, max_new_tokens):
         """A prompt as text or token ids -> its token ids, once they are known to fit the context."""
@@ -308,6 +304,39 @@ class Engine:
         seen = None if seen is None else self.xp.asarray(seen)
         chosen = self.xp.where(finite, sample(logits, params, uniforms.random(logits.shape[0]), seen), NON_FINITE)
         return [int(t) for t in to_numpy(chosen)]
+
+
+def prefill_prompts(model, cache, prompts, held, budget, advance=None):
+    """Prompt i (token ids) into cache slot i past the first held[i] positions it holds already, in
+    passes over the weights of at most `budget` positions that each take a chunk of every prompt with
+    positions left (prefill_pass). advance(positions): called after each pass -> logits of each
+    prompt's last position, [batch, vocab]."""
+    held = list(held)
+    last_logits = [None] * len(prompts)
+    while chunks := prefill_pass(prompts, held, budget):
+        logits = model.prefill_chunks(cache, chunks)  # [chunks, vocab]
+        for chunk, chunk_logits in zip(chunks, logits):
+            held[chunk.slot] = chunk.end
+            if chunk.end == len(prompts[chunk.slot]):
+                last_logits[chunk.slot] = chunk_logits  # [vocab]
+        if advance is not None:
+            advance(sum(len(chunk.token_ids) for chunk in chunks))
+    return model.xp.stack(last_logits)  # [batch, vocab]
+
+
+def prefill_pass(prompts, held, budget):
+    """The chunks of one prefill pass: prompt i (token ids) goes into slot i, whose first held[i]
+    positions are cached. Prompts with positions left take, in order, what is left of them up to what
+    remains of `budget` positions, so a pass has at most `budget` rows whatever the batch: the
+    activations (the MLP's [rows, intermediate] above all) stay as bounded as one prompt's chunk.
+    -> list of PrefillChunk, empty once every prompt is held whole."""
+    chunks = []
+    for slot, (ids, start) in enumerate(zip(prompts, held)):
+        taken = min(len(ids) - start, budget)
+        if taken > 0:
+            chunks.append(PrefillChunk(slot, ids[start:start + taken], start))
+            budget -= taken
+    return chunks
 
 
 def check_quantize(checkpoint, quantize):

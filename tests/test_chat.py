@@ -125,9 +125,9 @@ def test_ctrl_c_sets_the_event_instead_of_raising():
 def test_a_continued_conversation_prefills_only_past_the_cached_prefix(model_dir, monkeypatch):
     engine = load(model_dir, prefill_chunk=4)
     prefilled = []
-    prefill = engine.model.prefill
-    monkeypatch.setattr(engine.model, "prefill", lambda cache, slot, ids, start: prefilled.append(start) or
-                        prefill(cache, slot, ids, start))
+    prefill_chunks = engine.model.prefill_chunks
+    monkeypatch.setattr(engine.model, "prefill_chunks", lambda cache, chunks: prefilled.extend(c.start for c in chunks)
+                        or prefill_chunks(cache, chunks))
     first = [{"role": "user", "content": "hi"}]
     reply = engine.chat(first, max_new_tokens=6, ignore_eos=True)
     second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "and then?"}]

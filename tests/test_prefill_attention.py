@@ -85,3 +85,35 @@ def test_kernel_prefills_chunk_by_chunk_from_cache_slices(head_dim):
     assert attention.recompute_count() - before == 1
     out = cupy.asnumpy(cupy.concatenate(chunks)).astype(np.float32)
     np.testing.assert_allclose(out, prefill_reference(q, k, v).out, **FP16_TOLERANCE)
+
+
+# Three prompts of different lengths in slots 2, 0, 3 (slot 1 empty), each with a chunk past its cached
+# positions: two cross the 128- and 64-row query tiles, one is a single row. Adversarial rows (query
+# 13 i of the prompt) overflow or underflow the window: rows 13 and 26 of the first chunk and 13 of the
+# third recompute; row 0 of those prompts is cached, not queried.
+RAGGED_CASE = dict(seq=1, n_heads=4, n_kv_heads=2, head_dim=64, query_scale=1.0, adversarial=[],
+                   softmax_range=(0.0, -60.0, 60.0), seed=0, slots=[2, 0, 3],
+                   prompts=[(260, 3, [150.0, -1000.0, 70.0], 11), (1, 0, [], 12), (140, 10, [600.0, -80.0], 13)])
+
+
+def test_a_ragged_batch_recomputes_the_unsafe_rows_of_its_chunks(xp):
+    assert PROPERTIES["prefill_attention_ragged"].check(RAGGED_CASE, xp).recomputed == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["async", "sync"])
+def test_the_ragged_kernel_gives_what_one_launch_per_sequence_gives(method):
+    """The ragged launch reads each chunk's keys in its cache slot; one launch per chunk over
+    contiguous copies of those keys must give the same rows bit for bit (same tiles, same order)."""
+    rng = np.random.default_rng(7)
+    lengths, starts, slots = [300, 17, 129], [0, 5, 64], [1, 2, 0]  # slot 1's chunk spans three 128-row tiles
+    max_seq, n_heads, n_kv_heads, head_dim = 320, 8, 2, 128
+    k_cache, v_cache = (cupy.asarray(rng.standard_normal((3, n_kv_heads, max_seq, head_dim)), cupy.float16)
+                        for _ in range(2))
+    q = cupy.asarray(rng.standard_normal((sum(lengths) - sum(starts), n_heads, head_dim)), cupy.float16)
+    ragged = attention.RaggedQueries(tuple(l - s for l, s in zip(lengths, starts)), tuple(slots), tuple(lengths))
+    out = attention.prefill_attention_ragged(q, k_cache, v_cache, ragged, method=method)
+    for first, length, slot, end in ragged.sequences():
+        alone = attention.prefill_attention(q[first:first + length], k_cache[slot, :, :end].transpose(1, 0, 2),
+                                            v_cache[slot, :, :end].transpose(1, 0, 2), method=method)
+        assert (out[first:first + length] == alone).all()

@@ -1,9 +1,11 @@
-"""Attention seam: decode (one query per sequence against the KV cache) and causal prefill.
+"""Attention seam: decode (one query per sequence against the KV cache) and causal prefill, of one
+sequence's chunk or of a ragged batch of chunks of several sequences read from their KV-cache slots.
 
 On GPU (CuPy, float16) the calls launch the unified-max kernels (decode: decode_attention.cu, or
 decode_attention_mma.cu on tensor cores where the launch plan picks it for GQA groups, one launch per
-call; prefill: prefill_attention.cu); on CPU (NumPy, float32) they run the NumPy emulations that
-block the work the same way (decode: decode_attention.cu's, with p exact in float32).
+call; prefill: prefill_attention.cu, one launch for a ragged batch too); on CPU (NumPy, float32)
+they run the NumPy emulations that block the work the same way (decode: decode_attention.cu's, with
+p exact in float32).
 `method="sync"` selects the synchronised running-max path instead (the baseline).
 
 softmax_range: the layer's SoftmaxRange (phi and its safe window, from `minifd calibrate`); None
@@ -17,7 +19,8 @@ import numpy as np
 from minifd.kernels.decode_attention import decode_attention_emulated, decode_attention_gpu
 from minifd.kernels.decode_attention_sync import decode_attention_sync_emulated, decode_attention_sync_gpu
 from minifd.kernels.launch import PLAIN
-from minifd.kernels.prefill_attention import prefill_attention_emulated, prefill_attention_gpu
+from minifd.kernels.prefill_attention import (RaggedQueries, prefill_attention_emulated, prefill_attention_gpu,
+                                              prefill_attention_ragged_emulated, prefill_attention_ragged_gpu)
 from minifd.kernels.softmax_range import DEFAULT_SOFTMAX_RANGE
 
 METHODS = ("async", "sync")
@@ -98,6 +101,25 @@ def prefill_attention(q, k, v, softmax_range=None, method="async"):
         _count_cpu_rows(n_recomputed)
         return out.astype(q.dtype)
     return prefill_attention_gpu(q, k, v, softmax_range, _device_counter(q), unified_max=method == "async")
+
+
+def prefill_attention_ragged(q, k_cache, v_cache, ragged, softmax_range=None, method="async"):
+    """Causal attention of a ragged prefill pass: each sequence's chunk against its own cache slot.
+
+    q: [rows, n_heads, head_dim], the chunks of ragged.lengths rows one after another; k_cache,
+    v_cache: [batch, n_kv_heads, max_seq, head_dim] holding every chunk's keys and values already;
+    ragged: RaggedQueries (sequence j's rows sit at positions [key_ends[j] - lengths[j], key_ends[j])
+    of slot slots[j] and attend to that slot's positions [0, key_ends[j])) -> [rows, n_heads, head_dim].
+    """
+    softmax_range = softmax_range or DEFAULT_SOFTMAX_RANGE
+    _check_method(method)
+    if isinstance(q, np.ndarray):
+        out, n_recomputed = prefill_attention_ragged_emulated(q, k_cache, v_cache, ragged, softmax_range,
+                                                              unified_max=method == "async")
+        _count_cpu_rows(n_recomputed)
+        return out.astype(q.dtype)
+    return prefill_attention_ragged_gpu(q, k_cache, v_cache, ragged, softmax_range, _device_counter(q),
+                                        unified_max=method == "async")
 
 
 def _check_method(method):

@@ -1,9 +1,13 @@
 // prefill_attention.cu: causal prefill attention, FlashAttention-2-style tiles, with the unified max
 // value phi (FlashDecoding++) and an in-block synchronised recompute of rows that leave the window.
 //
+// A launch covers a ragged batch: sequence j's n_queries_j query rows follow those of sequences
+// 0..j-1 in q and out, and attend to the first n_keys_j keys of KV-cache slot slot_j, of which they are
+// the last positions (a chunk of a prompt whose earlier positions are already cached). One sequence
+// of contiguous [n_keys, n_kv_heads, HEAD_DIM] keys is the batch of one with slot_stride 0.
+//
 // Math (log2 units: t = (q.k) * log2(e) / sqrt(HEAD_DIM); phi, low, high also times log2 e), for
-// query row r over keys c <= r + offset, offset = n_keys - n_queries: the queries are the last
-// n_queries positions of the keys (a chunk of a prompt whose earlier positions are already cached):
+// query row r of a sequence over its keys c <= r + offset, offset = n_keys - n_queries:
 //   unified max:  p_rc = exp2(t_rc - phi),  out_r = sum_c p_rc v_c / sum_c p_rc
 //                 Each key tile adds to the row's sums directly: no running max, no rescaling of
 //                 the output accumulators, no max reduction across the lanes of a row.
@@ -18,9 +22,11 @@
 //                 block with any unsafe row runs this pass again over the same key tiles and writes
 //                 those rows; each such row adds 1 to a device counter.
 //
-// Launch geometry: grid (ceil(n_queries / kQueryTile), n_heads), block 128 threads (4 warps); the longest
-// query tiles are scheduled first. A block owns kQueryTile query rows of one head (GQA: head h reads
-// KV head h / (n_heads / n_kv_heads)) and walks the key tiles up to its diagonal.
+// Launch geometry: grid (n_tiles, n_heads), block 128 threads (4 warps). Row x of `tiles` [n_tiles, 2]
+// (sequence, first query row) gives block x its tile of kQueryTile rows of one sequence (a sequence's
+// tiles start at its row 0); the host orders the table by the keys each tile reaches, longest first, so the
+// longest tiles are scheduled first. A block owns its tile's rows of one head (GQA: head h reads KV
+// head h / (n_heads / n_kv_heads)) and walks the key tiles up to its diagonal.
 // - Tensor cores (NVIDIA sm_80+), kQueryTile = 128: warp w owns query rows [32 w, 32 w + 32), two
 //   m16 tiles, so every K and V fragment read from shared memory feeds two mma. Dynamic shared
 //   memory holds the Q tile and two [K, V] buffers of 64 keys (cp.async double buffering: tile j + 1
@@ -33,8 +39,11 @@
 //   form row groups of 8: group g owns rows 4g..4g+3; lane l of the group computes the scores of key
 //   columns 4l..4l+3 and owns output dimensions [8 (l + 8 c), 8 (l + 8 c) + 8) for c < HEAD_DIM / 64;
 //   fp32 arithmetic.
-// Arrays: q [n_queries, n_heads, HEAD_DIM], k, v [n_keys, n_kv_heads, HEAD_DIM], out like q (fp16,
-// contiguous).
+// Arrays: q [rows, n_heads, HEAD_DIM] (rows = sum of n_queries_j), out like q (fp16, contiguous);
+// sequences [n_sequences, 4] int32 (first row in q, n_queries, n_keys, slot); k, v fp16 with key c of
+// KV head h of slot s at s slot_stride + h head_stride + c key_stride halves (the KV cache [batch,
+// n_kv_heads, max_seq, HEAD_DIM]: max_seq HEAD_DIM, HEAD_DIM; one contiguous sequence: 0, HEAD_DIM,
+// n_kv_heads HEAD_DIM).
 #include "portable.cuh"
 
 #ifndef HEAD_DIM
@@ -73,23 +82,34 @@ __device__ __forceinline__ bool row_is_safe(float shifted_min, float shifted_max
            denominator >= n_keys * kSmallestNormalHalf;
 }
 
-// The block's query tile of query_tile rows.
+// Where the keys and values sit: key c of KV head h of slot s at k + s * slot_stride + h * head_stride
+// + c * key_stride (in halves; v alike).
+struct KeyLayout {
+    long long slot_stride;
+    int head_stride, key_stride;
+};
+
+// The block's query tile: row blockIdx.x of `tiles` names its sequence and first query row.
 __device__ __forceinline__ Task locate_tile(const half_t* q, const half_t* k, const half_t* v, half_t* out,
-                                            int n_queries, int n_keys, int n_heads, int n_kv_heads, int query_tile) {
+                                            const int* tiles, const int* sequences, int n_heads, int n_kv_heads,
+                                            const KeyLayout& layout, int query_tile) {
     const int head = blockIdx.y, kv_head = head / (n_heads / n_kv_heads);
-    const int tile = gridDim.x - 1 - blockIdx.x;  // longest tiles first
+    const int* tile = tiles + 2 * blockIdx.x;  // (sequence, first query row within it)
+    const int* sequence = sequences + 4 * tile[0];  // (first row in q, n_queries, n_keys, slot)
+    const size_t first_row = sequence[0];
+    const size_t kv_offset = sequence[3] * layout.slot_stride + (size_t)kv_head * layout.head_stride;
     Task task;
-    task.q = q + (size_t)head * HEAD_DIM;
-    task.k = k + (size_t)kv_head * HEAD_DIM;
-    task.v = v + (size_t)kv_head * HEAD_DIM;
-    task.out = out + (size_t)head * HEAD_DIM;
+    task.q = q + (first_row * n_heads + head) * HEAD_DIM;
+    task.k = k + kv_offset;
+    task.v = v + kv_offset;
+    task.out = out + (first_row * n_heads + head) * HEAD_DIM;
     task.q_stride = n_heads * HEAD_DIM;
-    task.kv_stride = n_kv_heads * HEAD_DIM;
-    task.first_query = tile * query_tile;
-    task.n_queries = n_queries;
-    task.n_keys = n_keys;
-    task.query_offset = n_keys - n_queries;
-    task.key_end = min(task.first_query + query_tile, n_queries) + task.query_offset;
+    task.kv_stride = layout.key_stride;
+    task.first_query = tile[1];
+    task.n_queries = sequence[1];
+    task.n_keys = sequence[2];
+    task.query_offset = task.n_keys - task.n_queries;
+    task.key_end = min(task.first_query + query_tile, task.n_queries) + task.query_offset;
     return task;
 }
 
@@ -702,16 +722,20 @@ __device__ __forceinline__ void attend_synchronised(const Task& task, const Wind
 using namespace prefill;
 
 extern "C" __global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
-prefill_unified_max(const half_t* q, const half_t* k, const half_t* v, int n_queries, int n_keys, int n_heads,
-                    int n_kv_heads, float score_scale, float phi, float low, float high, half_t* out,
+prefill_unified_max(const half_t* q, const half_t* k, const half_t* v, const int* tiles, const int* sequences,
+                    int n_heads, int n_kv_heads, long long slot_stride, int head_stride, int key_stride,
+                    float score_scale, float phi, float low, float high, half_t* out,
                     unsigned long long* recompute_counter) {
-    const Task task = locate_tile(q, k, v, out, n_queries, n_keys, n_heads, n_kv_heads, kQueryTile);
+    const Task task = locate_tile(q, k, v, out, tiles, sequences, n_heads, n_kv_heads,
+                                  KeyLayout{slot_stride, head_stride, key_stride}, kQueryTile);
     attend_unified_max(task, Window{score_scale, phi, low, high}, recompute_counter);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
-prefill_synchronised(const half_t* q, const half_t* k, const half_t* v, int n_queries, int n_keys, int n_heads,
-                     int n_kv_heads, float score_scale, half_t* out) {
-    const Task task = locate_tile(q, k, v, out, n_queries, n_keys, n_heads, n_kv_heads, kQueryTile);
+prefill_synchronised(const half_t* q, const half_t* k, const half_t* v, const int* tiles, const int* sequences,
+                     int n_heads, int n_kv_heads, long long slot_stride, int head_stride, int key_stride,
+                     float score_scale, half_t* out) {
+    const Task task = locate_tile(q, k, v, out, tiles, sequences, n_heads, n_kv_heads,
+                                  KeyLayout{slot_stride, head_stride, key_stride}, kQueryTile);
     attend_synchronised(task, Window{score_scale, 0.0f, 0.0f, 0.0f});
 }

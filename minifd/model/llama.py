@@ -3,10 +3,11 @@
     token ids -> embedding -> n_layers x [ x = x + Attention(RMSNorm(x)); x = x + SwiGLU(RMSNorm(x)) ]
               -> RMSNorm -> LM head -> logits
 
-A prompt is prefilled chunk by chunk (a chunk's positions at once, causal attention); afterwards each
+A prompt is prefilled chunk by chunk (a chunk's positions at once, causal attention), the chunks of
+several prompts in one pass over the weights (a ragged batch, Llama.prefill_chunks); afterwards each
 decode step feeds one token per sequence and attends over that sequence's KV cache. The two hot
 spots go through the seams in minifd.kernels: `linear` for every projection and
-`prefill_attention` / `decode_attention` for attention. RMSNorm, the SwiGLU gate, the residual adds
+`prefill_attention_ragged` / `decode_attention` for attention. RMSNorm, the SwiGLU gate, the residual adds
 and RoPE with the KV-cache write are arguments of `linear`, which folds them into the product's
 prologue and epilogue where its kernel can (minifd/kernels/linear.py says where).
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minifd.kernels.attention import decode_attention, prefill_attention
+from minifd.kernels.attention import RaggedQueries, decode_attention, prefill_attention_ragged
 from minifd.kernels.launch import PLAIN
 from minifd.kernels.linear import linear
 from minifd.kernels.rms_norm import RMSNorm
@@ -59,6 +60,20 @@ class KVCache:
         """Bytes of K and V one cached position holds across all layers."""
         batch, n_kv_heads, _, head_dim = self.k[0].shape
         return 2 * len(self.k) * n_kv_heads * head_dim * self.k[0].itemsize
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens of one sequence for a prefill pass: they go into cache slot `slot` at positions
+    [start, end), the slot holding the sequence's positions before `start` already."""
+
+    slot: int
+    token_ids: list
+    start: int = 0
+
+    @property
+    def end(self):
+        return self.start + len(self.token_ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,20 +125,28 @@ class Llama:
         """Run prompt tokens into cache slot `slot` at positions [start, start + chunk): a whole prompt,
         or one chunk of it once the cache holds its positions before `start`.
         token_ids: [chunk] -> logits of the chunk's last position, [vocab]."""
+        return self.prefill_chunks(cache, [PrefillChunk(slot, token_ids, start)])[0]
+
+    def prefill_chunks(self, cache, chunks):
+        """One pass over the weights for a chunk of each of several prompts (a ragged batch): chunk j's
+        tokens go into cache slot chunks[j].slot at positions [start, end), its queries attending to
+        that slot's positions [0, end) (the earlier ones already cached).
+        chunks: list of PrefillChunk, one per slot -> logits of each chunk's last position, [chunks, vocab]."""
         xp = self.xp
-        ids = xp.asarray(np.asarray(token_ids, dtype=np.int64))  # [chunk]
-        end = start + ids.shape[0]
-        positions = xp.arange(start, end, dtype=xp.int32)  # [chunk]
-        slots = xp.full(ids.shape[0], slot, dtype=xp.int32)  # [chunk]
+        ids = xp.asarray(np.concatenate([np.asarray(c.token_ids, dtype=np.int64) for c in chunks]))  # [rows]
+        positions = xp.asarray(np.concatenate([np.arange(c.start, c.end, dtype=np.int32) for c in chunks]))  # [rows]
+        slots = xp.asarray(np.concatenate([np.full(len(c.token_ids), c.slot, dtype=np.int32) for c in chunks]))  # [rows]
+        ragged = RaggedQueries(tuple(len(c.token_ids) for c in chunks), tuple(c.slot for c in chunks),
+                               tuple(c.end for c in chunks))
+        last_rows = xp.asarray(ragged.row_starts + np.asarray(ragged.lengths) - 1)  # [chunks]
 
         def attend(i, q):
-            # q: [chunk, n_heads, head_dim] attends to the keys and values of positions [0, end)
-            k, v = cache.k[i][slot, :, :end].transpose(1, 0, 2), cache.v[i][slot, :, :end].transpose(1, 0, 2)
-            return prefill_attention(q, k, v, softmax_range=self.softmax_ranges[i],
-                                     method=self.attention_method)  # [chunk, n_heads, head_dim]
+            # q: [rows, n_heads, head_dim]; each chunk's rows attend to their slot's positions [0, end)
+            return prefill_attention_ragged(q, cache.k[i], cache.v[i], ragged, softmax_range=self.softmax_ranges[i],
+                                            method=self.attention_method)  # [rows, n_heads, head_dim]
 
-        x = self._layers(self.weights.embed[ids], cache, positions, slots, attend)  # [chunk, hidden]
-        return self._logits(x[-1:])[0]  # [vocab]
+        x = self._layers(self.weights.embed[ids], cache, positions, slots, attend)  # [rows, hidden]
+        return self._logits(x[last_rows])  # [chunks, vocab]
 
     def decode(self, cache, token_ids, positions, launch=PLAIN):
         """One step for every sequence of the batch.

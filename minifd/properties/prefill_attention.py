@@ -1,6 +1,7 @@
 """Prefill attention properties: causal attention with the unified max (prefill_attention.cu, or its
-NumPy emulation on the CPU), its recompute path, its synchronised method, and a prompt prefilled
-chunk by chunk (each chunk's queries at an offset into the keys), each against the float64 reference.
+NumPy emulation on the CPU), its recompute path, its synchronised method, a prompt prefilled chunk by
+chunk (each chunk's queries at an offset into the keys), and a ragged batch (a chunk of each of
+several prompts in one launch, against their KV-cache slots), each against the float64 reference.
 
 Tolerance: attention_reference's bound, per output element, from the output dtype (float16 on GPU,
 float32 on CPU), the row's number of keys n = query position + 1 (the reduction length of the
@@ -16,6 +17,7 @@ exp(s - phi) over its keys is at least 2^-14 (prefill_attention.py). A row must 
 that fails in float64; rows within float32 rounding of an edge may go either way, and only those.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -23,8 +25,9 @@ from hypothesis import strategies as st
 
 from minifd.backend import is_gpu, to_numpy
 from minifd.kernels import attention
-from minifd.kernels.prefill_attention import (LARGEST_LOG2_PROBABILITY, SMALLEST_NORMAL_HALF,
-                                              prefill_attention_emulated, prefill_attention_gpu)
+from minifd.kernels.prefill_attention import (LARGEST_LOG2_PROBABILITY, SMALLEST_NORMAL_HALF, RaggedQueries,
+                                              prefill_attention_emulated, prefill_attention_gpu,
+                                              prefill_attention_ragged_emulated)
 from minifd.kernels.softmax_range import SoftmaxRange
 from minifd.properties.attention_reference import (attention_allowed, check_emulation, check_recompute_count,
                                                    prefill_inputs, prefill_reference, probability_error,
@@ -66,6 +69,21 @@ def chunked_cases(draw, backend):
     """-> a prefill case plus `chunk`: how many positions of the prompt each prefill call takes."""
     case = draw(prefill_cases(backend))
     return dict(case, chunk=draw(st.integers(max(1, case["seq"] // 8), case["seq"])))
+
+
+@st.composite
+def ragged_cases(draw, backend):
+    """-> a prefill case (its heads, scale, range) plus `prompts`: per sequence of the batch, (prompt
+    length, first position of the chunk the pass takes, adversarial row scores, seed), and `slots`:
+    the cache slot of each (a permutation, one slot left empty)."""
+    case = draw(prefill_cases(backend))
+    n_sequences = draw(st.integers(1, 5))
+    prompts = []
+    for _ in range(n_sequences):
+        length = draw(st.integers(1, MAX_SEQ[backend] // 2))
+        prompts.append((length, draw(st.integers(0, length - 1)),
+                        draw(st.lists(st.sampled_from(ADVERSARIAL_SCORES), max_size=2)), draw(SEEDS)))
+    return dict(case, prompts=prompts, slots=draw(st.permutations(range(n_sequences + 1)))[:n_sequences])
 
 
 def recompute_cases(backend):
@@ -204,6 +222,54 @@ def check_chunked(case, xp):
     return within_bound("chunked out", out, reference.out, allowed, reference.magnitude).with_recomputed(recomputed)
 
 
+def check_ragged(case, xp):
+    """A ragged pass: sequence j's chunk, positions [start_j, length_j) of its prompt, attends to its
+    cache slot's keys [0, length_j), the chunks of all sequences in one launch (on GPU) or through the
+    ragged emulation. Each chunk's rows must meet its prompt's bound against the float64 reference and
+    recompute exactly its unsafe rows; on GPU the output also agrees with the ragged emulation."""
+    c, dtype = case, storage_dtype(xp)
+    softmax_range, head_dim = SoftmaxRange(*c["softmax_range"]), c["head_dim"]
+    max_seq = max(length for length, _, _, _ in c["prompts"])
+    k_cache, v_cache = (np.zeros((len(c["slots"]) + 1, c["n_kv_heads"], max_seq, head_dim), np.float32)
+                        for _ in range(2))
+    queries, references, certain, possible = [], [], [], []
+    for (length, start, adversarial, seed), slot in zip(c["prompts"], c["slots"]):
+        q, k, v = rounded_to(dtype, *prefill_inputs(np.random.default_rng(seed), length, c["n_heads"],
+                                                    c["n_kv_heads"], head_dim, c["query_scale"], adversarial))
+        k_cache[slot, :, :length], v_cache[slot, :, :length] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+        reference = prefill_reference(q, k, v)
+        unsafe, perhaps = rows_to_recompute(reference, head_dim, softmax_range)
+        queries.append(q[start:])
+        references.append(reference)
+        certain.append(unsafe[start:])
+        possible.append(perhaps[start:])
+    starts = [start for _, start, _, _ in c["prompts"]]
+    reference = dataclasses.replace(references[0], **{  # the chunks' rows of every field, one after another
+        field.name: np.concatenate([getattr(r, field.name)[start:] for r, start in zip(references, starts)])
+        for field in dataclasses.fields(references[0])})
+    certain, possible = np.concatenate(certain), np.concatenate(possible)
+    q = np.concatenate(queries)  # [rows, n_heads, head_dim]
+    ragged = RaggedQueries(tuple(length - start for length, start, _, _ in c["prompts"]), tuple(c["slots"]),
+                           tuple(length for length, _, _, _ in c["prompts"]))
+    emulated, emulated_rows = prefill_attention_ragged_emulated(q, k_cache, v_cache, ragged, softmax_range)
+    emulated_allowed = prefill_allowed(reference, head_dim, softmax_range.phi, np)
+    if not is_gpu(xp):
+        return check_emulation(emulated, emulated_rows, reference, emulated_allowed, certain, possible)
+    before = attention.recompute_count()
+    out = attention.prefill_attention_ragged(*(xp.asarray(array, xp.float16) for array in (q, k_cache, v_cache)),
+                                             ragged, softmax_range=softmax_range)
+    recomputed = attention.recompute_count() - before
+    expect_layout("ragged kernel out", out, np.float16, q.shape)
+    out = to_numpy(out)
+    all_finite("ragged kernel out", out)
+    check_recompute_count("ragged kernel", recomputed, certain, possible)
+    allowed = prefill_allowed(reference, head_dim, softmax_range.phi, xp)
+    return closest_to_bound(
+        within_bound("ragged kernel out", out, reference.out, allowed, reference.magnitude),
+        within_bound("ragged kernel out vs emulation", out, emulated.astype(np.float64), allowed + emulated_allowed,
+                     reference.magnitude)).with_recomputed(recomputed)
+
+
 PROPERTIES = (
     Property("prefill_attention", "unified-max causal prefill attention vs float64, recomputed rows counted exactly",
              prefill_cases, check_unified_max),
@@ -213,4 +279,7 @@ PROPERTIES = (
              prefill_cases, check_synchronised),
     Property("prefill_attention_chunked", "a prompt prefilled chunk by chunk (queries at a key offset) vs "
              "the whole prompt's float64 reference", chunked_cases, check_chunked),
+    Property("prefill_attention_ragged", "a ragged batch: a chunk of each of several prompts against its cache "
+             "slot, one launch, vs each prompt's float64 reference, recomputed rows counted", ragged_cases,
+             check_ragged),
 )
