@@ -20,6 +20,7 @@ import numpy as np
 
 from minifd.backend import array_module
 from minifd.decode_step import DecodeStep
+from minifd.engine import PREFILL_CHUNK_TOKENS, prefill_prompts
 from minifd.errors import MinifdError
 from minifd.kernels.launch import overlap_supported, resolve_overlap
 from minifd.kernels.weight_formats import format_name
@@ -111,7 +112,8 @@ def copy_bandwidth(xp, nbytes=2 * 2**30, repeats=10):
 
 
 def bench_minifd(model, config, prompt_tokens, batch, decode_steps, bandwidth, use_graph=True, overlap=None, seed=0):
-    """-> BenchRow for one (prompt length, batch): prefill every sequence, then `decode_steps` decode steps.
+    """-> BenchRow for one (prompt length, batch): prefill every sequence as the engine does (ragged passes of
+    PREFILL_CHUNK_TOKENS positions), then `decode_steps` decode steps.
     overlap: DecodeStep's (None = wherever supported)."""
     xp = model.xp
     rng = np.random.default_rng(seed)
@@ -119,7 +121,8 @@ def bench_minifd(model, config, prompt_tokens, batch, decode_steps, bandwidth, u
     cache = KVCache.allocate(config, batch, prompt_tokens + decode_steps + 2, xp, model.dtype)
     xp.cuda.Device().synchronize()
     start = time.perf_counter()
-    first = [int(model.prefill(cache, b, prompts[b]).argmax()) for b in range(batch)]
+    logits = prefill_prompts(model, cache, [list(p) for p in prompts], [0] * batch, PREFILL_CHUNK_TOKENS)  # [batch, vocab]
+    first = [int(row.argmax()) for row in logits]
     xp.cuda.Device().synchronize()
     prefill_seconds = time.perf_counter() - start
 
