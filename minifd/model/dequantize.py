@@ -17,7 +17,7 @@ from minifd.errors import MinifdError
 K_BLOCK = 256  # weights per super-block of the K formats (ggml's QK_K)
 
 
-def _fields(blocks, *widths):
+def byte_fields(blocks, *widths):
     """blocks: [n, block_bytes] -> the block's consecutive byte fields, each [n, width]."""
     return np.split(blocks, np.cumsum(widths)[:-1], axis=1)
 
@@ -27,7 +27,7 @@ def _fp16(field):
     return field.view("<f2").astype(np.float32)
 
 
-def _nibbles(packed):
+def nibbles(packed):
     """packed: [..., k] bytes -> [..., 2k] codes: every byte's low nibble, then every byte's high nibble."""
     return np.concatenate([packed & 0x0F, packed >> 4], axis=-1)
 
@@ -54,41 +54,41 @@ def dequantize_bf16(blocks):
 
 def dequantize_q8_0(blocks):
     """Q8_0, 32 weights in 34 bytes: d (fp16), then 32 int8 codes q. w = d * q."""
-    d, q = _fields(blocks, 2, 32)
+    d, q = byte_fields(blocks, 2, 32)
     return _fp16(d) * q.view(np.int8).astype(np.float32)
 
 
 def dequantize_q4_0(blocks):
     """Q4_0, 32 weights in 18 bytes: d (fp16), then 16 bytes of 4-bit codes q: byte j holds weight j in
     its low nibble and weight j + 16 in its high nibble. w = d * (q - 8)."""
-    d, packed = _fields(blocks, 2, 16)
-    return _fp16(d) * (_nibbles(packed).astype(np.float32) - 8)
+    d, packed = byte_fields(blocks, 2, 16)
+    return _fp16(d) * (nibbles(packed).astype(np.float32) - 8)
 
 
 def dequantize_q4_1(blocks):
     """Q4_1, 32 weights in 20 bytes: d (fp16), m (fp16), then 16 bytes of 4-bit codes q packed as in
     Q4_0. w = d * q + m."""
-    d, m, packed = _fields(blocks, 2, 2, 16)
-    return _fp16(d) * _nibbles(packed).astype(np.float32) + _fp16(m)
+    d, m, packed = byte_fields(blocks, 2, 2, 16)
+    return _fp16(d) * nibbles(packed).astype(np.float32) + _fp16(m)
 
 
 def _five_bit_codes(high_bits, packed):
     """high_bits: [n, 4] (a little-endian uint32 whose bit i is weight i's fifth bit); packed: [n, 16]
     low nibbles as in Q4_0 -> [n, 32] codes 0..31."""
-    return _nibbles(packed) | (_bits(high_bits) << 4)
+    return nibbles(packed) | (_bits(high_bits) << 4)
 
 
 def dequantize_q5_0(blocks):
     """Q5_0, 32 weights in 22 bytes: d (fp16), 4 bytes of fifth bits (bit i of the little-endian uint32
     belongs to weight i), then 16 bytes of low nibbles packed as in Q4_0. w = d * (q - 16)."""
-    d, high_bits, packed = _fields(blocks, 2, 4, 16)
+    d, high_bits, packed = byte_fields(blocks, 2, 4, 16)
     return _fp16(d) * (_five_bit_codes(high_bits, packed).astype(np.float32) - 16)
 
 
 def dequantize_q5_1(blocks):
     """Q5_1, 32 weights in 24 bytes: d (fp16), m (fp16), then the fifth bits and low nibbles of Q5_0.
     w = d * q + m."""
-    d, m, high_bits, packed = _fields(blocks, 2, 2, 4, 16)
+    d, m, high_bits, packed = byte_fields(blocks, 2, 2, 4, 16)
     return _fp16(d) * _five_bit_codes(high_bits, packed).astype(np.float32) + _fp16(m)
 
 
@@ -106,14 +106,14 @@ def _k_scales_and_mins(packed):
 def _k_four_bit_codes(packed):
     """packed: [n, 128] -> [n, 8, 32] codes of the 8 sub-blocks: each 32 bytes hold two sub-blocks,
     the first in the low nibbles, the second in the high nibbles."""
-    return _nibbles(packed.reshape(-1, 4, 32)).reshape(-1, 8, 32)
+    return nibbles(packed.reshape(-1, 4, 32)).reshape(-1, 8, 32)
 
 
 def dequantize_q4_k(blocks):
     """Q4_K, 256 weights in 144 bytes: d (fp16), dmin (fp16), 12 bytes of 6-bit sub-block scales sc and
     mins m (see _k_scales_and_mins), then 128 bytes of 4-bit codes q (see _k_four_bit_codes), 8
     sub-blocks of 32. w = (d * sc) * q - (dmin * m)."""
-    d, dmin, packed_scales, packed = _fields(blocks, 2, 2, 12, 128)
+    d, dmin, packed_scales, packed = byte_fields(blocks, 2, 2, 12, 128)
     scales, mins = _k_scales_and_mins(packed_scales)
     codes = _k_four_bit_codes(packed).astype(np.float32)  # [n, 8, 32]
     weights = (_fp16(d) * scales)[:, :, None] * codes - (_fp16(dmin) * mins)[:, :, None]
@@ -124,7 +124,7 @@ def dequantize_q5_k(blocks):
     """Q5_K, 256 weights in 176 bytes: d, dmin, the 12 scale bytes of Q4_K, 32 bytes of fifth bits (bit s
     of byte l is the fifth bit of weight l of sub-block s), then the 128 bytes of low nibbles of Q4_K.
     w = (d * sc) * q - (dmin * m)."""
-    d, dmin, packed_scales, high_bits, packed = _fields(blocks, 2, 2, 12, 32, 128)
+    d, dmin, packed_scales, high_bits, packed = byte_fields(blocks, 2, 2, 12, 32, 128)
     scales, mins = _k_scales_and_mins(packed_scales)
     fifth_bits = _bits(high_bits[:, :, None]).transpose(0, 2, 1)  # [n, 32 bytes, 8 bits] -> [n, 8, 32]
     codes = (_k_four_bit_codes(packed) | (fifth_bits << 4)).astype(np.float32)
@@ -137,8 +137,8 @@ def dequantize_q6_k(blocks):
     scales sc (one per 16 consecutive weights), then d (fp16). Each half of 128 weights uses 64 low
     bytes (byte j: weight j in its low nibble, weight 64 + j in its high one) and 32 high bytes (byte l:
     bits 2k..2k+1 are the high part of weight 32k + l). w = (d * sc) * (q - 32), q = low | high << 4."""
-    low, high, scales, d = _fields(blocks, 128, 64, 16, 2)
-    low_codes = _nibbles(low.reshape(-1, 2, 64))  # [n, half, 128]
+    low, high, scales, d = byte_fields(blocks, 128, 64, 16, 2)
+    low_codes = nibbles(low.reshape(-1, 2, 64))  # [n, half, 128]
     shifts = np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]
     high_codes = ((high.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 2, 128)  # [n, half, 4 x 32]
     codes = (low_codes | (high_codes << 4)).astype(np.float32) - 32

@@ -15,7 +15,18 @@ product a plain integer dot product scaled once per group. int4 is asymmetric: 1
 and a group's weights are rarely centred on zero, so a symmetric grid would leave levels unused on
 the side the group does not reach; spanning exactly [min, max] gives the finest step 16 levels
 allow. Their arithmetic is GGUF's Q8_0 (w = d * q) and Q4_1 (w = d * q + m), so those blocks, and
-Q4_0's (d * (q - 8) = d * q - 8d), map onto these formats without changing a single weight.
+Q4_0's (d * (q - 8) = d * q - 8d), map onto these formats without changing a weight's value
+(minifd.model.repack): a .gguf file's projections of those types stay quantized on the GPU:
+
+| GGUF type | held as | how |
+| --- | --- | --- |
+| Q8_0 | int8 | codes q and scale d as they are |
+| Q4_1 | int4 | d and m as they are, the nibbles reordered |
+| Q4_0 | int4 | d, m = -8d, the nibbles reordered |
+| Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, F16, BF16, F32 | float16 | dequantized: no format here keeps their arithmetic |
+
+A projection fused from several tensors (q, k, v; gate, up) stays quantized only when all of them
+map to one format (a Q4_K_M file mixes Q4_K and Q6_K, which none holds).
 
 quantize_int8(w) and quantize_int4(w) round to nearest, group by group. The fp16 scale (and min)
 are rounded outward, so every weight lies inside its group's grid (no code clips) and a weight
@@ -153,13 +164,38 @@ def quantize_int4(w):
     scales = _fp16_outward((groups.max(axis=-1) - low[:, :, 0]) / 15, xp, +1)
     step = scales.astype(np.float32)[:, :, None]
     codes = xp.where(step > 0, xp.rint((groups - low) / xp.where(step > 0, step, 1)), 0)
-    codes = xp.clip(codes, 0, 15).astype(np.uint8).reshape(w.shape[0], -1, 2)  # [N, K / 2, 2]
-    return Int4Groups(codes[:, :, 0] | (codes[:, :, 1] << 4), scales, mins)
+    return Int4Groups(pack_nibbles(xp.clip(codes, 0, 15).astype(np.uint8).reshape(w.shape)), scales, mins)
+
+
+def pack_nibbles(codes):
+    """codes: [N, K] uint8 in [0, 15] -> [N, K / 2] uint8, Int4Groups' packing: weight 2j in the low
+    nibble of byte j, weight 2j + 1 in its high nibble."""
+    pairs = codes.reshape(codes.shape[0], -1, 2)  # [N, K / 2, 2]
+    return pairs[:, :, 0] | (pairs[:, :, 1] << 4)
 
 
 def placed(weight, xp):
     """An Int8Groups or Int4Groups -> the same weight with its arrays in module `xp` (numpy or cupy)."""
     return type(weight)(*(xp.asarray(getattr(weight, field.name)) for field in fields(weight)))
+
+
+def rowwise(operation, *weights):
+    """operation(*arrays): moves, stacks or adds rows of [N, X] arrays, whatever X (a row permutation, a
+    concatenation, zero rows) -> its result on `weights`: plain arrays, or quantized matrices of one
+    format, to each of whose arrays (codes, scales, mins: row n of each belongs to output n) it is
+    applied alike, so a row's codes, scales and mins move together. Zero rows are zero weights in
+    both formats (codes 0, scale 0, min 0)."""
+    first = weights[0]
+    if not isinstance(first, tuple(FORMATS.values())):
+        return operation(*weights)
+    if any(type(weight) is not type(first) for weight in weights):
+        raise ValueError(f"rowwise: the weights mix formats: {', '.join(type(w).__name__ for w in weights)}")
+    return type(first)(*(operation(*(getattr(weight, field.name) for weight in weights)) for field in fields(first)))
+
+
+def stack_rows(*weights):
+    """Weights [N_i, K], plain or quantized in one format -> [sum N_i, K], their rows one after another."""
+    return rowwise(lambda *arrays: _array_module(arrays[0]).concatenate(arrays), *weights)
 
 
 QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
