@@ -5,6 +5,11 @@ module maps what it reads onto what the rest of minifd expects of a Checkpoint: 
 config and tensor names, a `tokenizers` tokenizer built from the file's vocabulary and merges, and
 float32 tensors in Hugging Face's layout. llama.cpp's converter reorders the rows of the Q and K
 projections for its RoPE; reading a tensor undoes that.
+
+A tensor of type Q8_0, Q4_0 or Q4_1 also comes as its blocks repacked into a kernel format
+(GGUFCheckpoint.repacked, minifd.model.repack), which load_weights keeps for the projections: on the
+GPU those stay quantized. Every other type (the K formats, Q5_0, Q5_1, F16, BF16, F32) is only read
+dequantized to float32, and becomes float16 on the GPU.
 """
 
 from functools import cached_property, partial
@@ -18,6 +23,8 @@ from minifd.model.chat_template import ChatTemplate
 from minifd.model.config import LlamaConfig
 from minifd.model.dequantize import BLOCK_FORMATS, dequantize
 from minifd.model.loader import release_pages
+from minifd.model.quantized import rowwise
+from minifd.model.repack import repack
 from minifd.model.tokenizer import Tokenizer
 from minifd.model.weights import expected_shapes
 
@@ -78,7 +85,8 @@ def unpermute_rope_rows(weight, num_heads):
 
 class GGUFCheckpoint:
     """A Llama-architecture .gguf file through the Checkpoint interface: HF tensor names, float32 tensors
-    dequantized as the GGUF format defines them, in HF's row order."""
+    dequantized as the GGUF format defines them, in HF's row order; Q8_0, Q4_0 and Q4_1 ones also
+    repacked into a kernel format (repacked)."""
 
     def __init__(self, path):
         try:
@@ -227,18 +235,26 @@ class GGUFCheckpoint:
 
     def __getitem__(self, name):
         """-> the tensor as float32 in HF layout (Q and K rows back in HF's order)."""
-        if name not in self.names:
-            raise MinifdError(f"{self.path}: no tensor {name!r}")
-        tensor = self.tensors[self.names[name]]
-        values = dequantize(self.raw(name), tensor.tensor_type.name, self.shape(name))
+        return self._in_hf_row_order(name, dequantize(self.raw(name), self.type_name(name), self.shape(name)))
+
+    def repacked(self, name):
+        """-> a Q8_0, Q4_0 or Q4_1 tensor's blocks as the Int8Groups or Int4Groups that holds the same
+        weights (minifd.model.repack), in HF layout like __getitem__'s."""
+        matrix = repack(self.raw(name), self.type_name(name), self.shape(name), self.location(name))
+        return self._in_hf_row_order(name, matrix)
+
+    def _in_hf_row_order(self, name, weight):
+        """weight: the tensor's [N, K] values or quantized matrix, in the file's row order -> in HF's."""
         if name.endswith("self_attn.q_proj.weight"):
-            return unpermute_rope_rows(values, self.config.n_heads)
+            return rowwise(partial(unpermute_rope_rows, num_heads=self.config.n_heads), weight)
         if name.endswith("self_attn.k_proj.weight"):
-            return unpermute_rope_rows(values, self.config.n_kv_heads)
-        return values
+            return rowwise(partial(unpermute_rope_rows, num_heads=self.config.n_kv_heads), weight)
+        return weight
 
     def raw(self, name):
         """-> the tensor's bytes as stored: a read-only uint8 view into the mapped file."""
+        if name not in self.names:
+            raise MinifdError(f"{self.path}: no tensor {name!r}")
         return self.stored_bytes(self.tensors[self.names[name]])
 
     def stored_bytes(self, tensor):
@@ -252,7 +268,7 @@ class GGUFCheckpoint:
         return numpy_shape(self.tensors[self.names[name]])
 
     def type_name(self, name):
-        """The tensor's GGUF type (Q4_K, F16, ...)."""
+        """The tensor's GGUF type (Q4_K, F16, ...): what minifd.model.repack.REPACKED_FORMATS reads."""
         return self.tensors[self.names[name]].tensor_type.name
 
     def release(self, name):

@@ -151,6 +151,10 @@ class Checkpoint:
     def shape(self, name):
         return self.entries[name].shape
 
+    def type_name(self, name):
+        """The tensor's safetensors dtype: F32, F16 or BF16."""
+        return self.entries[name].dtype
+
     def release(self, name):
         """Unmap a tensor's pages from this process once it has been copied elsewhere (to the GPU), so
         streaming a checkpoint holds about one tensor in host memory; the file stays in the page cache."""
@@ -182,6 +186,10 @@ class InMemoryCheckpoint:
 
     def shape(self, name):
         return tuple(self.tensors[name].shape)
+
+    def type_name(self, name):
+        """The array's dtype name (float32, float16)."""
+        return self.tensors[name].dtype.name
 
     def release(self, name):
         """Nothing to unmap: the arrays belong to the caller."""
