@@ -31,8 +31,8 @@ def quantize_option(help_text):
     return click.option("--quantize", type=click.Choice(list(QUANTIZERS)), default=None, help=help_text)
 
 
-QUANTIZE_HELP = ("Round a safetensors checkpoint's projection matrices to int8 (8.5 bits/weight) or int4 "
-                 "(5 bits/weight) group-wise at load.")
+QUANTIZE_HELP = ("Round the projection matrices to int8 (8.5 bits/weight) or int4 (5 bits/weight) group-wise at "
+                 "load (a .gguf file's Q8_0, Q4_0 and Q4_1 ones keep their own blocks: int8, int4).")
 
 
 def generation_options(command):
@@ -366,21 +366,24 @@ def checkpoint_info_lines(weights, quantize, dtype):
 
     from minifd.engine import check_quantize
     from minifd.model.loader import open_checkpoint
-    from minifd.model.weights import projection_formats, streamed_bytes_per_step
+    from minifd.model.weights import plain_bytes_per_step, projection_formats, streamed_bytes_per_step
 
+    check_quantize(quantize)
     checkpoint = open_checkpoint(weights)
-    check_quantize(checkpoint, quantize)
+    formats = projection_formats(checkpoint, quantize, dtype)
     lines = [calibration_line(checkpoint), f"weights, held as on this machine ({numpy.dtype(dtype).name} "
              f"arrays){'' if quantize is None else ', with --quantize ' + quantize}:"]
-    for f in projection_formats(checkpoint, quantize, dtype):
+    for f in formats:
         layers = f" x {f.count} layers" if f.count > 1 else ""
         lines.append(f"  {f.projection:<9} {list(f.shape)}{layers}: {f.format}, {f.bits_per_weight:g} bits/weight "
                      f"({f.description}), {f.nbytes / 1e6:.3g} MB")
     lines.append(f"bytes per decode step: {streamed_bytes_per_step(checkpoint, quantize, dtype) / 1e6:.3g} MB "
                  "(the projections above and the norms; the embedding table gives one row per token)")
-    if quantize is not None and dtype == numpy.float16:
-        lines.append(f"  (the GPU's GEMV and flat GEMM read the {quantize} codes themselves; as float16 the same "
-                     f"weights would stream {streamed_bytes_per_step(checkpoint, None, dtype) / 1e6:.3g} MB per step)")
+    held_quantized = sorted({f.format for f in formats} & set(QUANTIZERS))
+    if held_quantized and dtype == numpy.float16:
+        lines.append(f"  (the GPU's GEMV and flat GEMM read the {' and '.join(held_quantized)} codes themselves; as "
+                     f"float16 the same weights would stream {plain_bytes_per_step(checkpoint, dtype) / 1e6:.3g} MB "
+                     "per step)")
     return lines
 
 

@@ -16,7 +16,6 @@ from minifd.errors import MinifdError
 from minifd.kernels.softmax_range import load_softmax_ranges
 from minifd.model.chat_template import ChatTemplate
 from minifd.model.llama import KVCache, Llama, PrefillChunk
-from minifd.model.gguf import GGUFCheckpoint
 from minifd.model.loader import open_checkpoint
 from minifd.model.quantized import QUANTIZERS
 from minifd.model.weights import expected_shapes, load_weights
@@ -91,15 +90,15 @@ class Engine:
         window; progress: progress bars on stderr (None: when stderr is a terminal); prefill_chunk:
         prompt positions per prefill pass, all prompts of a batch together; chat_template: a Jinja
         chat template file to use instead of the checkpoint's own; quantize: None, "int8" or "int4":
-        round a safetensors checkpoint's projections to that format at load (minifd/model/quantized.py,
-        minifd/model/weights.py).
+        round the projections to that format at load (minifd/model/quantized.py, minifd/model/weights.py),
+        but for a GGUF file's Q8_0, Q4_0 and Q4_1 ones, which keep their own blocks in any case.
         """
         if max_context is not None and max_context < 1:
             raise MinifdError(f"max_context must be >= 1, not {max_context}", parameter="max_context")
         if prefill_chunk < 1:
             raise MinifdError(f"prefill_chunk must be >= 1, not {prefill_chunk}", parameter="prefill_chunk")
         checkpoint = open_checkpoint(weights_dir)
-        check_quantize(checkpoint, quantize)
+        check_quantize(quantize)
         xp = array_module(device)
         config = checkpoint.config
         tokenizer = checkpoint.tokenizer()
@@ -107,8 +106,9 @@ class Engine:
             chat_template = ChatTemplate.from_file(chat_template, tokenizer.special_tokens)
         else:
             chat_template = checkpoint.chat_template(tokenizer.special_tokens)
-        # On the GPU a GGUF's tensors, dequantized to float32, become float16 like any other checkpoint's;
-        # the projections `quantize` rounds stay codes and scales, read by the quantized kernels.
+        # On the GPU the projections a GGUF stores in a kernel format (Q8_0, Q4_0, Q4_1) and those
+        # `quantize` rounds stay codes and scales, read by the quantized kernels; the other tensors,
+        # a GGUF's dequantized to float32, become float16 like any other checkpoint's.
         dtype = weight_dtype(xp)
         try:
             weights = load_weights(checkpoint, config, xp, dtype, progress=progress, quantize=quantize)
@@ -339,16 +339,12 @@ def prefill_pass(prompts, held, budget):
     return chunks
 
 
-def check_quantize(checkpoint, quantize):
-    """quantize is None, or a format whose rounding applies to this checkpoint (not to a GGUF file)."""
-    if quantize is None:
-        return
-    if quantize not in QUANTIZERS:
+def check_quantize(quantize):
+    """quantize is None or a format's name. (A GGUF file's projections stored in a kernel format keep
+    it whatever quantize says; it rounds the others, minifd.model.weights.)"""
+    if quantize is not None and quantize not in QUANTIZERS:
         raise MinifdError(f"quantize must be one of {', '.join(QUANTIZERS)} or None, not {quantize!r}",
                           parameter="quantize")
-    if isinstance(checkpoint, GGUFCheckpoint):
-        raise MinifdError(f"{checkpoint.dir} is a GGUF file, quantized as it stands: quantize {quantize} "
-                          "applies to fp16, bf16 or fp32 safetensors checkpoints", parameter="quantize")
 
 
 def weight_dtype(xp):

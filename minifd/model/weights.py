@@ -7,23 +7,34 @@ runs two large products instead of five small ones. Tensors are converted
 one at a time, moved to the device straight away, and their mapped pages released: peak host memory
 stays near one tensor however large the checkpoint.
 
-With `quantize` ("int8" or "int4", minifd.model.quantized) every projection matrix (wqkv after its
-row arrangement, wo, w_gate_up, w_down, and the LM head unless it is the embedding) is rounded
-group-wise at load; norms and the embedding stay as they are. On the GPU the layers hold the
-quantized matrices themselves (CuPy arrays), which the product kernels read as they are
-(minifd.kernels.weight_formats). On the CPU they hold each projection's exact float32
-dequantization, the same weights the kernels' emulations would compute from the codes at every
-call, with the quantized matrices in Weights.quantized.
+A projection matrix (wqkv after its row arrangement, wo, w_gate_up, w_down, and the LM head unless
+it is the embedding) is held in a quantized format (minifd.model.quantized) when
+- its tensors are all stored in blocks of one kernel format: a GGUF file's Q8_0 (int8), Q4_0 and
+  Q4_1 (int4) tensors, repacked without changing a weight (minifd.model.repack) and kept as they
+  are, the row arrangements moving codes, scales and mins together (minifd.model.quantized.rowwise);
+- or else `quantize` ("int8" or "int4") names a format: the float32 weights are rounded group-wise
+  at load.
+Any other projection (a safetensors one without `quantize`; a GGUF one in K, Q5 or float types, or
+mixing types of different formats, as Q4_K_M files do) is a plain `dtype` array, dequantized from
+the GGUF blocks. Norms and the embedding stay plain. On the GPU the layers hold the quantized
+matrices themselves (CuPy arrays), which the product kernels read as they are
+(minifd.kernels.weight_formats). On the CPU they hold float32 weights, with the quantized matrices
+in Weights.quantized: a rounded projection's exact dequantization, the same weights the kernels'
+emulations would compute from the codes at every call; a kept one's GGUF dequantization
+(minifd.model.dequantize), which the repacked matrix equals.
 """
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
 from minifd.errors import MinifdError
 from minifd.kernels.rope import pair_rotary_rows
 from minifd.kernels.silu_mul import interleave_gate_up, padded_features
-from minifd.model.quantized import FORMATS, QUANTIZERS, placed
+from minifd.model.dequantize import BLOCK_FORMATS
+from minifd.model.quantized import FORMATS, QUANTIZERS, placed, rowwise, stack_rows
+from minifd.model.repack import REPACKED_FORMATS
 from minifd.progress import ProgressBar
 
 
@@ -52,6 +63,17 @@ class Weights:
         return total + self.norm.nbytes + self.lm_head.nbytes
 
 
+# LayerWeights projection -> the tensors (HF model.layers.N.<name>.weight) it is made of, in order.
+PROJECTION_TENSORS = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                      "wo": ("self_attn.o_proj",), "w_gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+                      "w_down": ("mlp.down_proj",)}
+
+
+def projection_tensor_names(layer, projection):
+    """-> the HF names of the tensors layer `layer`'s `projection` is made of."""
+    return [f"model.layers.{layer}.{name}.weight" for name in PROJECTION_TENSORS[projection]]
+
+
 def projection_shapes(config):
     """-> {LayerWeights projection: [N, K] as the layer holds it}, the fused and padded layouts included."""
     hidden, features = config.hidden_size, padded_features(config.intermediate_size)
@@ -60,37 +82,67 @@ def projection_shapes(config):
             "w_gate_up": (2 * features, hidden), "w_down": (hidden, features)}
 
 
+def stored_kernel_format(checkpoint, names):
+    """-> "int8" or "int4" when every one of these tensors is stored in blocks of that kernel format
+    (minifd.model.repack.REPACKED_FORMATS: a GGUF's Q8_0, Q4_0, Q4_1), which load_weights keeps;
+    None when any is stored otherwise, or they are of different formats."""
+    formats = {REPACKED_FORMATS.get(checkpoint.type_name(name)) for name in names}
+    return formats.pop() if len(formats) == 1 else None
+
+
 @dataclass
 class ProjectionFormat:
     """How one kind of projection is held: its [N, K], in how many layers, in which format."""
 
     projection: str  # a LayerWeights field, or "lm_head"
     shape: tuple  # [N, K]
-    count: int  # layers holding one such matrix (1 for the LM head)
+    count: int  # layers holding one such matrix in this format (1 for the LM head)
     format: str  # "int8", "int4", or the dtype's name ("float16", "float32")
     bits_per_weight: float
-    description: str  # the format's layout in words
+    description: str  # the format's layout in words, and where it comes from
 
     @property
     def nbytes(self):
         return int(self.shape[0] * self.shape[1] * self.count * self.bits_per_weight) // 8
 
 
+def held_format(checkpoint, names, quantize, dtype):
+    """-> (format, bits per weight, description): how load_weights holds the projection made of these
+    tensors: in the kernel format they are stored in, else in `quantize`'s, else as a `dtype` array."""
+    kept = stored_kernel_format(checkpoint, names)
+    stored = sorted({checkpoint.type_name(name) for name in names})
+    types = ", ".join(stored)
+    if kept is not None:
+        return kept, FORMATS[kept].bits_per_weight, f"{FORMATS[kept].layout}; the file's {types} blocks, repacked"
+    if quantize is not None:
+        return quantize, FORMATS[quantize].bits_per_weight, f"{FORMATS[quantize].layout}; rounded at load from {types}"
+    dense = np.dtype(dtype)
+    block_quantized = any(t in BLOCK_FORMATS and BLOCK_FORMATS[t].block_size > 1 for t in stored)  # not F16, F32
+    origin = f": dequantized from {types}, whose arithmetic no kernel format keeps" if block_quantized else ""
+    return dense.name, 8 * dense.itemsize, "not quantized" + origin
+
+
 def projection_formats(checkpoint, quantize, dtype):
     """-> [ProjectionFormat] of every product's weight, as load_weights(checkpoint, ..., dtype, quantize=
-    quantize) would hold it, from the checkpoint's config alone (no tensor is read)."""
+    quantize) would hold it, from the checkpoint's config and tensor types alone (no tensor is read):
+    one per projection and format, counting the layers that hold it so (a GGUF file may store a
+    projection in other types in some layers)."""
     config = checkpoint.config
-    dense = np.dtype(dtype)
-    dense_bits, dense_text = 8 * dense.itemsize, "not quantized"
-    rounded = FORMATS.get(quantize)
-    bits, text = (rounded.bits_per_weight, rounded.layout) if rounded else (dense_bits, dense_text)
-    formats = [ProjectionFormat(name, shape, config.n_layers, quantize or dense.name, bits, text)
-               for name, shape in projection_shapes(config).items()]
+    shapes = projection_shapes(config)
+    layers = {}  # (projection, format, bits per weight, description) -> layers holding it so
+    for layer in range(config.n_layers):
+        for projection in PROJECTION_TENSORS:
+            held = (projection, *held_format(checkpoint, projection_tensor_names(layer, projection), quantize, dtype))
+            layers[held] = layers.get(held, 0) + 1
+    formats = [ProjectionFormat(projection, shapes[projection], count, *held)
+               for (projection, *held), count in layers.items()]
     head_shape = (config.vocab_size, config.hidden_size)
     if lm_head_name(checkpoint, config) == "lm_head.weight":
-        formats.append(ProjectionFormat("lm_head", head_shape, 1, quantize or dense.name, bits, text))
+        formats.append(ProjectionFormat("lm_head", head_shape, 1, *held_format(checkpoint, ["lm_head.weight"],
+                                                                               quantize, dtype)))
     else:
-        formats.append(ProjectionFormat("lm_head", head_shape, 1, dense.name, dense_bits,
+        dense = np.dtype(dtype)
+        formats.append(ProjectionFormat("lm_head", head_shape, 1, dense.name, 8 * dense.itemsize,
                                         "the embedding itself (tied), not quantized"))
     return formats
 
@@ -98,9 +150,21 @@ def projection_formats(checkpoint, quantize, dtype):
 def streamed_bytes_per_step(checkpoint, quantize, dtype):
     """Bytes of weights a decode step reads in these formats: every product's weight and the norms
     (the embedding table gives one row per token and is not counted)."""
+    return sum(f.nbytes for f in projection_formats(checkpoint, quantize, dtype)) + _norm_bytes(checkpoint.config, dtype)
+
+
+def plain_bytes_per_step(checkpoint, dtype):
+    """Bytes of weights a decode step would read were every weight a plain `dtype` array: what the
+    quantized formats are measured against."""
     config = checkpoint.config
-    norms = (2 * config.n_layers + 1) * config.hidden_size * np.dtype(dtype).itemsize
-    return sum(f.nbytes for f in projection_formats(checkpoint, quantize, dtype)) + norms
+    layer = sum(n * k for n, k in projection_shapes(config).values())
+    matrices = config.n_layers * layer + config.vocab_size * config.hidden_size  # the LM head, tied or not
+    return matrices * np.dtype(dtype).itemsize + _norm_bytes(config, dtype)
+
+
+def _norm_bytes(config, dtype):
+    """The RMSNorm weights: two per layer and the final one, `dtype` arrays of hidden_size."""
+    return (2 * config.n_layers + 1) * config.hidden_size * np.dtype(dtype).itemsize
 
 
 def expected_shapes(config):
@@ -147,8 +211,9 @@ def check_checkpoint(checkpoint, config):
 
 
 def load_weights(checkpoint, config, xp, dtype, progress=None, quantize=None):
-    """checkpoint: a minifd.model.loader Checkpoint or InMemoryCheckpoint -> Weights as `dtype` arrays of module `xp`.
-    quantize: None, "int8" or "int4": the projections' format (the module docstring says how)."""
+    """checkpoint: a minifd.model.loader Checkpoint or InMemoryCheckpoint, or a GGUFCheckpoint -> Weights
+    as `dtype` arrays of module `xp`, the projections in the formats the module docstring says.
+    quantize: None, "int8" or "int4": the format of the projections not stored in one already."""
     check_checkpoint(checkpoint, config)
     quantized = {}
     names = list(expected_shapes(config))
@@ -158,45 +223,48 @@ def load_weights(checkpoint, config, xp, dtype, progress=None, quantize=None):
     bar = ProgressBar("Loading weights", sum(checkpoint.nbytes(n) for n in names), 2**20, "MiB", enabled=progress)
 
     def fetch(*tensor_names, arrange=None, projection=None):
-        """-> the named tensors converted to dtype, stacked along rows (or put together by
-        arrange(parts)), on the device; a projection (its Weights.quantized key) is quantized first
-        (on the GPU: the quantized matrix, on the CPU: its float32 dequantization)."""
-        rounded = quantize is not None and projection is not None
-        parts = []
-        for name in tensor_names:
-            parts.append(_to_dtype(checkpoint, name, np.float32 if rounded else dtype))
-            bar.advance(checkpoint.nbytes(name))
-        if arrange is not None:
-            host = arrange(*parts)
-        else:
-            host = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        """-> the named tensors put together by arrange(*parts) (a single one as it is), on the device.
+        A projection (its Weights.quantized key) stored in a kernel format keeps its repacked blocks
+        (arrange moving their rows); one that is not is rounded to `quantize`'s format, if any, from
+        float32. On the GPU that is the quantized matrix, on the CPU float32 weights (the file's own
+        dequantization, or the rounded matrix's) with the matrix in Weights.quantized."""
+        put_together = arrange or (lambda part: part)
+        kept = stored_kernel_format(checkpoint, tensor_names) if projection is not None else None
+        rounded = projection is not None and kept is None and quantize is not None
+        matrix = put_together(*map(checkpoint.repacked, tensor_names)) if kept is not None else None
+        host = None
+        if kept is None or xp is np:  # the weights `quantize` rounds, or those the CPU holds
+            host = put_together(*(_to_dtype(checkpoint, name, np.float32 if rounded else dtype)
+                                  for name in tensor_names))
+        bar.advance(sum(map(checkpoint.nbytes, tensor_names)))
         if rounded:
             matrix = QUANTIZERS[quantize](host)
             if xp is np:
-                quantized[projection] = matrix
                 host = matrix.dequantize().astype(dtype, copy=False)
-        # The GPU keeps the codes (the kernels read them), the CPU their dequantization.
-        on_device = placed(matrix, xp) if rounded and xp is not np else xp.asarray(host)
+        if matrix is not None and xp is np:
+            quantized[projection] = matrix
+        # The GPU keeps the codes (the kernels read them), the CPU float32 weights.
+        on_device = placed(matrix, xp) if matrix is not None and xp is not np else xp.asarray(host)
         if xp is not np or host.flags.owndata:  # the file's pages are no longer read: let them go
             for name in tensor_names:
                 checkpoint.release(name)
         return on_device
 
+    pair_rows = partial(rowwise, partial(pair_rotary_rows, head_dim=config.head_dim))
     embed = fetch("model.embed_tokens.weight")
     layers = []
     for i in range(config.n_layers):
         p = f"model.layers.{i}."
+        tensors = partial(projection_tensor_names, i)
         layers.append(LayerWeights(
             attn_norm=fetch(p + "input_layernorm.weight"),
-            wqkv=fetch(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight",
-                       arrange=lambda q, k, v: np.concatenate([pair_rotary_rows(q, config.head_dim),
-                                                               pair_rotary_rows(k, config.head_dim), v]),
+            wqkv=fetch(*tensors("wqkv"), arrange=lambda q, k, v: stack_rows(pair_rows(q), pair_rows(k), v),
                        projection=f"layers.{i}.wqkv"),
-            wo=fetch(p + "self_attn.o_proj.weight", projection=f"layers.{i}.wo"),
+            wo=fetch(*tensors("wo"), projection=f"layers.{i}.wo"),
             mlp_norm=fetch(p + "post_attention_layernorm.weight"),
-            w_gate_up=fetch(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", arrange=interleave_gate_up,
+            w_gate_up=fetch(*tensors("w_gate_up"), arrange=partial(rowwise, interleave_gate_up),
                             projection=f"layers.{i}.w_gate_up"),
-            w_down=fetch(p + "mlp.down_proj.weight", arrange=pad_down_columns, projection=f"layers.{i}.w_down"),
+            w_down=fetch(*tensors("w_down"), arrange=pad_down_columns, projection=f"layers.{i}.w_down"),
         ))
     norm = fetch("model.norm.weight")
     lm_head = embed if head == "model.embed_tokens.weight" else fetch(head, projection="lm_head")
@@ -206,7 +274,8 @@ def load_weights(checkpoint, config, xp, dtype, progress=None, quantize=None):
 
 def pad_down_columns(down):
     """down: [hidden, intermediate] -> [hidden, padded_features(intermediate)], zero columns past it
-    (they meet the zero outputs of the gate/up layout's padding rows)."""
+    (they meet the zero outputs of the gate/up layout's padding rows). A quantized down comes back as
+    it is: its K is whole groups of 32, a multiple of the gate/up tiles already."""
     hidden, intermediate = down.shape
     features = padded_features(intermediate)
     if features == intermediate:
