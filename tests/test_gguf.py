@@ -18,10 +18,15 @@ from minifd.fixture import shipped_gguf
 from minifd.kernels.rope import pair_rotary_rows
 from minifd.kernels.softmax_range import FILE_NAME, load_softmax_ranges
 from minifd.model.config import LlamaConfig, rope_inverse_frequencies
+from minifd.errors import MinifdError
 from minifd.model.dequantize import BLOCK_FORMATS, dequantize
 from minifd.model.gguf import (GGUFCheckpoint, byte_level_bpe, gguf_tensor_name, pre_tokenizer,
                                sentencepiece_bpe, unpermute_rope_rows)
 from minifd.model.llama import KVCache
+from minifd.model.quantized import FORMATS
+from minifd.model.repack import REPACKED_FORMATS, repack
+from minifd.model.weights import (PROJECTION_TENSORS, load_weights, projection_shapes, projection_tensor_names,
+                                  streamed_bytes_per_step)
 from minifd.tuning import model_shapes
 from test_errors import assert_one_line_error
 from tiny_model import tiny_config_dict, tiny_model
@@ -50,6 +55,87 @@ def test_dequantize_equals_gguf_on_random_blocks(type_name, data):
         got = dequantize(blocks, type_name, (rows, blocks_per_row * block_format.block_size))
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, expected)
+
+
+# --- repacking Q8_0, Q4_0 and Q4_1 blocks into kernel formats ---------------------------------
+
+def hand_made_blocks(type_name, scale_fields, rng):
+    """-> [n, block_bytes] uint8 blocks, block i with the fp16 fields scale_fields[i] (d, or d and m)
+    and random codes, the extreme codes among them (Q8_0: -128 and 127; 4-bit: 0, 8 and 15)."""
+    head = np.asarray(scale_fields, dtype="<f2").reshape(len(scale_fields), -1).view(np.uint8)  # [n, 2 or 4]
+    codes = rng.integers(0, 256, (len(scale_fields), BLOCK_FORMATS[type_name].block_bytes - head.shape[1]),
+                         dtype=np.uint8)
+    codes[:, :2] = [0x80, 0x7F] if type_name == "Q8_0" else [0x80, 0x0F]
+    return np.concatenate([head, codes], axis=1)
+
+
+TINY, HUGE = 2.0**-24, 65504.0  # fp16's smallest subnormal and largest finite value
+EDGE_SCALES = {  # fp16 fields per block: zero, signed, extreme d (and m)
+    "Q8_0": [[0.0], [-0.0], [HUGE], [-HUGE], [TINY], [-TINY], [0.0123]],
+    "Q4_1": [[0.0, 0.0], [0.0, -3.5], [HUGE, -HUGE], [-HUGE, HUGE], [TINY, -TINY], [TINY, HUGE], [0.07, -0.5]],
+    "Q4_0": [[0.0], [-0.0], [8188.0], [-8188.0], [TINY], [-TINY], [-0.0123]],
+}
+
+
+def repack_cases(type_name):
+    """-> [(label, GGUF bytes of a [rows, K] tensor, (rows, K))]: weights the gguf package quantized (fixed
+    seed, magnitudes from 1e-6 to 1e3) and hand-made blocks of edge scales and codes."""
+    rng = np.random.default_rng(13)
+    weights = (rng.standard_normal((6, 4 * 32)) * 10.0 ** rng.integers(-6, 4, (6, 1))).astype(np.float32)
+    quantized = gguf.quants.quantize(weights, gguf.GGMLQuantizationType[type_name])  # [6, 4 blocks' bytes]
+    edges = hand_made_blocks(type_name, EDGE_SCALES[type_name], rng)  # one block per row
+    return [("quantized", quantized, weights.shape), ("edges", edges, (len(edges), 32))]
+
+
+@pytest.mark.parametrize("type_name", REPACKED_FORMATS)
+def test_repacked_blocks_dequantize_to_the_gguf_weights(type_name):
+    """Int8Groups / Int4Groups hold the file's very weights: the same float32 bits (Q4_0's zeros are +0
+    where GGUF's d * 0 may be -0, see minifd.model.repack)."""
+    for label, data, shape in repack_cases(type_name):
+        expected = dequantize(data, type_name, shape)
+        matrix = repack(data, type_name, shape, "m.gguf")
+        assert isinstance(matrix, FORMATS[REPACKED_FORMATS[type_name]]) and matrix.shape == shape
+        got = matrix.dequantize()
+        np.testing.assert_array_equal(got, expected, err_msg=label)
+        same_bits = got.view(np.uint32) == expected.view(np.uint32)
+        if type_name == "Q4_0":
+            assert same_bits[expected != 0].all() and (got.view(np.uint32)[expected == 0] == 0).all(), label
+        else:
+            assert same_bits.all(), label
+
+
+@pytest.mark.parametrize("type_name", REPACKED_FORMATS)
+def test_repacked_arrays_are_what_the_kernels_read(type_name):
+    _, data, shape = repack_cases(type_name)[0]
+    matrix = repack(data, type_name, shape, "m.gguf")
+    codes = matrix.codes if type_name == "Q8_0" else matrix.packed
+    assert codes.dtype == (np.int8 if type_name == "Q8_0" else np.uint8)
+    assert codes.shape == (shape[0], shape[1] // (1 if type_name == "Q8_0" else 2))
+    for array in [codes] + [getattr(matrix, name) for name in ("scales", "mins") if hasattr(matrix, name)]:
+        assert array.flags.c_contiguous and not np.shares_memory(array, data)  # a copy, not the file's pages
+    assert matrix.scales.dtype == np.float16 and matrix.scales.shape == (shape[0], shape[1] // 32)
+
+
+def test_q4_0_min_is_exactly_minus_8_d():
+    _, data, shape = repack_cases("Q4_0")[1]
+    matrix = repack(data, "Q4_0", shape, "m.gguf")
+    assert np.array_equal(matrix.mins.astype(np.float64), -8 * matrix.scales.astype(np.float64))
+    assert np.abs(matrix.scales.astype(np.float32)).max() == 8188  # the largest scale int4 holds is in there
+
+
+def test_gguf_nibbles_are_reordered_into_int4_pairs():
+    """GGUF byte j: weight j low, weight j + 16 high; Int4Groups byte j: weights 2j low, 2j + 1 high."""
+    codes = np.arange(32) % 16  # weight i has code i mod 16, so GGUF byte j holds j in both nibbles
+    block = np.concatenate([np.array([1.0, 0.0], dtype="<f2").view(np.uint8), (codes[:16] | codes[16:] << 4)])
+    matrix = repack(block.astype(np.uint8), "Q4_1", (1, 32), "m.gguf")
+    assert matrix.codes()[0].tolist() == codes.tolist()
+    assert matrix.packed[0, :2].tolist() == [0x10, 0x32]
+
+
+def test_q4_0_scales_whose_min_is_no_fp16_are_refused():
+    block = hand_made_blocks("Q4_0", [[8192.0]], np.random.default_rng(0))
+    with pytest.raises(MinifdError, match="m.gguf: a Q4_0 block has scale 8192: int4 holds Q4_0 blocks of scales up to 8188"):
+        repack(block, "Q4_0", (1, 32), "m.gguf")
 
 
 @pytest.fixture(scope="module")
@@ -334,6 +420,110 @@ def test_a_quantized_gguf_generates_from_its_dequantized_weights(tmp_path, tiny)
     assert np.isfinite(logits).all()
 
 
+def held_matrix(weights, key):
+    """A Weights.quantized key ("layers.{i}.{projection}" or "lm_head") -> the array the layers hold for it."""
+    if key == "lm_head":
+        return weights.lm_head
+    _, layer, projection = key.split(".")
+    return getattr(weights.layers[int(layer)], projection)
+
+
+def held_nbytes(weights, config):
+    """Bytes of the projections as held (the quantized matrices where there are some) and of the norms."""
+    keys = [f"layers.{i}.{projection}" for i in range(config.n_layers) for projection in PROJECTION_TENSORS]
+    projections = sum((weights.quantized.get(key) or held_matrix(weights, key)).nbytes for key in keys + ["lm_head"])
+    norms = [weights.norm] + [layer.attn_norm for layer in weights.layers] + [layer.mlp_norm for layer in weights.layers]
+    return projections + sum(norm.nbytes for norm in norms)
+
+
+MIXED_TYPES = {  # HF name -> GGUF type: what stays quantized is what all of a projection's tensors share
+    **{f"model.layers.0.self_attn.{p}_proj.weight": gguf.GGMLQuantizationType.Q8_0 for p in "qkv"},  # wqkv: int8
+    "model.layers.0.self_attn.o_proj.weight": gguf.GGMLQuantizationType.Q4_0,  # wo: int4
+    "model.layers.0.mlp.gate_proj.weight": gguf.GGMLQuantizationType.Q4_1,  # w_gate_up: int4, of two types
+    "model.layers.0.mlp.up_proj.weight": gguf.GGMLQuantizationType.Q4_0,
+    "model.layers.0.mlp.down_proj.weight": gguf.GGMLQuantizationType.Q5_0,  # no kernel format: plain
+    "model.layers.1.mlp.gate_proj.weight": gguf.GGMLQuantizationType.Q8_0,  # int8 and int4: plain
+    "model.layers.1.mlp.up_proj.weight": gguf.GGMLQuantizationType.Q4_1,
+    "lm_head.weight": gguf.GGMLQuantizationType.Q8_0,  # int8
+}
+KEPT_FORMATS = {"layers.0.wqkv": "int8", "layers.0.wo": "int4", "layers.0.w_gate_up": "int4", "lm_head": "int8"}
+
+
+@pytest.fixture()
+def mixed_gguf(tmp_path, tiny):
+    _, config, tensors = tiny
+    return GGUFCheckpoint(write_gguf(tmp_path / "m.gguf", config, tensors, tensor_types=MIXED_TYPES))
+
+
+def test_projections_whose_tensors_share_a_kernel_format_stay_quantized_as_the_same_weights(mixed_gguf):
+    config = mixed_gguf.config
+    weights = load_weights(mixed_gguf, config, np, np.float32)
+    assert {key: matrix.name for key, matrix in weights.quantized.items()} == KEPT_FORMATS
+    for key, matrix in weights.quantized.items():  # the CPU holds the GGUF float32 weights; the codes are those
+        np.testing.assert_array_equal(matrix.dequantize(), held_matrix(weights, key), err_msg=key)
+    assert streamed_bytes_per_step(mixed_gguf, None, np.float32) == held_nbytes(weights, config)
+    tokens = minifd.load(mixed_gguf.path, device="cpu", progress=False).generate(["hello"], max_new_tokens=4, ignore_eos=True)
+    assert len(tokens.completions[0].token_ids) == 4
+
+
+def test_quantize_rounds_the_projections_the_gguf_does_not_store_in_a_kernel_format(mixed_gguf):
+    config = mixed_gguf.config
+    kept = load_weights(mixed_gguf, config, np, np.float32).quantized
+    rounded = load_weights(mixed_gguf, config, np, np.float32, quantize="int4")
+    every_key = [f"layers.{i}.{projection}" for i in range(config.n_layers) for projection in PROJECTION_TENSORS]
+    assert ({key: matrix.name for key, matrix in rounded.quantized.items()}
+            == {key: KEPT_FORMATS.get(key, "int4") for key in every_key + ["lm_head"]})
+    for key in KEPT_FORMATS:  # kept as the file has them, not rounded again
+        for name, array in vars(kept[key]).items():
+            assert np.array_equal(getattr(rounded.quantized[key], name), array), key
+    assert streamed_bytes_per_step(mixed_gguf, "int4", np.float32) == held_nbytes(rounded, config)
+
+
+def info_lines(capsys, *argv):
+    capsys.readouterr()
+    main(["info", *argv])
+    return capsys.readouterr().out.splitlines()
+
+
+def test_info_names_each_projections_format_and_the_gguf_types_it_comes_from(capsys, mixed_gguf):
+    lines = info_lines(capsys, "--weights", str(mixed_gguf.path))
+
+    def line(*fragments):
+        return [text for text in lines if all(fragment in text for fragment in fragments)]
+
+    assert line("  wqkv ", ": int8, 8.5 bits/weight", "the file's Q8_0 blocks, repacked")
+    assert line("  wo ", ": int4, 5 bits/weight", "the file's Q4_0 blocks, repacked")
+    assert line("  w_gate_up ", ": int4", "the file's Q4_0, Q4_1 blocks, repacked")
+    assert line("  w_gate_up ", ": float32", "dequantized from Q4_1, Q8_0, whose arithmetic no kernel format keeps")
+    assert line("  w_down ", ": float32", "dequantized from Q5_0")
+    assert line("  lm_head ", ": int8", "Q8_0 blocks, repacked")
+    rounded = info_lines(capsys, "--weights", str(mixed_gguf.path), "--quantize", "int4")
+    assert [text for text in rounded if "  w_down " in text and ": int4" in text and "rounded at load from Q5_0" in text]
+    assert [text for text in rounded if "  wqkv " in text and ": int8" in text]
+
+
+def test_the_shipped_q4_1_projections_load_as_int4_equal_to_the_cpu_weights(smollm2_gguf):
+    config = smollm2_gguf.config
+    weights = load_weights(smollm2_gguf, config, np, np.float32)
+    q4_1 = {f"layers.{i}.{projection}" for i in range(config.n_layers) for projection in PROJECTION_TENSORS
+            if {smollm2_gguf.type_name(name) for name in projection_tensor_names(i, projection)} == {"Q4_1"}}
+    assert q4_1 and set(weights.quantized) == q4_1  # the LM head is the (Q8_0) embedding, tied: plain
+    for key, matrix in weights.quantized.items():
+        assert matrix.name == "int4"
+        assert np.array_equal(matrix.dequantize().view(np.uint32), held_matrix(weights, key).view(np.uint32)), key
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_info_shows_the_shipped_files_projections_as_int4(capsys, smollm2_gguf, quantize):
+    """--quantize int8 changes nothing there: Q4_1 projections keep their blocks."""
+    config = smollm2_gguf.config
+    lines = info_lines(capsys, "--weights", str(smollm2_gguf.path), *(["--quantize", quantize] if quantize else []))
+    for projection, shape in projection_shapes(config).items():
+        assert [line for line in lines if line.startswith(f"  {projection:<9} {list(shape)} x {config.n_layers} layers: "
+                                                          "int4, 5 bits/weight") and "Q4_1 blocks, repacked" in line]
+    assert [line for line in lines if line.startswith("  lm_head ") and "the embedding itself (tied)" in line]
+
+
 def test_calibrate_writes_beside_the_gguf_what_it_writes_for_the_directory_and_the_engine_reads_it(
         capsys, tmp_path, tiny):
     directory, config, tensors = tiny
@@ -423,6 +613,15 @@ def test_tensor_of_the_wrong_shape(capsys, tmp_path, tiny):
     path = write_gguf(tmp_path / "m.gguf", config, tensors, reshape={"model.layers.0.mlp.down_proj.weight": wrong})
     assert_one_line_error(capsys, run_args(path), "'blk.0.ffn_down.weight' has shape [32, 192]",
                           "metadata implies [64, 96]")
+
+
+def test_a_q4_0_scale_beyond_what_int4_holds_is_one_line(capsys, tmp_path, tiny):
+    _, config, tensors = tiny
+    name = "model.layers.0.self_attn.o_proj.weight"
+    tensors = dict(tensors, **{name: tensors[name] * np.float32(70000 / np.abs(tensors[name]).max())})  # d = -8750
+    path = write_gguf(tmp_path / "m.gguf", config, tensors, tensor_types={name: gguf.GGMLQuantizationType.Q4_0})
+    assert_one_line_error(capsys, run_args(path), "(blk.0.attn_output.weight): a Q4_0 block has scale",
+                          "scales up to 8188")
 
 
 def test_a_file_that_is_neither_a_directory_nor_a_gguf(capsys, tmp_path):

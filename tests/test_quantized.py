@@ -1,6 +1,8 @@
 """Quantized weight formats (minifd/model/quantized.py) and --quantize: the round trip stays within
 half a step, the bits per weight are the formats' own, and the fixture keeps its top-1 choices."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -10,10 +12,13 @@ from hypothesis.extra.numpy import arrays
 import minifd
 from minifd.cli import main
 from minifd.engine import weight_dtype
-from minifd.fixture import fixture_dir, fixture_ready, shipped_gguf
+from minifd.fixture import fixture_dir, fixture_ready
 from minifd.model.loader import open_checkpoint
-from minifd.model.quantized import GROUP, FORMATS, QUANTIZERS, quantize_int4, quantize_int8
-from minifd.model.weights import projection_formats, streamed_bytes_per_step
+from minifd.kernels.rope import pair_rotary_rows
+from minifd.kernels.silu_mul import interleave_gate_up, padded_features
+from minifd.model.gguf import unpermute_rope_rows
+from minifd.model.quantized import GROUP, FORMATS, QUANTIZERS, quantize_int4, quantize_int8, rowwise, stack_rows
+from minifd.model.weights import pad_down_columns, projection_formats, streamed_bytes_per_step
 from agreement import TEXT, teacher_forced_argmax
 from tiny_model import tiny_model
 
@@ -58,6 +63,42 @@ def test_int4_packs_weight_2j_in_the_low_nibble_of_byte_j():
     quantized = quantize_int4(w)
     assert quantized.packed[0, :8].tolist() == [0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE]
     assert quantized.codes()[0].tolist() == w[0].tolist()
+
+
+ROW_OPERATIONS = {  # name -> (number of weights it takes, operation on [N, X] arrays); N = 24 rows each
+    "pair_rotary_rows": (1, partial(pair_rotary_rows, head_dim=24)),  # 3 tiles of 4 pairs: rows move
+    "unpermute_rope_rows": (1, partial(unpermute_rope_rows, num_heads=3)),
+    "interleave_gate_up": (2, lambda gate, up: interleave_gate_up(gate[:20], up[:20])),  # 20 -> 24: zero rows
+    "stack_rows": (3, lambda *arrays: np.concatenate(arrays)),
+}
+
+
+@pytest.mark.parametrize("operation_name", ROW_OPERATIONS)
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+def test_row_operations_on_quantized_matrices_equal_them_on_the_dequantized_weights(operation_name, name):
+    count, operation = ROW_OPERATIONS[operation_name]
+    rng = np.random.default_rng(7)
+    matrices = [QUANTIZERS[name](rng.standard_normal((24, 3 * GROUP)).astype(np.float32)) for _ in range(count)]
+    if count == 1:  # a permutation that moves rows, or the test would not see them stay behind
+        assert not np.array_equal(operation(matrices[0].dequantize()), matrices[0].dequantize())
+    moved = stack_rows(*matrices) if operation_name == "stack_rows" else rowwise(operation, *matrices)
+    assert type(moved) is type(matrices[0])
+    np.testing.assert_array_equal(moved.dequantize(), operation(*(m.dequantize() for m in matrices)))
+    assert np.array_equal(rowwise(operation, *(m.dequantize() for m in matrices)),
+                          operation(*(m.dequantize() for m in matrices)))  # plain arrays: the operation itself
+
+
+def test_rowwise_refuses_to_mix_formats():
+    w = np.ones((4, GROUP), dtype=np.float32)
+    with pytest.raises(ValueError, match="mix formats"):
+        stack_rows(quantize_int8(w), quantize_int4(w))
+
+
+def test_a_quantized_down_projection_needs_no_column_padding():
+    """Its K is whole groups, and whole groups are whole gate/up tiles: pad_down_columns leaves it as it is."""
+    assert all(padded_features(k) == k for k in range(GROUP, 64 * GROUP, GROUP))
+    down = quantize_int4(np.ones((4, 3 * GROUP), dtype=np.float32))
+    assert pad_down_columns(down) is down
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +152,6 @@ def one_line_error(capsys, argv):
 def test_quantize_errors_are_one_line_exit_2(model_dir, tmp_path, capsys):
     assert "'int3' is not one of 'int8', 'int4'" in one_line_error(
         capsys, ["run", "--weights", str(model_dir), "--quantize", "int3", "hi"])
-    if shipped_gguf() is not None:
-        assert "is a GGUF file, quantized as it stands: --quantize int8 applies to" in one_line_error(
-            capsys, ["run", "--weights", str(shipped_gguf()), "--quantize", "int8", "hi"])
     odd, _, _ = tiny_model(tmp_path / "odd", hidden_size=48, n_heads=4, n_kv_heads=2)
     assert "multiple of 32" in one_line_error(capsys, ["run", "--weights", str(odd), "--quantize", "int8", "hi"])
     assert "give --weights" in one_line_error(capsys, ["info", "--quantize", "int8"])
