@@ -3,6 +3,7 @@ the Q/K row order, tiny written files against the same model as a Hugging Face d
 files ending in one line."""
 
 import json
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -464,6 +465,23 @@ def test_projections_whose_tensors_share_a_kernel_format_stay_quantized_as_the_s
     assert streamed_bytes_per_step(mixed_gguf, None, np.float32) == held_nbytes(weights, config)
     tokens = minifd.load(mixed_gguf.path, device="cpu", progress=False).generate(["hello"], max_new_tokens=4, ignore_eos=True)
     assert len(tokens.completions[0].token_ids) == 4
+
+
+def test_on_the_gpu_the_layers_hold_the_repacked_matrices_as_the_kernels_read_them(mixed_gguf):
+    """load_weights for any array module but NumPy (the GPU's): here a stand-in whose asarray copies."""
+    config = mixed_gguf.config
+    device = SimpleNamespace(asarray=np.array)
+    weights = load_weights(mixed_gguf, config, device, np.float16)
+    repacked = load_weights(mixed_gguf, config, np, np.float32).quantized
+    assert weights.quantized == {}  # the layers hold them themselves
+    for key, matrix in repacked.items():
+        held = held_matrix(weights, key)
+        assert type(held) is type(matrix), key
+        for name, array in vars(matrix).items():
+            assert np.array_equal(getattr(held, name), array) and getattr(held, name).flags.c_contiguous, key
+        assert held.scales.dtype == np.float16
+    assert weights.layers[0].w_down.dtype == np.float16  # Q5_0: dequantized
+    assert weights.layers[1].w_gate_up.dtype == np.float16  # Q8_0 and Q4_1: no one format
 
 
 def test_quantize_rounds_the_projections_the_gguf_does_not_store_in_a_kernel_format(mixed_gguf):
