@@ -21,21 +21,23 @@
 // larger M only adds tensor-core work, of which a memory-bound product has plenty to spare.
 //
 // Fragment trick: a dot product may visit k in any order, as long as W and x use the same one.
-// Lane (g, t) (g = lane / 4, t = lane % 4) loads 16 contiguous bytes, columns 8t..8t+7 of a 32-wide
-// K piece, from W rows g and g + 8 and from x row g: the first four of those columns play the
-// MMA's k = {2t, 2t+1, 2t+8, 2t+9} of one m16n8k16 step and the last four the same k of a second.
-// So W goes from global memory straight into A fragments, one load per row and piece, with no
-// shared-memory round trip and no ldmatrix.
+// Lane (g, t) (g = lane / 4, t = lane % 4) reads a RowPiece (weight_formats.cuh) of W rows g and
+// g + 8: 16 bytes of codes, ROW_PIECE_WEIGHTS = 8 fp16, 16 int8 or 32 int4 weights at columns
+// k = ROW_PIECE_WEIGHTS t + i of a K piece 4 ROW_PIECE_WEIGHTS wide. Each 8-column run of its piece
+// feeds two m16n8k16 steps: its first four columns play the MMA's k = {2t, 2t+1, 2t+8, 2t+9} of
+// one step and its last four the same k of the next, and the lane reads the same 8 columns of x row
+// g as its B fragment. So W goes from global memory straight into A fragments, one 16-byte load per
+// row and piece in every format, with no shared-memory round trip and no ldmatrix.
 //
 // Weight formats: W is read through weight_formats.cuh in the WEIGHT_FORMAT the module is compiled
-// for (-D; fp16, or int8 / int4 codes with group scales): a lane's piece of a row is then 8 (int8) or
-// 4 (int4) bytes of codes and its group's scale (and min), loaded with the rest of the chunk and
-// dequantized in registers to the fp16 A fragment (float32 s q or d q + m, rounded to fp16) right
-// before its MMAs.
+// for (-D; fp16, or int8 / int4 codes with group scales). A piece's codes and its group's scale
+// (and min) are loaded with the rest of the chunk and turned into the fp16 A fragments by
+// row_piece_run_to_halves right before their MMAs: two weights per fp16 instruction, s q or d q + m
+// rounded once to fp16, and dequantized once for all x tiles of the block.
 //
 // Launch geometry: block = FLAT_WARPS warps of 32 lanes (FLAT_THREADS), owning FLAT_ROWS =
 // 16 FLAT_ROW_TILES rows of W, all of K; grid = (ceil(N / FLAT_ROWS), ceil(M / M_PAD)). The block
-// walks K in chunks of FlatChunk::width = FLAT_WARPS x 32 x pieces columns, and warp w takes the
+// walks K in chunks of FlatChunk::width = FLAT_WARPS x pieces x 4 ROW_PIECE_WEIGHTS columns, and warp w takes the
 // chunk's pieces [w pieces, (w + 1) pieces): adjacent warps read adjacent runs of each W row. Each
 // lane loads its x (and, under NORM, g) pieces straight from global memory into B fragments, like
 // W: every block reads the same x, so those loads hit L1 and L2, and the K loop needs no staging and
@@ -53,7 +55,7 @@
 #define FLAT_ROW_TILES 1  // 16-row tiles of W per block; every warp multiplies all of them
 #endif
 #ifndef FLAT_PIECES
-#define FLAT_PIECES 2  // 32-column K pieces per warp per chunk at M_PAD <= 16 (fewer above: shared memory)
+#define FLAT_PIECES 2  // K pieces per warp per chunk at M_PAD <= 16 (fewer above: shared memory)
 #endif
 #ifndef FLAT_MIN_BLOCKS
 #define FLAT_MIN_BLOCKS 4  // blocks per SM the registers must allow (more blocks: more loads in flight)
@@ -68,7 +70,8 @@
 template <int M_PAD>
 struct FlatChunk {
     static constexpr int pieces = M_PAD <= 16 ? FLAT_PIECES : FLAT_PIECES * 16 < M_PAD ? 1 : FLAT_PIECES * 16 / M_PAD;
-    static constexpr int width = FLAT_WARPS * 32 * pieces;          // K columns per chunk
+    static constexpr int piece_width = 4 * ROW_PIECE_WEIGHTS;      // K columns of one piece: lanes t = 0..3
+    static constexpr int width = FLAT_WARPS * piece_width * pieces;  // K columns per chunk
     static constexpr int sum_bytes = FLAT_WARPS * 16 * M_PAD * 4;  // one row tile's partials of every warp
 };
 
@@ -114,58 +117,57 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
 #pragma unroll
     for (int j = 0; j < n_tiles; ++j) square_sums[j] = 0.0f;
 
+    constexpr int runs = ROW_PIECE_WEIGHTS / 8;  // 8-column runs of a lane's piece, two MMAs each
     for (int k0 = 0; k0 < K; k0 += C::width) {
-        // Every load of the chunk is issued before any arithmetic uses one.
-        WeightPiece w_pieces[C::pieces][FLAT_ROW_TILES][2];
-        uint4 x_pieces[C::pieces][n_tiles], gain_pieces[C::pieces];
+        // Every weight load of the chunk is issued before any arithmetic uses one.
+        RowPiece w_pieces[C::pieces][FLAT_ROW_TILES][2];
 #pragma unroll
         for (int p = 0; p < C::pieces; ++p) {
-            const int k = k0 + (warp * C::pieces + p) * 32 + 8 * t;
-            if (NORM) gain_pieces[p] = load_halves_piece(norm_weight, k, K, vector_ok);
+            const int k = k0 + (warp * C::pieces + p) * C::piece_width + ROW_PIECE_WEIGHTS * t;
 #pragma unroll
             for (int r = 0; r < FLAT_ROW_TILES; ++r)
 #pragma unroll
-                for (int h = 0; h < 2; ++h) w_pieces[p][r][h] = load_weight_piece(w_rows[r][h], k, K, vector_ok);
-#pragma unroll
-            for (int j = 0; j < n_tiles; ++j) {
-                const uint4 zero = {0u, 0u, 0u, 0u};
-                x_pieces[p][j] = 8 * j + g < rows_here ? load_halves_piece(x + (size_t)(8 * j + g) * K, k, K, vector_ok) : zero;
-            }
+                for (int h = 0; h < 2; ++h) w_pieces[p][r][h] = load_row_piece_or_zeros(w_rows[r][h], k, K, vector_ok);
         }
 
 #pragma unroll
         for (int p = 0; p < C::pieces; ++p) {
-            if (NORM) {  // B = x g, rounded to fp16 as the MMA takes it
-                float gains[8];
-                halves8_to_float(gain_pieces[p], gains);
+            const int k = k0 + (warp * C::pieces + p) * C::piece_width + ROW_PIECE_WEIGHTS * t;
+#pragma unroll
+            for (int s = 0; s < runs; ++s) {
+                unsigned w_halves[FLAT_ROW_TILES][2][4];  // run s of rows g and g + 8, dequantized once for every x tile
+#pragma unroll
+                for (int r = 0; r < FLAT_ROW_TILES; ++r)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) row_piece_run_to_halves(w_pieces[p][r][h], s, w_halves[r][h]);
+                uint4 gains;
+                if (NORM) gains = load_halves_piece(norm_weight, k + 8 * s, K, vector_ok);
 #pragma unroll
                 for (int j = 0; j < n_tiles; ++j) {
-                    float values[8];
-                    halves8_to_float(x_pieces[p][j], values);
+                    const uint4 zero = {0u, 0u, 0u, 0u};
+                    uint4 b = 8 * j + g < rows_here ? load_halves_piece(x + (size_t)(8 * j + g) * K, k + 8 * s, K, vector_ok)
+                                                    : zero;
+                    if (NORM) {  // B = x g, rounded to fp16 as the MMA takes it
+                        float values[8], gain_values[8];
+                        halves8_to_float(b, values);
+                        halves8_to_float(gains, gain_values);
 #pragma unroll
-                    for (int i = 0; i < 8; ++i) {
-                        square_sums[j] += values[i] * values[i];
-                        values[i] *= gains[i];
+                        for (int i = 0; i < 8; ++i) {
+                            square_sums[j] += values[i] * values[i];
+                            values[i] *= gain_values[i];
+                        }
+                        b = float_to_halves8(values);
                     }
-                    x_pieces[p][j] = float_to_halves8(values);
-                }
-            }
-            uint4 w_halves[FLAT_ROW_TILES][2];  // the piece's weights, dequantized once for every x tile
+                    const unsigned b_first[2] = {b.x, b.y}, b_second[2] = {b.z, b.w};
 #pragma unroll
-            for (int r = 0; r < FLAT_ROW_TILES; ++r)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) w_halves[r][h] = weight_piece_to_halves(w_pieces[p][r][h]);
-#pragma unroll
-            for (int j = 0; j < n_tiles; ++j) {
-                const uint4 b = x_pieces[p][j];
-                const unsigned b_first[2] = {b.x, b.y}, b_second[2] = {b.z, b.w};
-#pragma unroll
-                for (int r = 0; r < FLAT_ROW_TILES; ++r) {
-                    const uint4 low = w_halves[r][0], high = w_halves[r][1];  // rows g and g + 8
-                    const unsigned a_first[4] = {low.x, high.x, low.y, high.y};
-                    const unsigned a_second[4] = {low.z, high.z, low.w, high.w};
-                    mma_16x8x16(acc[r][j], a_first, b_first);
-                    mma_16x8x16(acc[r][j], a_second, b_second);
+                    for (int r = 0; r < FLAT_ROW_TILES; ++r) {
+                        const unsigned* low = w_halves[r][0];   // row g: columns k + 8s .. k + 8s + 7
+                        const unsigned* high = w_halves[r][1];  // row g + 8
+                        const unsigned a_first[4] = {low[0], high[0], low[1], high[1]};
+                        const unsigned a_second[4] = {low[2], high[2], low[3], high[3]};
+                        mma_16x8x16(acc[r][j], a_first, b_first);
+                        mma_16x8x16(acc[r][j], a_second, b_second);
+                    }
                 }
             }
         }

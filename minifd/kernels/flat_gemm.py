@@ -4,12 +4,13 @@
 
 Blocks own FLAT_ROWS rows of W and all of K; x rows go in tiles of M_PAD = 8, 16, 32 or 64 (grid.y
 walks M beyond 64), so W is streamed once whatever M. The block's warps split each K chunk of
-FlatChunk.width columns into runs of `pieces` x 32 columns, one run per warp, and their partial
-sums are added in warp order. The emulation follows the same plan: one float32 product per warp
+FlatChunk.width columns into runs of `pieces` K pieces, one run per warp, and their partial sums
+are added in warp order; a piece is what four lanes read of a row, 4 x 16 bytes of codes (32 fp16,
+64 int8 or 128 int4 weights). The emulation follows the same plan: one float32 product per warp
 over that warp's columns, the warps' partials added in order, then the epilogue.
 The weight is float16 or quantized (int8, int4: minifd.kernels.weight_formats), each format one
-compiled module; the kernel dequantizes in float32 and rounds to float16 for the MMA, and so does
-the emulation.
+compiled module; the kernel dequantizes in fp16 arithmetic, one rounding to float16 per weight for
+the MMA, and so does the emulation.
 """
 
 import functools
@@ -21,7 +22,8 @@ from minifd.kernels.compile import load_module
 from minifd.kernels.gemv import FUSED_KERNELS, fusable, fused_steps, vectorisable
 from minifd.kernels.launch import PLAIN
 from minifd.kernels.silu_mul import GATE_TILE, silu_mul
-from minifd.kernels.weight_formats import emulated_weight, format_name, format_option, is_quantized, kernel_operands
+from minifd.kernels.weight_formats import (PLAIN_FORMAT, ROW_PIECE_WEIGHTS, emulated_weight, format_name, format_option,
+                                           is_quantized, kernel_operands)
 
 FLAT_M_PADS = (8, 16, 32, 64)
 
@@ -32,7 +34,7 @@ class FlatGemmGeometry:
 
     warps: int = 8       # per block; they split K
     row_tiles: int = 1   # 16-row tiles of W per block
-    pieces: int = 2      # 32-column K pieces per warp per chunk at M_PAD <= 16
+    pieces: int = 2      # K pieces per warp per chunk at M_PAD <= 16
     min_blocks: int = 4  # blocks per SM the compiler must leave registers for
 
     @property
@@ -43,8 +45,9 @@ class FlatGemmGeometry:
         """K pieces per warp per chunk for an x tile of m_pad rows (FlatChunk::pieces)."""
         return self.pieces if m_pad <= 16 else max(self.pieces * 16 // m_pad, 1)
 
-    def chunk_width(self, m_pad):
-        return self.warps * 32 * self.pieces_at(m_pad)
+    def chunk_width(self, m_pad, weight_format=PLAIN_FORMAT):
+        """K columns per chunk (FlatChunk::width): a piece is four lanes' 16-byte reads of a row."""
+        return self.warps * 4 * ROW_PIECE_WEIGHTS[weight_format] * self.pieces_at(m_pad)
 
     def options(self):
         return (f"-DFLAT_WARPS={self.warps}", f"-DFLAT_ROW_TILES={self.row_tiles}", f"-DFLAT_PIECES={self.pieces}",
@@ -71,7 +74,7 @@ def flat_gemm_emulated(x, weight, norm=None, residual=None, gated=False, geometr
     if norm is not None:
         row_scale = 1.0 / np.sqrt((a * a).mean(axis=-1, keepdims=True) + np.float32(norm.eps))  # [M, 1]
         a = a * norm.weight.astype(np.float32)
-    width = geometry.chunk_width(flat_m_pad(m))
+    width = geometry.chunk_width(flat_m_pad(m), format_name(weight))
     run = width // geometry.warps
     warp_of_column = (np.arange(k) % width) // run  # [K]
     w = emulated_weight(weight, rounded_to_half=is_quantized(weight))  # [N, K] float32

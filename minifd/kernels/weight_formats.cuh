@@ -11,12 +11,13 @@
 // These are minifd/model/quantized.py's Int8Groups and Int4Groups as they are (row-major, so a row
 // streams its codes in order); GGUF Q8_0, Q4_0 and Q4_1 load onto them unchanged. A kernel sees W
 // as three pointers (codes, scales, mins; the last two unread where the format has none) and reads
-// it in pieces of 8 consecutive weights of one row: load_weight_piece issues the loads (16 bytes of
-// halves, 8 bytes of int8 codes, or 4 bytes of int4 codes, plus the piece's group scale and min),
-// and only where the arithmetic needs the values does weight_piece_to_float / _to_halves turn them
-// into weights, so the dequantization sits between the loads in flight and the FMAs / MMAs.
-// Dequantizing in float32 is exact: q is an integer of at most 8 bits and s, d halves (11-bit
-// significands), so s q and d q are exact and d q + m is one rounding, as NumPy's codes * d + m.
+// it in RowPieces, 16 bytes of codes of one row (8, 16 or 32 weights) with their group's scale and
+// min: load_row_piece issues the loads, and only where the arithmetic needs the values does
+// row_piece_to_float (the GEMV's FMAs) or row_piece_run_to_halves (the flat GEMM's MMAs) turn them into
+// weights, so the dequantization sits between the loads in flight and the arithmetic.
+// Both are exact up to their one rounding: q is an integer of at most 8 bits and s, d halves
+// (11-bit significands), so s q and d q are exact; the float32 path rounds d q + m once to float32,
+// the fp16 path rounds s q or d q + m once to fp16 (an fp16 FMA).
 // Quantized formats need K % 32 == 0 (quantized.py guarantees it), so a piece never straddles a
 // group or the end of a row.
 #pragma once
@@ -65,49 +66,6 @@ __device__ __forceinline__ WeightRow weight_row(const void* codes, const half_t*
 #endif
 }
 
-#if WEIGHT_FORMAT == WEIGHT_FP16
-typedef uint4 WeightPiece;  // the 8 halves
-#elif WEIGHT_FORMAT == WEIGHT_INT8
-struct WeightPiece {
-    uint2 codes;  // byte i: q[k + i] (two's complement)
-    half_t scale;
-};
-#else
-struct WeightPiece {
-    unsigned codes;  // nibble i: q[k + i]
-    half_t scale, min;
-};
-#endif
-
-__device__ __forceinline__ WeightPiece zero_weight_piece() {  // 8 weights 0
-#if WEIGHT_FORMAT == WEIGHT_FP16
-    return {0u, 0u, 0u, 0u};
-#elif WEIGHT_FORMAT == WEIGHT_INT8
-    return {{0u, 0u}, __float2half(0.0f)};
-#else
-    return {0u, __float2half(0.0f), __float2half(0.0f)};
-#endif
-}
-
-// The 8 weights k .. k + 7 of `row` (k % 8 == 0), as loaded; zeros past K. vector_ok == 0 (fp16
-// only: K % 8 != 0 or a misaligned row) loads halves one by one.
-__device__ __forceinline__ WeightPiece load_weight_piece(WeightRow row, int k, int K, int vector_ok) {
-#if WEIGHT_FORMAT == WEIGHT_FP16
-    return load_halves_piece(static_cast<const half_t*>(row.codes), k, K, vector_ok);
-#else
-    if (k >= K) return zero_weight_piece();
-    WeightPiece piece;
-#if WEIGHT_FORMAT == WEIGHT_INT8
-    piece.codes = *reinterpret_cast<const uint2*>(static_cast<const signed char*>(row.codes) + k);
-#else
-    piece.codes = *reinterpret_cast<const unsigned*>(static_cast<const unsigned char*>(row.codes) + k / 2);
-    piece.min = row.mins[k / WEIGHT_GROUP];
-#endif
-    piece.scale = row.scales[k / WEIGHT_GROUP];
-    return piece;
-#endif
-}
-
 // 32 bits of codes -> the weights they hold (2 halves, 4 int8 or 8 int4 codes), in column order.
 #if WEIGHT_FORMAT == WEIGHT_FP16
 constexpr int kWeightsPerWord = 2;
@@ -116,6 +74,42 @@ constexpr int kWeightsPerWord = 4;
 #else
 constexpr int kWeightsPerWord = 8;
 #endif
+
+// A lane's piece of a row: 16 bytes of codes in every format, ROW_PIECE_WEIGHTS consecutive weights
+// (8 halves, 16 int8 or 32 int4 codes; a quantized piece lies in one group of 32, so one scale and
+// min). Reading quantized rows 4 or 8 bytes at a time left the kernels bound by load instructions,
+// not bytes (int4 at 24% of its roofline, BENCHMARKS.md).
+#define ROW_PIECE_WEIGHTS (4 * kWeightsPerWord)
+struct RowPiece {
+    uint4 codes;
+    unsigned scale_min;  // quantized formats: the group's scale (low half) and min (high half; int4)
+};
+
+// The ROW_PIECE_WEIGHTS weights of `row` from column k (k % ROW_PIECE_WEIGHTS == 0, k < K, rows aligned).
+__device__ __forceinline__ RowPiece load_row_piece(WeightRow row, int k) {
+    RowPiece piece;
+    piece.codes = load16(static_cast<const char*>(row.codes) + (size_t)k * 16 / ROW_PIECE_WEIGHTS);
+    piece.scale_min = 0u;
+#if WEIGHT_FORMAT != WEIGHT_FP16
+    piece.scale_min = __half_as_ushort(row.scales[k / WEIGHT_GROUP]);
+#endif
+#if WEIGHT_FORMAT == WEIGHT_INT4
+    piece.scale_min |= (unsigned)__half_as_ushort(row.mins[k / WEIGHT_GROUP]) << 16;
+#endif
+    return piece;
+}
+
+// The same with bounds: zeros from column K on, and vector_ok == 0 (fp16 only: K % 8 != 0 or a
+// misaligned row) loads the halves one by one.
+__device__ __forceinline__ RowPiece load_row_piece_or_zeros(WeightRow row, int k, int K, int vector_ok) {
+#if WEIGHT_FORMAT == WEIGHT_FP16
+    return {load_halves_piece(static_cast<const half_t*>(row.codes), k, K, vector_ok), 0u};
+#else
+    if (k >= K) return {{0u, 0u, 0u, 0u}, 0u};  // scale and min 0: the weights are 0
+    return load_row_piece(row, k);
+#endif
+}
+
 __device__ __forceinline__ void dequantize_word(unsigned word, float scale, float min, float out[kWeightsPerWord]) {
 #if WEIGHT_FORMAT == WEIGHT_FP16
     const float2 pair = half2_bits_to_float2(word);
@@ -131,68 +125,68 @@ __device__ __forceinline__ void dequantize_word(unsigned word, float scale, floa
 #endif
 }
 
-// The piece's 8 weights as floats, w[k + i] -> out[i].
-__device__ __forceinline__ void weight_piece_to_float(WeightPiece piece, float out[8]) {
-#if WEIGHT_FORMAT == WEIGHT_FP16
-    halves8_to_float(piece, out);
-#elif WEIGHT_FORMAT == WEIGHT_INT8
-    const float scale = __half2float(piece.scale);
-    dequantize_word(piece.codes.x, scale, 0.0f, out);
-    dequantize_word(piece.codes.y, scale, 0.0f, out + 4);
-#else
-    dequantize_word(piece.codes, __half2float(piece.scale), __half2float(piece.min), out);
-#endif
-}
-
-// The GEMV's wide pieces: 16 bytes of codes in every format, ROW_PIECE_WEIGHTS consecutive weights
-// of one row (8 halves, 16 int8 or 32 int4 codes; a quantized piece lies in one group of 32, so one
-// scale and min). The 8-weight pieces above keep the flat GEMM's MMA fragment layout; a GEMV lane
-// may take any columns, and reading quantized rows 4 or 8 bytes at a time left the kernel bound by
-// load instructions, not bytes (int4 at 24% of its roofline, BENCHMARKS.md).
-#define ROW_PIECE_WEIGHTS (4 * kWeightsPerWord)
-struct RowPiece {
-    uint4 codes;
-    float scale, min;  // of the piece's group (quantized formats)
-};
-
-// The ROW_PIECE_WEIGHTS weights of `row` from column k (k % ROW_PIECE_WEIGHTS == 0, k < K, rows aligned).
-__device__ __forceinline__ RowPiece load_row_piece(WeightRow row, int k) {
-    RowPiece piece;
-    piece.codes = load16(static_cast<const char*>(row.codes) + (size_t)k * 16 / ROW_PIECE_WEIGHTS);
-#if WEIGHT_FORMAT != WEIGHT_FP16
-    piece.scale = __half2float(row.scales[k / WEIGHT_GROUP]);
-#endif
-#if WEIGHT_FORMAT == WEIGHT_INT4
-    piece.min = __half2float(row.mins[k / WEIGHT_GROUP]);
-#endif
-    return piece;
-}
-
+// The piece's weights as floats (the GEMV's CUDA-core FMAs), w[k + i] -> out[i].
 __device__ __forceinline__ void row_piece_to_float(const RowPiece& piece, float out[ROW_PIECE_WEIGHTS]) {
     const unsigned words[4] = {piece.codes.x, piece.codes.y, piece.codes.z, piece.codes.w};
+    const float2 scale_min = half2_bits_to_float2(piece.scale_min);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) dequantize_word(words[i], piece.scale, piece.min, out + i * kWeightsPerWord);
+    for (int i = 0; i < 4; ++i) dequantize_word(words[i], scale_min.x, scale_min.y, out + i * kWeightsPerWord);
 }
 
-// The piece's 8 weights as the halves an MMA takes (quantized formats: the float weights rounded).
-__device__ __forceinline__ uint4 weight_piece_to_halves(WeightPiece piece) {
+__device__ __forceinline__ __half2 bits_to_half2(unsigned bits) {
+    __half2 pair;
+    *reinterpret_cast<unsigned*>(&pair) = bits;
+    return pair;
+}
+
+__device__ __forceinline__ unsigned half2_to_bits(__half2 pair) { return *reinterpret_cast<unsigned*>(&pair); }
+
+// Run `run` of the piece, its 8 weights from column 8 run on, as the fp16 pairs an MMA takes:
+// out[i] = (w[8 run + 2i], w[8 run + 2i + 1]), each the exact s q or d q + m rounded once to fp16.
+// The codes become halves in fp16 arithmetic, two per instruction, with the exponent trick: a byte
+// b under the exponent bits 0x64 reads as the half 1024 + b (1024's step is 1), so one byte permute
+// (int8) or a permute and a mask (int4: the high nibble lands 4 bits up, as 1024 + 16 q) and one
+// exact fp16 FMA give q itself. Dequantizing on CUDA cores in float32 cost about 7 instructions per
+// weight and bound the kernels by arithmetic (BENCHMARKS.md); this costs 2. One run at a time keeps
+// 4 registers of halves per row live, not a whole piece's.
+__device__ __forceinline__ void row_piece_run_to_halves(const RowPiece& piece, int run, unsigned out[4]) {
+    const unsigned words[4] = {piece.codes.x, piece.codes.y, piece.codes.z, piece.codes.w};
 #if WEIGHT_FORMAT == WEIGHT_FP16
-    return piece;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = words[i];
 #else
-    float values[8];
-    weight_piece_to_float(piece, values);
-    return float_to_halves8(values);
+    const __half2 scale = __half2half2(bits_to_half2(piece.scale_min).x);
+#if WEIGHT_FORMAT == WEIGHT_INT8
+    const __half2 bias = __floats2half2_rn(1152.0f, 1152.0f);  // 1024 + the 128 the xor adds
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const unsigned biased = words[2 * run + i] ^ 0x80808080u;  // bytes q + 128 in [0, 255]
+        const unsigned low = __byte_perm(biased, 0x64646464u, 0x4140u), high = __byte_perm(biased, 0x64646464u, 0x4342u);
+        out[2 * i] = half2_to_bits(__hmul2(__hsub2(bits_to_half2(low), bias), scale));
+        out[2 * i + 1] = half2_to_bits(__hmul2(__hsub2(bits_to_half2(high), bias), scale));
+    }
+#else
+    const __half2 min = __half2half2(bits_to_half2(piece.scale_min).y);
+    const __half2 unit = __floats2half2_rn(1.0f, 1.0f / 16.0f), bias = __floats2half2_rn(-1024.0f, -64.0f);
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {  // byte b of word `run`: codes 2b (low nibble) and 2b + 1
+        const unsigned both = __byte_perm(words[run], 0u, 0x4040u | (b << 8) | b);  // bytes [b, 0, b, 0]
+        const unsigned biased = (both & 0x00F0000Fu) | 0x64006400u;  // halves 1024 + q0, 1024 + 16 q1
+        const __half2 codes = __hfma2(bits_to_half2(biased), unit, bias);  // (q0, q1), exact
+        out[b] = half2_to_bits(__hfma2(codes, scale, min));
+    }
+#endif
 #endif
 }
 
-// One weight, row[k] (the kernels' 2-byte path, fp16 only in practice: quantized rows are aligned).
+// One weight, row[k] (the GEMV's 2-byte path, fp16 only in practice: quantized rows are aligned).
 __device__ __forceinline__ float load_weight(WeightRow row, int k) {
 #if WEIGHT_FORMAT == WEIGHT_FP16
     return __half2float(static_cast<const half_t*>(row.codes)[k]);
 #else
-    WeightPiece piece = load_weight_piece(row, k - k % 8, k + 8, 1);
-    float values[8];
-    weight_piece_to_float(piece, values);
-    return values[k % 8];
+    const RowPiece piece = load_row_piece(row, k - k % ROW_PIECE_WEIGHTS);
+    float values[ROW_PIECE_WEIGHTS];
+    row_piece_to_float(piece, values);
+    return values[k % ROW_PIECE_WEIGHTS];
 #endif
 }

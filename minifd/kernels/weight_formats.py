@@ -5,8 +5,8 @@ one, minifd.model.quantized's Int8Groups or Int4Groups, whose arrays gemv.cu and
 as they are: weight_formats.cuh has the table of layouts and bits per weight. This module names a
 weight's format, gives the -D option that compiles a kernel for it and the three arrays the kernel
 takes, and the float32 weights the NumPy emulations multiply by: the dequantization exactly as the
-kernel computes it (s q, or d q + m, in float32; for the tensor-core flat GEMM then rounded to
-float16, the MMA's A operand).
+kernel computes it (the GEMV: s q, or d q + m, in float32; the tensor-core flat GEMM: the same
+rounded once to float16 by fp16 arithmetic, the MMA's A operand).
 """
 
 import numpy as np
@@ -16,6 +16,8 @@ from minifd.model.quantized import FORMATS
 
 KERNEL_FORMATS = {PLAIN_FORMAT: "WEIGHT_FP16", "int8": "WEIGHT_INT8", "int4": "WEIGHT_INT4"}  # weight_formats.cuh
 QUANTIZED_TYPES = tuple(FORMATS.values())
+# A lane reads a row in 16-byte pieces of codes (weight_formats.cuh's RowPiece): this many weights.
+ROW_PIECE_WEIGHTS = {PLAIN_FORMAT: 8, "int8": 16, "int4": 32}
 
 
 def is_quantized(weight):
@@ -49,12 +51,14 @@ def weights_aligned(weight):
 
 def emulated_weight(weight, rounded_to_half=False):
     """-> [N, K] float32 (NumPy): the weights a kernel multiplies by. A plain array as it is; a
-    quantized one dequantized as weight_formats.cuh does, then rounded to float16 for an MMA
-    (rounded_to_half)."""
+    quantized one dequantized as weight_formats.cuh does: in float32 (one rounding of d q + m), or
+    rounded once to float16 for an MMA (rounded_to_half: float64 holds s q and d q + m exactly, so
+    its one rounding to float16 is the fp16 FMA's)."""
     if not is_quantized(weight):
         return weight.astype(np.float32, copy=False)
-    values = weight.dequantize()
-    return values.astype(np.float16).astype(np.float32) if rounded_to_half else values
+    if rounded_to_half:
+        return weight.dequantize(np.float64).astype(np.float16).astype(np.float32)
+    return weight.dequantize()
 
 
 def dequantized_half(weight):
