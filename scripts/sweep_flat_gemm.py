@@ -5,9 +5,11 @@ Each measurement replays a graph of back-to-back products over copies of the wei
 exceed the L2 cache, as in a captured decode step. cuBLAS is timed the same way through torch's
 CUDA graphs (CuPy cannot record cuBLAS), when torch imports. Prints microseconds per product, % of
 the measured copy bandwidth (bytes of W over time, against read + write copy bandwidth) and the
-ratio to cuBLAS; --json writes every number.
+ratio to cuBLAS; --json writes every number. --quantize int8|int4 times GEMV and the flat GEMM on the
+weights quantized on the GPU (cuBLAS keeps the fp16 ones) and counts the bytes of their format;
+the quantized kernels' correctness is the properties' (minifd check), so the fp16 check alone runs.
 
-    PYTHONPATH=. python3 scripts/sweep_flat_gemm.py [--geometries 8,1,4 4,1,4 ...] [--ms 1,8,64] [--json F]
+    PYTHONPATH=. python3 scripts/sweep_flat_gemm.py [--geometries 8,1,4 4,1,4 ...] [--ms 1,8,64] [--quantize int4] [--json F]
 """
 
 import argparse
@@ -21,6 +23,7 @@ from minifd.bench import copy_bandwidth
 from minifd.kernels.flat_gemm import FlatGemmGeometry, flat_gemm_emulated, flat_gemm_gpu
 from minifd.kernels.gemv import gemv_gpu
 from minifd.kernels.rms_norm import RMSNorm
+from minifd.model.quantized import QUANTIZERS
 
 SHAPES = {"7b qkv": (12288, 4096), "7b o": (4096, 4096), "7b gate_up": (22016, 4096), "7b down": (4096, 11008),
           "7b lm_head": (32000, 4096), "8b qkv": (6144, 4096), "8b gate_up": (28672, 4096),
@@ -96,6 +99,8 @@ def main():
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--variant", default="store", choices=("store", "store_norm", "residual", "gated_norm"),
                         help="which fused kernel is timed (cuBLAS always runs the plain product)")
+    parser.add_argument("--quantize", choices=sorted(QUANTIZERS), default=None,
+                        help="GEMV and the flat GEMM read the weights in this format")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     try:
@@ -120,23 +125,26 @@ def main():
         n, k = SHAPES[name]
         copies = max(1, -(-L2_OVERFLOW_BYTES // (2 * n * k)))
         weights = [device_rng.standard_normal((n, k), dtype=cupy.float32).astype(cupy.float16) for _ in range(copies)]
+        own = [QUANTIZERS[args.quantize](w) for w in weights] if args.quantize else weights  # what GEMV and flat GEMM read
         for m in ms:
             x = device_rng.standard_normal((m, k), dtype=cupy.float32).astype(cupy.float16)
             row = {"shape": name, "n": n, "k": k, "m": m}
             row["cublas"] = cublas_graph_time(torch, x, weights) if torch is not None else float("nan")
             fused = variant_arguments(args.variant, m, n, k)
-            row["gemv"] = (graph_time(lambda i: gemv_gpu(x, weights[i % copies], **fused), calls=16)
+            row["gemv"] = (graph_time(lambda i: gemv_gpu(x, own[i % copies], **fused), calls=16)
                            if m <= 8 else float("nan"))
             for geometry in geometries:
                 row[str(geometry)] = graph_time(
-                    lambda i: flat_gemm_gpu(x, weights[i % copies], geometry=geometry, **fused), calls=16)
-            percent = {key: 100 * 2 * n * k / bandwidth / row[key] for key in row if key not in ("shape", "n", "k", "m")}
+                    lambda i: flat_gemm_gpu(x, own[i % copies], geometry=geometry, **fused), calls=16)
+            streamed = {key: own[0].nbytes for key in row if key not in ("shape", "n", "k", "m")}
+            streamed["cublas"] = weights[0].nbytes
+            percent = {key: 100 * streamed[key] / bandwidth / row[key] for key in streamed}
             cells = [f"{row[str(g)] * 1e6:12.1f} {percent[str(g)]:4.0f} {row['cublas'] / row[str(g)]:5.2f}"
                      for g in geometries]
             print(f"{name:>12} {m:3d} | {row['cublas'] * 1e6:9.1f} {percent['cublas']:4.0f} | {row['gemv'] * 1e6:8.1f} "
                   f"{percent['gemv']:4.0f} | " + " | ".join(cells), flush=True)
             results.append(row)
-        del weights
+        del weights, own
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"copy_bytes_per_second": bandwidth, "rows": results}, out, indent=1)
