@@ -222,7 +222,7 @@ def test_placed_moves_every_array_and_keeps_the_format():
 
 
 def test_linear_dispatches_a_quantized_weight_to_the_kernels_that_read_codes(monkeypatch):
-    """Untuned, a quantized weight takes the GEMV at M = 1, the flat GEMM up to its 64-row tile, and the
+    """Untuned, a quantized weight takes the flat GEMM from M = 1 up to its 64-row tile, and the
     library (on the dequantized weight) beyond; each agrees with the product of the dequantized weight."""
     import minifd.kernels.linear as seam
     from minifd.kernels import dispatch
@@ -233,7 +233,7 @@ def test_linear_dispatches_a_quantized_weight_to_the_kernels_that_read_codes(mon
     for impl, product in list(seam._CPU.items()):
         monkeypatch.setitem(seam._CPU, impl, lambda *args, impl=impl, product=product, **kw: ran.append(impl) or product(*args, **kw))
     for name in QUANTIZERS:
-        for m, expected in ((1, "gemv"), (2, "flat_gemm"), (64, "flat_gemm"), (65, "library")):
+        for m, expected in ((1, "flat_gemm"), (2, "flat_gemm"), (64, "flat_gemm"), (65, "library")):
             x, weight = quantized_operands(name, m=m)
             ran.clear()
             y = seam.linear(x, weight)
