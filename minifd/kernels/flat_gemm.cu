@@ -41,7 +41,7 @@
 // chunk's pieces [w pieces, (w + 1) pieces): adjacent warps read adjacent runs of each W row. Each
 // lane loads its x (and, under NORM, g) pieces straight from global memory into B fragments, like
 // W: every block reads the same x, so those loads hit L1 and L2, and the K loop needs no staging and
-// no barrier. All loads of a chunk are issued before its first MMA. At the end each warp holds
+// no barrier. All weight loads of a chunk (and, for fp16, its x loads) are issued before its first MMA. At the end each warp holds
 // partial sums over its own pieces; they are added in warp order through shared memory
 // (deterministic, no atomics) and the epilogue writes y. Before any of this the block waits for the
 // previous kernel (MINIFD_PRODUCT_KERNEL, launch.py).
@@ -75,6 +75,12 @@ struct FlatChunk {
     static constexpr int sum_bytes = FLAT_WARPS * 16 * M_PAD * 4;  // one row tile's partials of every warp
 };
 
+
+// Eight halves of x row `row` from column k, zeros for rows past the block's rows_here.
+__device__ __forceinline__ uint4 load_x_run(const half_t* x, int row, int rows_here, int k, int K, int vector_ok) {
+    const uint4 zero = {0u, 0u, 0u, 0u};
+    return row < rows_here ? load_halves_piece(x + (size_t)row * K, k, K, vector_ok) : zero;
+}
 
 template <int M_PAD, int EPILOGUE, bool NORM>
 __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, const void* __restrict__ w,
@@ -119,8 +125,14 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
 
     constexpr int runs = ROW_PIECE_WEIGHTS / 8;  // 8-column runs of a lane's piece, two MMAs each
     for (int k0 = 0; k0 < K; k0 += C::width) {
-        // Every weight load of the chunk is issued before any arithmetic uses one.
+        // Every weight load of the chunk is issued before any arithmetic uses one, and with them the x
+        // (and gain) loads where registers allow: fp16 pieces are one run, and loading that run of x in
+        // the MMA loop instead exposed an L2 latency per piece and cost batch-8 decode 17%
+        // (BENCHMARKS.md, 2026-12-03); a quantized piece's 2 or 4 runs of x beside its codes spill
+        // (ptxas), so those runs load right before their MMAs.
+        constexpr bool x_with_chunk = runs == 1;
         RowPiece w_pieces[C::pieces][FLAT_ROW_TILES][2];
+        uint4 x_pieces[C::pieces][n_tiles], gain_pieces[C::pieces];  // x_with_chunk: the pieces' one run
 #pragma unroll
         for (int p = 0; p < C::pieces; ++p) {
             const int k = k0 + (warp * C::pieces + p) * C::piece_width + ROW_PIECE_WEIGHTS * t;
@@ -128,6 +140,11 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
             for (int r = 0; r < FLAT_ROW_TILES; ++r)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) w_pieces[p][r][h] = load_row_piece_or_zeros(w_rows[r][h], k, K, vector_ok);
+            if (x_with_chunk) {
+                if (NORM) gain_pieces[p] = load_halves_piece(norm_weight, k, K, vector_ok);
+#pragma unroll
+                for (int j = 0; j < n_tiles; ++j) x_pieces[p][j] = load_x_run(x, 8 * j + g, rows_here, k, K, vector_ok);
+            }
         }
 
 #pragma unroll
@@ -141,12 +158,10 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
 #pragma unroll
                     for (int h = 0; h < 2; ++h) row_piece_run_to_halves(w_pieces[p][r][h], s, w_halves[r][h]);
                 uint4 gains;
-                if (NORM) gains = load_halves_piece(norm_weight, k + 8 * s, K, vector_ok);
+                if (NORM) gains = x_with_chunk ? gain_pieces[p] : load_halves_piece(norm_weight, k + 8 * s, K, vector_ok);
 #pragma unroll
                 for (int j = 0; j < n_tiles; ++j) {
-                    const uint4 zero = {0u, 0u, 0u, 0u};
-                    uint4 b = 8 * j + g < rows_here ? load_halves_piece(x + (size_t)(8 * j + g) * K, k + 8 * s, K, vector_ok)
-                                                    : zero;
+                    uint4 b = x_with_chunk ? x_pieces[p][j] : load_x_run(x, 8 * j + g, rows_here, k + 8 * s, K, vector_ok);
                     if (NORM) {  // B = x g, rounded to fp16 as the MMA takes it
                         float values[8], gain_values[8];
                         halves8_to_float(b, values);
