@@ -126,10 +126,10 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
     constexpr int runs = ROW_PIECE_WEIGHTS / 8;  // 8-column runs of a lane's piece, two MMAs each
     for (int k0 = 0; k0 < K; k0 += C::width) {
         // Every weight load of the chunk is issued before any arithmetic uses one, and with them the x
-        // (and gain) loads where registers allow: fp16 pieces are one run, and loading that run of x in
-        // the MMA loop instead exposed an L2 latency per piece and cost batch-8 decode 17%
-        // (BENCHMARKS.md, 2026-12-03); a quantized piece's 2 or 4 runs of x beside its codes spill
-        // (ptxas), so those runs load right before their MMAs.
+        // (and gain) loads where registers allow: fp16 pieces are one run, and loading that run in the
+        // MMA loop instead exposes an L2 latency per piece (with it there, batch-8 decode measured 17%
+        // slower: BENCHMARKS.md, 2026-12-03); a quantized piece's 2 or 4 runs of x beside its codes
+        // spill (ptxas), so those runs load right before their MMAs.
         constexpr bool x_with_chunk = runs == 1;
         RowPiece w_pieces[C::pieces][FLAT_ROW_TILES][2];
         uint4 x_pieces[C::pieces][n_tiles], gain_pieces[C::pieces];  // x_with_chunk: the pieces' one run
