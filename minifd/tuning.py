@@ -8,9 +8,11 @@ forth, so (M1, M2) is the pair whose three-region policy has the least total slo
 best implementation, summed over the sweep; when each pair of curves crosses once, that is the
 paper's definition.
 
-With --quantize int8|int4 the weights are random float16 ones quantized on the GPU, and the
-thresholds go to that format's entries of the table (the kernels read the codes; the library GEMM
-dequantizes first, and pays for it).
+Each product is tuned in the weight format the engine holds it in, and its thresholds go to that
+format's entry of the table: with --weights, a GGUF's Q8_0, Q4_0 and Q4_1 projections in theirs
+(int8, int4) and the rest in --quantize's or fp16 (a tied LM head stays fp16); with --shapes,
+--quantize's or fp16. Quantized weights are random float16 ones quantized on the GPU (the kernels
+read the codes; the library GEMM dequantizes first, and pays for it).
 
 The table is the per-user one every run reads (minifd.kernels.dispatch.table_path), or --out FILE.
 Tuning measures a GPU: on the CPU, where the products are NumPy emulations whose timings say nothing
@@ -64,23 +66,20 @@ class WeightShape:
 # Shapes to tune
 # ----------------------------------------------------------------------------------------------
 
-def model_shapes(weights):
-    """A Hugging Face model directory or a .gguf file -> the (N, K) of its projections, the fused ones as the engine
-    loads them: QKV [(heads + 2 kv_heads) head_dim, hidden], O [hidden, heads head_dim],
-    gate+up [2 intermediate, hidden], down [hidden, intermediate], LM head [vocab, hidden]."""
-    from minifd.model.config import LlamaConfig
-    from minifd.model.loader import open_checkpoint
+PRODUCT_NAMES = {"wqkv": "qkv", "wo": "o", "w_gate_up": "gate_up", "w_down": "down", "lm_head": "lm_head"}
 
-    # Only the shape matters: a directory's config.json is enough, a .gguf carries it in its metadata.
-    c = LlamaConfig.from_dir(weights) if Path(weights).is_dir() else open_checkpoint(weights).config
-    shapes = [
-        WeightShape("qkv", (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.hidden_size),
-        WeightShape("o", c.hidden_size, c.n_heads * c.head_dim),
-        WeightShape("gate_up", 2 * c.intermediate_size, c.hidden_size),
-        WeightShape("down", c.hidden_size, c.intermediate_size),
-        WeightShape("lm_head", c.vocab_size, c.hidden_size),
-    ]
-    return _unique(shapes)
+
+def model_products(weights, quantize=None):
+    """A Hugging Face model directory or a .gguf file -> [(WeightShape, weight format)]: every product's
+    [N, K] as the engine holds it on the GPU (the fused QKV and gate/up included) in the format it holds
+    it in (minifd.model.weights.projection_formats): a GGUF's Q8_0, Q4_0 and Q4_1 projections in
+    their own kernel format, the others in `quantize`'s or fp16, a tied LM head fp16. A projection a
+    GGUF stores in other types in some layers appears once per format."""
+    from minifd.model.loader import open_checkpoint
+    from minifd.model.weights import projection_formats
+
+    return [(WeightShape(PRODUCT_NAMES[held.projection], *held.shape), held.format)
+            for held in projection_formats(open_checkpoint(weights), quantize, np.float16)]
 
 
 def parse_shape(text):
@@ -95,12 +94,13 @@ def parse_shape(text):
     return WeightShape("", n, k)
 
 
-def _unique(shapes):
+def _unique(products):
+    """[(WeightShape, format)] -> the same without repeated (N, K, format), in order."""
     seen, unique = set(), []
-    for shape in shapes:
-        if (shape.n, shape.k) not in seen:
-            seen.add((shape.n, shape.k))
-            unique.append(shape)
+    for shape, weight_format in products:
+        if (shape.n, shape.k, weight_format) not in seen:
+            seen.add((shape.n, shape.k, weight_format))
+            unique.append((shape, weight_format))
     return unique
 
 
@@ -222,7 +222,8 @@ def choose_thresholds(times):
 @click.option("--max-m", type=click.IntRange(1, 4096), default=256, show_default=True, help="Sweep M = 1..this.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--quantize", type=click.Choice(sorted(QUANTIZERS)), default=None,
-              help="Tune weights in this quantized format (random weights quantized on the GPU).")
+              help="Tune the products --quantize would round at load (with --shapes: all of them) in this "
+                   "format (random weights quantized on the GPU).")
 @click.option("--show", is_flag=True, help="Print the dispatch table and exit.")
 @click.option("--out", "out_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write (with --show: read) this table instead of the per-user one every run reads.")
@@ -243,21 +244,22 @@ def tune_command(weights, use_shapes, shape_texts, max_m, device, quantize, show
                           f"{path} is left as it is (--out FILE writes the CPU emulations' timings there)")
     if shape_texts and not use_shapes:
         raise MinifdError(f"unexpected argument {shape_texts[0]!r} (weight shapes follow --shapes)")
-    shapes = (model_shapes(weights) if weights is not None else []) + [parse_shape(t) for t in shape_texts]
-    if not shapes:
+    products = model_products(weights, quantize) if weights is not None else []
+    products += [(parse_shape(text), quantize or PLAIN_FORMAT) for text in shape_texts]
+    if not products:
         raise MinifdError("nothing to tune: give --weights DIR|FILE.gguf or --shapes N,K [N,K ...]")
     device_name = gpu_properties().name if is_gpu(xp) else CPU_DEVICE_NAME
     timer = GpuTimer(xp) if is_gpu(xp) else CpuTimer()
-    weight_format = quantize or PLAIN_FORMAT
-    click.echo(f"tuning on {device_name}, {weight_format} weights, M = 1..{max_m}")
-    for shape in _unique(shapes):
-        times = sweep(shape, max_m, xp, timer, quantize=quantize)
+    click.echo(f"tuning on {device_name}, M = 1..{max_m}")
+    for shape, weight_format in _unique(products):
+        times = sweep(shape, max_m, xp, timer, quantize=None if weight_format == PLAIN_FORMAT else weight_format)
         m1, m2 = choose_thresholds(times)
         devices = read_table(path)  # each shape is saved as soon as it is measured
         key = shape_key(shape.n, shape.k, weight_format)
         devices.setdefault(device_name, {})[key] = {"m1": m1, "m2": m2, "max_m": max_m}
         write_table(path, devices)
-        click.echo(f"  {shape.name:>8} {shape.n} x {shape.k}: M1 = {m1}, M2 = {m2}   " + _timings_line(times, max_m))
+        click.echo(f"  {shape.name:>8} {shape.n} x {shape.k} {weight_format}: M1 = {m1}, M2 = {m2}   "
+                   + _timings_line(times, max_m))
     click.echo(f"wrote {path}")
 
 

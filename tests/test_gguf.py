@@ -3,6 +3,9 @@ the Q/K row order, tiny written files against the same model as a Hugging Face d
 files ending in one line."""
 
 import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import gguf
@@ -16,6 +19,7 @@ from tokenizers import pre_tokenizers
 import minifd
 from minifd.cli import main
 from minifd.fixture import shipped_gguf
+from minifd.kernels.dispatch import shape_key
 from minifd.kernels.rope import pair_rotary_rows
 from minifd.kernels.softmax_range import FILE_NAME, load_softmax_ranges
 from minifd.model.config import LlamaConfig, rope_inverse_frequencies
@@ -28,7 +32,7 @@ from minifd.model.quantized import FORMATS
 from minifd.model.repack import REPACKED_FORMATS, repack
 from minifd.model.weights import (PROJECTION_TENSORS, load_weights, projection_shapes, projection_tensor_names,
                                   streamed_bytes_per_step)
-from minifd.tuning import model_shapes
+from minifd.tuning import model_products
 from test_errors import assert_one_line_error
 from tiny_model import tiny_config_dict, tiny_model
 
@@ -368,7 +372,7 @@ def test_a_float32_gguf_reads_back_the_hf_tensors_and_generates_as_the_directory
 
 def test_tune_reads_the_projection_shapes_of_a_gguf_as_of_its_directory(tmp_path, tiny):
     directory, config, tensors = tiny
-    assert model_shapes(write_gguf(tmp_path / "m.gguf", config, tensors)) == model_shapes(directory)
+    assert model_products(write_gguf(tmp_path / "m.gguf", config, tensors)) == model_products(directory)
 
 
 def test_a_sentencepiece_gguf_encodes_with_bos_by_default(tmp_path, tiny):
@@ -495,6 +499,22 @@ def test_quantize_rounds_the_projections_the_gguf_does_not_store_in_a_kernel_for
         for name, array in vars(kept[key]).items():
             assert np.array_equal(getattr(rounded.quantized[key], name), array), key
     assert streamed_bytes_per_step(mixed_gguf, "int4", np.float32) == held_nbytes(rounded, config)
+
+
+def test_tune_times_each_projection_in_the_format_the_gguf_keeps_it_in(tmp_path, mixed_gguf):
+    """`minifd tune --weights FILE.gguf` writes the entries the dispatcher will look up: int8 and
+    int4 for the projections kept in those formats, fp16 for the others."""
+    out = tmp_path / "table.json"
+    env = dict(os.environ, MINIFD_CACHE=str(tmp_path), PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, "-m", "minifd", "tune", "--device", "cpu", "--max-m", "2", "--out", str(out),
+                             "--weights", str(mixed_gguf.path)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    shapes = projection_shapes(mixed_gguf.config)
+    expected = {shape_key(*shapes[key.split(".")[-1]], held) for key, held in KEPT_FORMATS.items() if key != "lm_head"}
+    expected.add(shape_key(mixed_gguf.config.vocab_size, mixed_gguf.config.hidden_size, KEPT_FORMATS["lm_head"]))
+    keys = set(json.loads(out.read_text())["devices"]["cpu"])
+    assert expected <= keys
+    assert any(key.count(",") == 1 for key in keys)  # the projections dequantized at load: fp16
 
 
 def info_lines(capsys, *argv):

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from minifd.backend import cupy_or_none
 from minifd.errors import MinifdError
 from minifd.kernels import dispatch
-from minifd.tuning import choose_thresholds, implementation_ranges, model_shapes, parse_shape
+from minifd.kernels.silu_mul import padded_features
+from minifd.tuning import choose_thresholds, implementation_ranges, model_products, parse_shape
+from tiny_model import tiny_model
 
 cupy = cupy_or_none()
 
@@ -51,14 +53,17 @@ def test_thresholds_with_an_implementation_dropped_from_the_sweep():
     assert choose_thresholds(times) == (4, 40)
 
 
-def test_model_shapes_are_the_fused_projections(tmp_path):
-    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
-              "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-              "num_key_value_heads": 8}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    shapes = {s.name: (s.n, s.k) for s in model_shapes(tmp_path)}
-    assert shapes == {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
-                      "lm_head": (32000, 4096)}
+def test_model_products_are_the_fused_projections_in_the_format_they_are_held_in(tmp_path):
+    directory, config, _ = tiny_model(tmp_path / "m", tie=True)
+    rows = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+    features = padded_features(config.intermediate_size)
+    shapes = {"qkv": (rows, config.hidden_size), "o": (config.hidden_size, config.n_heads * config.head_dim),
+              "gate_up": (2 * features, config.hidden_size), "down": (config.hidden_size, features),
+              "lm_head": (config.vocab_size, config.hidden_size)}
+    for quantize in (None, "int4"):
+        products = {shape.name: ((shape.n, shape.k), weight_format) for shape, weight_format in model_products(directory, quantize)}
+        assert products == {name: (shape, "float16" if quantize is None or name == "lm_head" else quantize)
+                            for name, shape in shapes.items()}  # the tied LM head is the embedding: fp16
 
 
 def test_shapes_parse_or_fail_clearly():
