@@ -18,7 +18,7 @@ from minifd.model.chat_template import ChatTemplate
 from minifd.model.llama import KVCache, Llama, PrefillChunk
 from minifd.model.loader import open_checkpoint
 from minifd.model.quantized import QUANTIZERS
-from minifd.model.weights import expected_shapes, load_weights
+from minifd.model.weights import held_bytes, load_weights
 from minifd.decode_step import NON_FINITE, DecodeStep
 from minifd.progress import ProgressBar
 from minifd.sampling import SamplingParams, draw_seed, mark_seen, sample, tokens_seen, uniform_source
@@ -113,10 +113,10 @@ class Engine:
         try:
             weights = load_weights(checkpoint, config, xp, dtype, progress=progress, quantize=quantize)
         except out_of_memory_errors(xp):
-            needed = sum(np.prod(shape) for shape in expected_shapes(config).values()) * np.dtype(dtype).itemsize
-            raise MinifdError(f"out of memory loading the weights: they need {needed / 2**30:.1f} GiB as "
-                              f"{np.dtype(dtype).name} ({free_memory_text(xp) or 'host memory'}); "
-                              "use a smaller model or another device") from None
+            needed = held_bytes(checkpoint, quantize, dtype)
+            raise MinifdError(f"out of memory loading the weights: they need {needed / 2**30:.1f} GiB in the "
+                              f"formats they are held in ({free_memory_text(xp) or 'host memory'}); "
+                              "use a smaller model, --quantize, or another device") from None
         max_seq = min(max_context or config.max_position_embeddings, config.max_position_embeddings)
         softmax_ranges = load_softmax_ranges(checkpoint.softmax_ranges_path, config.n_layers)
         model = Llama(config, weights, xp, softmax_ranges, max_seq)

@@ -12,6 +12,7 @@ import minifd.engine
 from minifd.cli import main
 from minifd.errors import MinifdError
 from minifd.model.loader import Checkpoint
+from minifd.model.weights import expected_shapes, held_bytes
 from tiny_model import tiny_config_dict, tiny_model
 
 
@@ -286,7 +287,15 @@ def test_out_of_memory_for_the_weights_says_how_much(capsys, model_dir, monkeypa
         raise MemoryError
 
     monkeypatch.setattr(minifd.engine, "load_weights", exhausted)
-    assert_one_line_error(capsys, run_args(model_dir), "out of memory loading the weights", "GiB", "float32")
+    assert_one_line_error(capsys, run_args(model_dir), "out of memory loading the weights", "GiB", "held in")
+
+
+def test_the_weights_memory_estimate_counts_the_formats_they_are_held_in(model_dir):
+    checkpoint = Checkpoint(model_dir)
+    dense = held_bytes(checkpoint, None, np.float32)
+    config = checkpoint.config  # untied: the LM head is a tensor beside the embedding table
+    assert dense == (sum(np.prod(shape) for shape in expected_shapes(config).values()) + config.vocab_size * config.hidden_size) * 4
+    assert held_bytes(checkpoint, "int8", np.float32) < dense
 
 
 def test_out_of_memory_for_the_kv_cache_says_what_to_lower(capsys, model_dir, monkeypatch):

@@ -153,6 +153,15 @@ def streamed_bytes_per_step(checkpoint, quantize, dtype):
     return sum(f.nbytes for f in projection_formats(checkpoint, quantize, dtype)) + _norm_bytes(checkpoint.config, dtype)
 
 
+def held_bytes(checkpoint, quantize, dtype):
+    """Bytes load_weights holds on the device: what a decode step streams, and the embedding table
+    where the LM head is a tensor of its own (a tied head is the table, already counted)."""
+    config = checkpoint.config
+    untied_embedding = lm_head_name(checkpoint, config) == "lm_head.weight"
+    embedding = config.vocab_size * config.hidden_size * np.dtype(dtype).itemsize if untied_embedding else 0
+    return streamed_bytes_per_step(checkpoint, quantize, dtype) + embedding
+
+
 def plain_bytes_per_step(checkpoint, dtype):
     """Bytes of weights a decode step would read were every weight a plain `dtype` array: what the
     quantized formats are measured against."""
