@@ -129,12 +129,13 @@ def test_q4_0_min_is_exactly_minus_8_d():
 
 
 def test_gguf_nibbles_are_reordered_into_int4_pairs():
-    """GGUF byte j: weight j low, weight j + 16 high; Int4Groups byte j: weights 2j low, 2j + 1 high."""
+    """GGUF byte j: weight j low, weight j + 16 high; Int4Groups: per 32-bit word the even weights in the
+    low nibbles, the odd ones in the high ones."""
     codes = np.arange(32) % 16  # weight i has code i mod 16, so GGUF byte j holds j in both nibbles
     block = np.concatenate([np.array([1.0, 0.0], dtype="<f2").view(np.uint8), (codes[:16] | codes[16:] << 4)])
     matrix = repack(block.astype(np.uint8), "Q4_1", (1, 32), "m.gguf")
     assert matrix.codes()[0].tolist() == codes.tolist()
-    assert matrix.packed[0, :2].tolist() == [0x10, 0x32]
+    assert matrix.packed[0, :4].tolist() == [0x20, 0x64, 0x31, 0x75]
 
 
 def test_q4_0_scales_whose_min_is_no_fp16_are_refused():

@@ -58,10 +58,11 @@ def test_bits_per_weight_and_bytes():
         assert quantized.nbytes * 8 == w.size * quantized.bits_per_weight, name
 
 
-def test_int4_packs_weight_2j_in_the_low_nibble_of_byte_j():
+def test_int4_packs_the_even_weights_of_a_word_in_its_low_nibbles_and_the_odd_ones_in_its_high():
     w = np.tile(np.arange(16, dtype=np.float32), 2)[None, :]  # [1, 32]: codes 0..15 with d = 1, m = 0
     quantized = quantize_int4(w)
-    assert quantized.packed[0, :8].tolist() == [0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE]
+    # word 0: weights 0, 2, 4, 6 in nibbles 0-3, 1, 3, 5, 7 in nibbles 4-7 (little-endian bytes); word 1 likewise
+    assert quantized.packed[0, :8].tolist() == [0x20, 0x64, 0x31, 0x75, 0xA8, 0xEC, 0xB9, 0xFD]
     assert quantized.codes()[0].tolist() == w[0].tolist()
 
 

@@ -45,7 +45,8 @@
 // partial sums over its own pieces; they are added in warp order through shared memory
 // (deterministic, no atomics) and the epilogue writes y. Before any of this the block waits for the
 // previous kernel (MINIFD_PRODUCT_KERNEL, launch.py).
-// vector_ok == 0 (K % 8 != 0 or a pointer not 16-byte aligned) loads the same pieces 2 bytes at a time.
+// vector_ok == 0 (K % 8 != 0 or a pointer not 16-byte aligned) loads the same pieces 2 bytes at a time:
+// the block picks its K loop (flat_gemm_k_loop<VECTOR>) once, so the 16-byte loads carry no branch.
 #include "weight_formats.cuh"
 
 #ifndef FLAT_WARPS
@@ -60,6 +61,11 @@
 #ifndef FLAT_MIN_BLOCKS
 #define FLAT_MIN_BLOCKS 4  // blocks per SM the registers must allow (more blocks: more loads in flight)
 #endif
+// At 64 x rows the accumulators (4 floats per 8 x rows and row tile) no longer fit beside a chunk's
+// loads in the registers FLAT_MIN_BLOCKS leaves (ptxas spilled 0.1-2 KB per lane), so those tiles ask
+// for half as many blocks per SM and get twice the registers: 1.4-2.2x faster at M = 64 on the 7B
+// shapes; at M_PAD 32 the same cost gate/up 20% (BENCHMARKS.md, 2026-12-03).
+#define FLAT_MIN_BLOCKS_AT(M_PAD) ((M_PAD) < 64 ? FLAT_MIN_BLOCKS : (FLAT_MIN_BLOCKS + 1) / 2)
 #define FLAT_THREADS (FLAT_WARPS * 32)
 #define FLAT_ROWS (16 * FLAT_ROW_TILES)
 
@@ -76,10 +82,97 @@ struct FlatChunk {
 };
 
 
-// Eight halves of x row `row` from column k, zeros for rows past the block's rows_here.
-__device__ __forceinline__ uint4 load_x_run(const half_t* x, int row, int rows_here, int k, int K, int vector_ok) {
-    const uint4 zero = {0u, 0u, 0u, 0u};
-    return row < rows_here ? load_halves_piece(x + (size_t)row * K, k, K, vector_ok) : zero;
+// Eight halves of an x row from column k (k % 8 == 0), zeros from K on. VECTOR: one 16-byte load
+// (K % 8 == 0, rows aligned); otherwise 2 bytes at a time. A template argument, not a branch per
+// load: the block picks one K loop for all of its loads (flat_gemm_block).
+template <bool VECTOR>
+__device__ __forceinline__ uint4 load_x_run(const half_t* x_row, int k, int K) {
+    if (VECTOR) {
+        const uint4 zero = {0u, 0u, 0u, 0u};
+        return k < K ? load16(x_row + k) : zero;
+    }
+    return load_halves_piece(x_row, k, K, 0);
+}
+
+// The block's K loop: acc[r][j] += W rows of tile r times x rows 8j.. (the MMA's C fragments), and
+// under NORM square_sums[j] += this lane's x^2 of x row 8j + g.
+template <int M_PAD, bool NORM, bool VECTOR>
+__device__ __forceinline__ void flat_gemm_k_loop(const half_t* __restrict__ x, const WeightRow (&w_rows)[FLAT_ROW_TILES][2],
+                                                 const half_t* __restrict__ norm_weight, int rows_here, int K,
+                                                 float (&acc)[FLAT_ROW_TILES][M_PAD / 8][4],
+                                                 float (&square_sums)[M_PAD / 8]) {
+    typedef FlatChunk<M_PAD> C;
+    constexpr int n_tiles = M_PAD / 8;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    // Lane g reads x row 8j + g as column g of B; x rows past rows_here read the last row again. A
+    // column of B reaches only the same column of C, outputs the epilogue never writes, so the
+    // padding needs neither zeros nor a branch.
+    auto x_row = [&](int j) { return x + (size_t)min(8 * j + g, rows_here - 1) * K; };
+
+    constexpr int runs = ROW_PIECE_WEIGHTS / 8;  // 8-column runs of a lane's piece, two MMAs each
+    for (int k0 = 0; k0 < K; k0 += C::width) {
+        // Every weight load of the chunk is issued before any arithmetic uses one, and with them the x
+        // (and gain) loads where registers allow: fp16 pieces are one run, and loading that run in the
+        // MMA loop instead exposes an L2 latency per piece (with it there, batch-8 decode measured 17%
+        // slower: BENCHMARKS.md, 2026-12-03); a quantized piece's 2 or 4 runs of x beside its codes
+        // spill (ptxas), so those runs load right before their MMAs.
+        constexpr bool x_with_chunk = runs == 1;
+        RowPiece w_pieces[C::pieces][FLAT_ROW_TILES][2];
+        uint4 x_pieces[C::pieces][n_tiles], gain_pieces[C::pieces];  // x_with_chunk: the pieces' one run
+#pragma unroll
+        for (int p = 0; p < C::pieces; ++p) {
+            const int k = k0 + (warp * C::pieces + p) * C::piece_width + ROW_PIECE_WEIGHTS * t;
+#pragma unroll
+            for (int r = 0; r < FLAT_ROW_TILES; ++r)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) w_pieces[p][r][h] = load_row_piece_or_zeros(w_rows[r][h], k, K, VECTOR);
+            if (x_with_chunk) {
+                if (NORM) gain_pieces[p] = load_x_run<VECTOR>(norm_weight, k, K);
+#pragma unroll
+                for (int j = 0; j < n_tiles; ++j) x_pieces[p][j] = load_x_run<VECTOR>(x_row(j), k, K);
+            }
+        }
+
+#pragma unroll
+        for (int p = 0; p < C::pieces; ++p) {
+            const int k = k0 + (warp * C::pieces + p) * C::piece_width + ROW_PIECE_WEIGHTS * t;
+#pragma unroll
+            for (int s = 0; s < runs; ++s) {
+                unsigned w_halves[FLAT_ROW_TILES][2][4];  // run s of rows g and g + 8, dequantized once for every x tile
+#pragma unroll
+                for (int r = 0; r < FLAT_ROW_TILES; ++r)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) row_piece_run_to_halves(w_pieces[p][r][h], s, w_halves[r][h]);
+                uint4 gains;
+                if (NORM) gains = x_with_chunk ? gain_pieces[p] : load_x_run<VECTOR>(norm_weight, k + 8 * s, K);
+#pragma unroll
+                for (int j = 0; j < n_tiles; ++j) {
+                    uint4 b = x_with_chunk ? x_pieces[p][j] : load_x_run<VECTOR>(x_row(j), k + 8 * s, K);
+                    if (NORM) {  // B = x g, rounded to fp16 as the MMA takes it
+                        float values[8], gain_values[8];
+                        halves8_to_float(b, values);
+                        halves8_to_float(gains, gain_values);
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) {
+                            square_sums[j] += values[i] * values[i];
+                            values[i] *= gain_values[i];
+                        }
+                        b = float_to_halves8(values);
+                    }
+                    const unsigned b_first[2] = {b.x, b.y}, b_second[2] = {b.z, b.w};
+#pragma unroll
+                    for (int r = 0; r < FLAT_ROW_TILES; ++r) {
+                        const unsigned* low = w_halves[r][0];   // row g: columns k + 8s .. k + 8s + 7
+                        const unsigned* high = w_halves[r][1];  // row g + 8
+                        const unsigned a_first[4] = {low[0], high[0], low[1], high[1]};
+                        const unsigned a_second[4] = {low[2], high[2], low[3], high[3]};
+                        mma_16x8x16(acc[r][j], a_first, b_first);
+                        mma_16x8x16(acc[r][j], a_second, b_second);
+                    }
+                }
+            }
+        }
+    }
 }
 
 template <int M_PAD, int EPILOGUE, bool NORM>
@@ -90,7 +183,6 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
                                                 int vector_ok) {
     // x: [M, K], W: [N, K] as (w, w_scales, w_mins), norm_weight: [K] (NORM), residual: [M, N] (RESIDUAL, may be y itself)
     // -> y: [M, N], or [M, N / 2] when GATED
-    typedef FlatChunk<M_PAD> C;
     constexpr int n_tiles = M_PAD / 8;
     __shared__ float partials[FLAT_WARPS * 16 * M_PAD];  // [warp][row of a tile][x row]
     __shared__ float square_parts[FLAT_WARPS * M_PAD];   // NORM: [warp][x row]
@@ -123,70 +215,10 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
 #pragma unroll
     for (int j = 0; j < n_tiles; ++j) square_sums[j] = 0.0f;
 
-    constexpr int runs = ROW_PIECE_WEIGHTS / 8;  // 8-column runs of a lane's piece, two MMAs each
-    for (int k0 = 0; k0 < K; k0 += C::width) {
-        // Every weight load of the chunk is issued before any arithmetic uses one, and with them the x
-        // (and gain) loads where registers allow: fp16 pieces are one run, and loading that run in the
-        // MMA loop instead exposes an L2 latency per piece (with it there, batch-8 decode measured 17%
-        // slower: BENCHMARKS.md, 2026-12-03); a quantized piece's 2 or 4 runs of x beside its codes
-        // spill (ptxas), so those runs load right before their MMAs.
-        constexpr bool x_with_chunk = runs == 1;
-        RowPiece w_pieces[C::pieces][FLAT_ROW_TILES][2];
-        uint4 x_pieces[C::pieces][n_tiles], gain_pieces[C::pieces];  // x_with_chunk: the pieces' one run
-#pragma unroll
-        for (int p = 0; p < C::pieces; ++p) {
-            const int k = k0 + (warp * C::pieces + p) * C::piece_width + ROW_PIECE_WEIGHTS * t;
-#pragma unroll
-            for (int r = 0; r < FLAT_ROW_TILES; ++r)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) w_pieces[p][r][h] = load_row_piece_or_zeros(w_rows[r][h], k, K, vector_ok);
-            if (x_with_chunk) {
-                if (NORM) gain_pieces[p] = load_halves_piece(norm_weight, k, K, vector_ok);
-#pragma unroll
-                for (int j = 0; j < n_tiles; ++j) x_pieces[p][j] = load_x_run(x, 8 * j + g, rows_here, k, K, vector_ok);
-            }
-        }
-
-#pragma unroll
-        for (int p = 0; p < C::pieces; ++p) {
-            const int k = k0 + (warp * C::pieces + p) * C::piece_width + ROW_PIECE_WEIGHTS * t;
-#pragma unroll
-            for (int s = 0; s < runs; ++s) {
-                unsigned w_halves[FLAT_ROW_TILES][2][4];  // run s of rows g and g + 8, dequantized once for every x tile
-#pragma unroll
-                for (int r = 0; r < FLAT_ROW_TILES; ++r)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) row_piece_run_to_halves(w_pieces[p][r][h], s, w_halves[r][h]);
-                uint4 gains;
-                if (NORM) gains = x_with_chunk ? gain_pieces[p] : load_halves_piece(norm_weight, k + 8 * s, K, vector_ok);
-#pragma unroll
-                for (int j = 0; j < n_tiles; ++j) {
-                    uint4 b = x_with_chunk ? x_pieces[p][j] : load_x_run(x, 8 * j + g, rows_here, k + 8 * s, K, vector_ok);
-                    if (NORM) {  // B = x g, rounded to fp16 as the MMA takes it
-                        float values[8], gain_values[8];
-                        halves8_to_float(b, values);
-                        halves8_to_float(gains, gain_values);
-#pragma unroll
-                        for (int i = 0; i < 8; ++i) {
-                            square_sums[j] += values[i] * values[i];
-                            values[i] *= gain_values[i];
-                        }
-                        b = float_to_halves8(values);
-                    }
-                    const unsigned b_first[2] = {b.x, b.y}, b_second[2] = {b.z, b.w};
-#pragma unroll
-                    for (int r = 0; r < FLAT_ROW_TILES; ++r) {
-                        const unsigned* low = w_halves[r][0];   // row g: columns k + 8s .. k + 8s + 7
-                        const unsigned* high = w_halves[r][1];  // row g + 8
-                        const unsigned a_first[4] = {low[0], high[0], low[1], high[1]};
-                        const unsigned a_second[4] = {low[2], high[2], low[3], high[3]};
-                        mma_16x8x16(acc[r][j], a_first, b_first);
-                        mma_16x8x16(acc[r][j], a_second, b_second);
-                    }
-                }
-            }
-        }
-    }
+    if (vector_ok)
+        flat_gemm_k_loop<M_PAD, NORM, true>(x, w_rows, norm_weight, rows_here, K, acc, square_sums);
+    else
+        flat_gemm_k_loop<M_PAD, NORM, false>(x, w_rows, norm_weight, rows_here, K, acc, square_sums);
 
     if (NORM) {  // row m's sum: its four lanes t, then the warps in order
 #pragma unroll
@@ -243,9 +275,9 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
 
 // One kernel per (M_PAD, epilogue, norm): flat_gemm_m<M_PAD>_<store|store_norm|residual|gated_norm>.
 #define FLAT_GEMM_KERNELS(M_PAD)                                                                                   \
-    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store, FLAT_THREADS, FLAT_MIN_BLOCKS, flat_gemm_block<M_PAD, EPILOGUE_STORE, false>) \
-    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store_norm, FLAT_THREADS, FLAT_MIN_BLOCKS, flat_gemm_block<M_PAD, EPILOGUE_STORE, true>) \
-    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_residual, FLAT_THREADS, FLAT_MIN_BLOCKS, flat_gemm_block<M_PAD, EPILOGUE_RESIDUAL, false>) \
-    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_gated_norm, FLAT_THREADS, FLAT_MIN_BLOCKS, flat_gemm_block<M_PAD, EPILOGUE_GATED, true>)
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_STORE, false>) \
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store_norm, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_STORE, true>) \
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_residual, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_RESIDUAL, false>) \
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_gated_norm, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_GATED, true>)
 
 FLAT_GEMM_KERNELS(8) FLAT_GEMM_KERNELS(16) FLAT_GEMM_KERNELS(32) FLAT_GEMM_KERNELS(64)

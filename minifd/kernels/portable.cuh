@@ -98,6 +98,18 @@ __device__ __forceinline__ void store16(void* ptr, uint4 value) {
     *reinterpret_cast<uint4*>(ptr) = value;
 }
 
+// (bits & mask) | value in one instruction (lop3 on NVIDIA: the compiler splits it in two when both
+// operands are constants), the bit-field step of the weight dequantizations (weight_formats.cuh).
+__device__ __forceinline__ unsigned mask_or(unsigned bits, unsigned mask, unsigned value) {
+#if defined(MINIFD_HIP)
+    return (bits & mask) | value;
+#else
+    unsigned result;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(result) : "r"(bits), "r"(mask), "r"(value));  // 0xEA: (a & b) | c
+    return result;
+#endif
+}
+
 // Reading what other blocks of the same launch wrote: they store, __threadfence(), then count
 // themselves with an atomic this block has observed. The data must then come from L2 (the point of
 // coherence), never from a line this SM's L1 cached earlier: ld.global.cg on NVIDIA; on AMD a

@@ -5,8 +5,9 @@
 // | ------------- | ------------------------------------ | ----------------------------- | ------------------- | ----------- |
 // | 0 fp16        | the half itself                      | half [N, K]                   | -                   | 16          |
 // | 1 int8        | s[n, k / 32] * q[n, k]               | int8 [N, K]                   | half s [N, K / 32]  | 8.5         |
-// | 2 int4        | d[n, k / 32] * q[n, k] + m[n, k / 32] | 4-bit, byte j of a row holds  | half d, m           | 5           |
-// |               |                                      | k = 2j (low nibble), 2j + 1   | [N, K / 32] each    |             |
+// | 2 int4        | d[n, k / 32] * q[n, k] + m[n, k / 32] | 4-bit, 32-bit word i of a row | half d, m           | 5           |
+// |               |                                      | holds k = 8i + 2p in nibble p | [N, K / 32] each    |             |
+// |               |                                      | and 8i + 2p + 1 in p + 4      |                     |             |
 //
 // These are minifd/model/quantized.py's Int8Groups and Int4Groups as they are (row-major, so a row
 // streams its codes in order); GGUF Q8_0, Q4_0 and Q4_1 load onto them unchanged. A kernel sees W
@@ -121,7 +122,10 @@ __device__ __forceinline__ void dequantize_word(unsigned word, float scale, floa
         out[i] = scale * (small_uint_to_float(((word >> (8 * i)) & 0xFFu) ^ 0x80u) - 128.0f);
 #else
 #pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = fmaf(scale, small_uint_to_float((word >> (4 * i)) & 0xFu), min);
+    for (int i = 0; i < 8; ++i) {  // weight i sits in nibble i / 2 (i even) or 4 + i / 2 (i odd)
+        const int nibble = i / 2 + 4 * (i % 2);
+        out[i] = fmaf(scale, small_uint_to_float((word >> (4 * nibble)) & 0xFu), min);
+    }
 #endif
 }
 
@@ -143,12 +147,15 @@ __device__ __forceinline__ unsigned half2_to_bits(__half2 pair) { return *reinte
 
 // Run `run` of the piece, its 8 weights from column 8 run on, as the fp16 pairs an MMA takes:
 // out[i] = (w[8 run + 2i], w[8 run + 2i + 1]), each the exact s q or d q + m rounded once to fp16.
-// The codes become halves in fp16 arithmetic, two per instruction, with the exponent trick: a byte
-// b under the exponent bits 0x64 reads as the half 1024 + b (1024's step is 1), so one byte permute
-// (int8) or a permute and a mask (int4: the high nibble lands 4 bits up, as 1024 + 16 q) and one
-// exact fp16 FMA give q itself. Dequantizing on CUDA cores in float32 cost about 7 instructions per
-// weight and bound the kernels by arithmetic (BENCHMARKS.md); this costs 2. One run at a time keeps
-// 4 registers of halves per row live, not a whole piece's.
+// The codes become halves in fp16 arithmetic, two per instruction, with the exponent trick: bits b
+// under the exponent bits 0x64 read as the half 1024 + b (1024's step is 1). int8: a byte permute
+// puts two bytes under 0x64 and one exact fp16 subtraction gives (q, q'). int4: the format's nibble
+// order puts weights 2p and 2p + 1 of a word in nibbles p and p + 4, the two halves' low bits, so
+// one mask-and-or (mask_or) lifts a pair straight out of the word, nibbles 0 and 4 as 1024 + q, or
+// 1 and 5 as 1024 + 16 q, and a shift by 8 brings up the next two pairs: 5 instructions and 4 exact
+// fp16 subtractions or FMAs per 8 codes, then one FMA per pair with the scale and min. Dequantizing
+// on CUDA cores in float32 cost about 7 instructions per weight and bound the kernels by arithmetic
+// (BENCHMARKS.md). One run at a time keeps 4 registers of halves per row live, not a whole piece's.
 __device__ __forceinline__ void row_piece_run_to_halves(const RowPiece& piece, int run, unsigned out[4]) {
     const unsigned words[4] = {piece.codes.x, piece.codes.y, piece.codes.z, piece.codes.w};
 #if WEIGHT_FORMAT == WEIGHT_FP16
@@ -167,13 +174,15 @@ __device__ __forceinline__ void row_piece_run_to_halves(const RowPiece& piece, i
     }
 #else
     const __half2 min = __half2half2(bits_to_half2(piece.scale_min).y);
-    const __half2 unit = __floats2half2_rn(1.0f, 1.0f / 16.0f), bias = __floats2half2_rn(-1024.0f, -64.0f);
+    const __half2 low_bias = __floats2half2_rn(1024.0f, 1024.0f);
+    const __half2 sixteenth = __floats2half2_rn(1.0f / 16.0f, 1.0f / 16.0f), high_bias = __floats2half2_rn(-64.0f, -64.0f);
 #pragma unroll
-    for (int b = 0; b < 4; ++b) {  // byte b of word `run`: codes 2b (low nibble) and 2b + 1
-        const unsigned both = __byte_perm(words[run], 0u, 0x4040u | (b << 8) | b);  // bytes [b, 0, b, 0]
-        const unsigned biased = (both & 0x00F0000Fu) | 0x64006400u;  // halves 1024 + q0, 1024 + 16 q1
-        const __half2 codes = __hfma2(bits_to_half2(biased), unit, bias);  // (q0, q1), exact
-        out[b] = half2_to_bits(__hfma2(codes, scale, min));
+    for (int i = 0; i < 2; ++i) {  // pairs 2i and 2i + 1 of the run: nibbles (2i, 2i + 4) and (2i + 1, 2i + 5)
+        const unsigned word = words[run] >> (8 * i);
+        const __half2 low = bits_to_half2(mask_or(word, 0x000F000Fu, 0x64006400u));   // 1024 + q, exact
+        const __half2 high = bits_to_half2(mask_or(word, 0x00F000F0u, 0x64006400u));  // 1024 + 16 q, exact
+        out[2 * i] = half2_to_bits(__hfma2(__hsub2(low, low_bias), scale, min));
+        out[2 * i + 1] = half2_to_bits(__hfma2(__hfma2(high, sixteenth, high_bias), scale, min));
     }
 #endif
 #endif

@@ -106,7 +106,10 @@ class Int8Groups:
 @dataclass
 class Int4Groups:
     """4-bit codes with an fp16 scale and min per group of 32 along K: w = d * q + m; 5 bits per weight.
-    Byte j of a row holds weight 2j in its low nibble and weight 2j + 1 in its high nibble."""
+    Nibble order (pack_nibbles): each 32-bit word of a row (4 bytes, little-endian, 8 weights) holds
+    its weight 2p in nibble p and weight 2p + 1 in nibble p + 4, p = 0..3, where nibble p is bits
+    4p..4p + 3: the order in which the flat GEMM lifts consecutive pairs out of a word with one mask
+    (weight_formats.cuh)."""
 
     packed: object  # [N, K / 2] uint8
     scales: object  # [N, K / GROUP] float16: d
@@ -129,7 +132,8 @@ class Int4Groups:
         """-> [N, K] uint8 codes in [0, 15]."""
         xp = _array_module(self.packed)
         n, k = self.shape
-        return xp.stack([self.packed & 0x0F, self.packed >> 4], axis=-1).reshape(n, k)
+        nibbles = xp.stack([self.packed & 0x0F, self.packed >> 4], axis=-1).reshape(n, k // 8, 8)  # word order
+        return xp.stack([nibbles[:, :, :4], nibbles[:, :, 4:]], axis=-1).reshape(n, k)  # weight 2p, 2p + 1
 
     def dequantize(self, dtype=np.float32):
         """-> [N, K] `dtype` (float32, or float64 for an oracle), d * q + m."""
@@ -168,9 +172,12 @@ def quantize_int4(w):
 
 
 def pack_nibbles(codes):
-    """codes: [N, K] uint8 in [0, 15] -> [N, K / 2] uint8, Int4Groups' packing: weight 2j in the low
-    nibble of byte j, weight 2j + 1 in its high nibble."""
-    pairs = codes.reshape(codes.shape[0], -1, 2)  # [N, K / 2, 2]
+    """codes: [N, K] uint8 in [0, 15] -> [N, K / 2] uint8 in Int4Groups' nibble order: per 8 weights
+    (one 32-bit word) the even ones in nibbles 0-3, the odd ones in nibbles 4-7."""
+    xp = _array_module(codes)
+    words = codes.reshape(codes.shape[0], -1, 8)  # [N, K / 8, 8]
+    nibbles = xp.concatenate([words[:, :, 0::2], words[:, :, 1::2]], axis=-1)  # [N, K / 8, 8] in word order
+    pairs = nibbles.reshape(codes.shape[0], -1, 2)  # [N, K / 2, 2]: byte j's low and high nibble
     return pairs[:, :, 0] | (pairs[:, :, 1] << 4)
 
 
