@@ -91,7 +91,7 @@ def check_quantized_kernels(weights, quantize):
     held = {format_name(w) for layer in weights.layers for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)}
     if held != {quantize}:
         raise MinifdError(f"--quantize {quantize}: the projections are held as {', '.join(sorted(held))} (a GGUF "
-                          "file's Q8_0, Q4_0 and Q4_1 ones keep their own format), so the bench would not measure "
+                          "file's Q8_0, Q5_0, Q4_0, Q4_1 and Q4_K ones keep their own format), so the bench would not measure "
                           f"the {quantize} kernels alone")
 
 
@@ -216,7 +216,7 @@ def run_bench(prompt_lengths=(16, 1024, 4096), batches=(1, 2, 4, 8), decode_step
     overlap: launch decode kernels overlapping (minifd.kernels.launch; None = wherever supported);
     quantize: None, "int8" or "int4", the format the projections are rounded to (weights_dir's at
     load, or the random ones on the GPU); the roofline counts the bytes the formats held stream (a
-    GGUF file's Q8_0, Q4_0 and Q4_1 projections are int8 and int4 with or without quantize).
+    GGUF file's Q8_0, Q5_0, Q4_0, Q4_1 and Q4_K projections are int8 and int4 with or without quantize).
     """
     xp = array_module("cuda")
     max_seq = max(prompt_lengths) + decode_steps + 16

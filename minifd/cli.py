@@ -32,7 +32,7 @@ def quantize_option(help_text):
 
 
 QUANTIZE_HELP = ("Round the projection matrices to int8 (8.5 bits/weight) or int4 (5 bits/weight) group-wise at "
-                 "load (a .gguf file's Q8_0, Q4_0 and Q4_1 ones keep their own blocks: int8, int4).")
+                 "load (a .gguf file's Q8_0, Q5_0, Q4_0, Q4_1 and Q4_K ones keep their own blocks: int8, int4).")
 
 
 def generation_options(command):

@@ -91,7 +91,7 @@ class Engine:
         prompt positions per prefill pass, all prompts of a batch together; chat_template: a Jinja
         chat template file to use instead of the checkpoint's own; quantize: None, "int8" or "int4":
         round the projections to that format at load (minifd/model/quantized.py, minifd/model/weights.py),
-        but for a GGUF file's Q8_0, Q4_0 and Q4_1 ones, which keep their own blocks in any case.
+        but for a GGUF file's Q8_0, Q5_0, Q4_0, Q4_1 and Q4_K ones, which keep their own blocks in any case.
         """
         if max_context is not None and max_context < 1:
             raise MinifdError(f"max_context must be >= 1, not {max_context}", parameter="max_context")

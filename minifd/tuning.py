@@ -9,7 +9,7 @@ best implementation, summed over the sweep; when each pair of curves crosses onc
 paper's definition.
 
 Each product is tuned in the weight format the engine holds it in, and its thresholds go to that
-format's entry of the table: with --weights, a GGUF's Q8_0, Q4_0 and Q4_1 projections in theirs
+format's entry of the table: with --weights, a GGUF's Q8_0, Q5_0, Q4_0, Q4_1 and Q4_K projections in theirs
 (int8, int4) and the rest in --quantize's or fp16 (a tied LM head stays fp16); with --shapes,
 --quantize's or fp16. Quantized weights are random float16 ones quantized on the GPU (the kernels
 read the codes; the library GEMM dequantizes first, and pays for it).
@@ -72,7 +72,7 @@ PRODUCT_NAMES = {"wqkv": "qkv", "wo": "o", "w_gate_up": "gate_up", "w_down": "do
 def model_products(weights, quantize=None):
     """A Hugging Face model directory or a .gguf file -> [(WeightShape, weight format)]: every product's
     [N, K] as the engine holds it on the GPU (the fused QKV and gate/up included) in the format it holds
-    it in (minifd.model.weights.projection_formats): a GGUF's Q8_0, Q4_0 and Q4_1 projections in
+    it in (minifd.model.weights.projection_formats): a GGUF's Q8_0, Q5_0, Q4_0, Q4_1 and Q4_K projections in
     their own kernel format, the others in `quantize`'s or fp16, a tied LM head fp16. A projection a
     GGUF stores in other types in some layers appears once per format."""
     from minifd.model.loader import open_checkpoint

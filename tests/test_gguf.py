@@ -29,7 +29,7 @@ from minifd.model.gguf import (GGUFCheckpoint, byte_level_bpe, gguf_tensor_name,
                                sentencepiece_bpe, unpermute_rope_rows)
 from minifd.model.llama import KVCache
 from minifd.model.quantized import FORMATS
-from minifd.model.repack import REPACKED_FORMATS, repack
+from minifd.model.repack import REPACKED_FORMATS, SCALES_ROUNDED_TO_FP16, repack
 from minifd.model.weights import (PROJECTION_TENSORS, load_weights, projection_shapes, projection_tensor_names,
                                   streamed_bytes_per_step)
 from minifd.tuning import model_products
@@ -62,29 +62,94 @@ def test_dequantize_equals_gguf_on_random_blocks(type_name, data):
     np.testing.assert_array_equal(got, expected)
 
 
-# --- repacking Q8_0, Q4_0 and Q4_1 blocks into kernel formats ---------------------------------
+# --- repacking GGUF blocks into kernel formats ------------------------------------------------
+
+EXTREME_CODE_BYTES = {  # a hand-made block's first code bytes, which place the type's extreme codes
+    "Q8_0": [0x80, 0x7F],  # weights 0, 1: -128, 127
+    "Q5_0": [0x02, 0x00, 0x01, 0x00, 0xF0, 0x00],  # fifth bits of weights 1 and 16; weights 0, 16, 1: 0, 31, 16
+    "Q4_1": [0x80, 0x0F],  # weights 0, 16, 1: 0, 8, 15
+    "Q4_0": [0x80, 0x0F],
+}
+
 
 def hand_made_blocks(type_name, scale_fields, rng):
     """-> [n, block_bytes] uint8 blocks, block i with the fp16 fields scale_fields[i] (d, or d and m)
-    and random codes, the extreme codes among them (Q8_0: -128 and 127; 4-bit: 0, 8 and 15)."""
+    and random codes, the extreme codes among them (EXTREME_CODE_BYTES)."""
     head = np.asarray(scale_fields, dtype="<f2").reshape(len(scale_fields), -1).view(np.uint8)  # [n, 2 or 4]
     codes = rng.integers(0, 256, (len(scale_fields), BLOCK_FORMATS[type_name].block_bytes - head.shape[1]),
                          dtype=np.uint8)
-    codes[:, :2] = [0x80, 0x7F] if type_name == "Q8_0" else [0x80, 0x0F]
+    extremes = EXTREME_CODE_BYTES[type_name]
+    codes[:, :len(extremes)] = extremes
     return np.concatenate([head, codes], axis=1)
 
 
 TINY, HUGE = 2.0**-24, 65504.0  # fp16's smallest subnormal and largest finite value
 EDGE_SCALES = {  # fp16 fields per block: zero, signed, extreme d (and m)
     "Q8_0": [[0.0], [-0.0], [HUGE], [-HUGE], [TINY], [-TINY], [0.0123]],
+    "Q5_0": [[0.0], [-0.0], [HUGE], [-HUGE], [TINY], [-TINY], [0.0123]],
     "Q4_1": [[0.0, 0.0], [0.0, -3.5], [HUGE, -HUGE], [-HUGE, HUGE], [TINY, -TINY], [TINY, HUGE], [0.07, -0.5]],
     "Q4_0": [[0.0], [-0.0], [8188.0], [-8188.0], [TINY], [-TINY], [-0.0123]],
 }
+Q4_K_LARGEST_D = 1039.0  # the largest fp16 d whose 63 d (65457) rounds to a finite fp16 (65472); 1040 * 63 = 65520 does not
+Q4_K_EDGE_SCALES = [  # d, dmin per super-block: zero, signed, subnormal, the largest int4 holds
+    [0.0, 0.0], [-0.0, -0.0], [TINY, TINY], [-TINY, TINY], [Q4_K_LARGEST_D, Q4_K_LARGEST_D],
+    [-Q4_K_LARGEST_D, -Q4_K_LARGEST_D], [0.0123, 0.0017]]
+
+
+def q4_k_blocks(d, dmin, scales, mins, codes):
+    """d, dmin: [n] fp16 fields of n super-blocks; scales, mins: [n, 8] 6-bit sc and m of their sub-blocks;
+    codes: [n, 256] 4-bit q in weight order -> [n, 144] Q4_K blocks, laid out as llama.cpp's
+    quantize_row_q4_K writes them."""
+    packed_scales = np.concatenate([scales[:, :4] | (scales[:, 4:] >> 4) << 6,  # sc 0-3, top bits of sc 4-7
+                                    mins[:, :4] | (mins[:, 4:] >> 4) << 6,  # m 0-3, top bits of m 4-7
+                                    (scales[:, 4:] & 0x0F) | (mins[:, 4:] & 0x0F) << 4], axis=1)  # [n, 12]
+    pairs = codes.reshape(-1, 4, 2, 32)  # [n, 32 bytes, sub-blocks 2c and 2c + 1, weight l]
+    packed = (pairs[:, :, 0] | pairs[:, :, 1] << 4).reshape(-1, 128)  # byte 32c + l: 64c + l low, 64c + 32 + l high
+    head = np.stack([d, dmin], axis=1).astype("<f2").view(np.uint8)  # [n, 4]
+    return np.concatenate([head, packed_scales, packed], axis=1).astype(np.uint8)
+
+
+def random_q4_k_fields(rng, n, magnitude=1.0):
+    """-> q4_k_blocks' arguments for n random super-blocks, d and dmin normal times `magnitude` ([n] or one)."""
+    return {"d": (rng.standard_normal(n) * magnitude).astype(np.float16),
+            "dmin": (rng.standard_normal(n) * magnitude).astype(np.float16),
+            "scales": rng.integers(0, 64, (n, 8), dtype=np.uint8), "mins": rng.integers(0, 64, (n, 8), dtype=np.uint8),
+            "codes": rng.integers(0, 16, (n, 256), dtype=np.uint8)}
+
+
+def q4_k_cases():
+    """-> [(label, q4_k_blocks' arguments, (rows, K))]: random super-blocks (fixed seed; d from fp16
+    subnormals, about 1e-7, to about 10) and super-blocks of edge scales, sub-block scales and codes."""
+    rng = np.random.default_rng(13)
+    random = random_q4_k_fields(rng, 12, np.repeat(10.0 ** rng.integers(-7, 2, 6), 2))  # 6 rows of 2
+    edges = random_q4_k_fields(rng, len(Q4_K_EDGE_SCALES))  # one per row
+    edges["d"], edges["dmin"] = np.array(Q4_K_EDGE_SCALES, dtype=np.float16).T
+    edges["scales"][:, :2] = edges["mins"][:, :2] = [63, 0]
+    edges["codes"][:, :2] = [0, 15]
+    return [("random", random, (6, 512)), ("edges", edges, (len(Q4_K_EDGE_SCALES), 256))]
+
+
+def q4_k_exact_groups(fields):
+    """q4_k_blocks' arguments -> (codes [n, 8, 32], exact scales d * sc and mins -(dmin * m) [n, 8, 1] float64)
+    of their sub-blocks, in weight order."""
+    d, dmin = (fields[name].astype(np.float64)[:, None] for name in ("d", "dmin"))
+    return (fields["codes"].reshape(-1, 8, 32), (d * fields["scales"])[:, :, None],
+            (-(dmin * fields["mins"]))[:, :, None])
+
+
+def fp16_half_ulps(values):
+    """values: float64, below 65520 in magnitude -> half the fp16 spacing at each: the most rounding it to
+    the nearest fp16 moves it."""
+    _, exponents = np.frexp(values)  # |value| = f * 2^e, f in [0.5, 1): fp16 spacing 2^(e - 11), 2^-24 at least
+    return np.where(values == 0, 0, np.ldexp(1.0, np.maximum(exponents - 12, -25)))
 
 
 def repack_cases(type_name):
     """-> [(label, GGUF bytes of a [rows, K] tensor, (rows, K))]: weights the gguf package quantized (fixed
-    seed, magnitudes from 1e-6 to 1e3) and hand-made blocks of edge scales and codes."""
+    seed, magnitudes from 1e-6 to 1e3) and hand-made blocks of edge scales and codes; for Q4_K, which the
+    gguf package does not quantize, q4_k_cases' blocks."""
+    if type_name == "Q4_K":
+        return [(label, q4_k_blocks(**fields), shape) for label, fields, shape in q4_k_cases()]
     rng = np.random.default_rng(13)
     weights = (rng.standard_normal((6, 4 * 32)) * 10.0 ** rng.integers(-6, 4, (6, 1))).astype(np.float32)
     quantized = gguf.quants.quantize(weights, gguf.GGMLQuantizationType[type_name])  # [6, 4 blocks' bytes]
@@ -92,7 +157,10 @@ def repack_cases(type_name):
     return [("quantized", quantized, weights.shape), ("edges", edges, (len(edges), 32))]
 
 
-@pytest.mark.parametrize("type_name", REPACKED_FORMATS)
+EXACTLY_REPACKED = [type_name for type_name in REPACKED_FORMATS if type_name not in SCALES_ROUNDED_TO_FP16]
+
+
+@pytest.mark.parametrize("type_name", EXACTLY_REPACKED)
 def test_repacked_blocks_dequantize_to_the_gguf_weights(type_name):
     """Int8Groups / Int4Groups hold the file's very weights: the same float32 bits (Q4_0's zeros are +0
     where GGUF's d * 0 may be -0, see minifd.model.repack)."""
@@ -109,13 +177,44 @@ def test_repacked_blocks_dequantize_to_the_gguf_weights(type_name):
             assert same_bits.all(), label
 
 
+def test_q4_k_repack_dequantizes_to_the_gguf_weights_within_the_fp16_rounding_of_its_scales_and_mins():
+    """Per weight: q half fp16 ulps of d * sc plus half one of dmin * m (the repack rounds each once), plus
+    half a float32 ulp (GGUF's own float32 (d * sc) * q - dmin * m rounds once, in the subtraction)."""
+    for label, fields, shape in q4_k_cases():
+        data = q4_k_blocks(**fields)
+        expected = dequantize(data, "Q4_K", shape)  # [rows, K] float32
+        matrix = repack(data, "Q4_K", shape, "m.gguf")
+        assert isinstance(matrix, FORMATS["int4"]) and matrix.shape == shape
+        codes, exact_scales, exact_mins = q4_k_exact_groups(fields)
+        float32_rounding = np.spacing(np.abs(expected)).astype(np.float64) / 2
+        exact = (exact_scales * codes + exact_mins).reshape(shape)
+        assert (np.abs(exact - expected) <= float32_rounding).all(), label  # q4_k_blocks lays them out as GGUF does
+        fp16_rounding = (codes * fp16_half_ulps(exact_scales) + fp16_half_ulps(exact_mins)).reshape(shape)
+        error = np.abs(matrix.dequantize(np.float64) - expected)
+        assert (error <= fp16_rounding + float32_rounding).all(), label
+        if label == "random":  # the bound is needed: the scales' rounding moves weights beyond float32's
+            assert (error > float32_rounding).any()
+
+
+def test_q4_k_sub_blocks_become_groups_of_their_codes_with_the_scales_and_mins_rounded_once():
+    for label, fields, shape in q4_k_cases():
+        matrix = repack(q4_k_blocks(**fields), "Q4_K", shape, "m.gguf")
+        codes, exact_scales, exact_mins = q4_k_exact_groups(fields)
+        assert np.array_equal(matrix.codes(), codes.reshape(shape)), label  # in weight order
+        for got, exact in [(matrix.scales, exact_scales), (matrix.mins, exact_mins)]:
+            assert np.array_equal(got.view(np.uint16), exact.reshape(got.shape).astype(np.float16).view(np.uint16)), label
+    _, edges, shape = repack_cases("Q4_K")[1]
+    assert repack(edges, "Q4_K", shape, "m.gguf").scales.max() == 65472  # 63 Q4_K_LARGEST_D: the largest int4 holds
+
+
 @pytest.mark.parametrize("type_name", REPACKED_FORMATS)
 def test_repacked_arrays_are_what_the_kernels_read(type_name):
     _, data, shape = repack_cases(type_name)[0]
     matrix = repack(data, type_name, shape, "m.gguf")
-    codes = matrix.codes if type_name == "Q8_0" else matrix.packed
-    assert codes.dtype == (np.int8 if type_name == "Q8_0" else np.uint8)
-    assert codes.shape == (shape[0], shape[1] // (1 if type_name == "Q8_0" else 2))
+    int8 = REPACKED_FORMATS[type_name] == "int8"
+    codes = matrix.codes if int8 else matrix.packed
+    assert codes.dtype == (np.int8 if int8 else np.uint8)
+    assert codes.shape == (shape[0], shape[1] // (1 if int8 else 2))
     for array in [codes] + [getattr(matrix, name) for name in ("scales", "mins") if hasattr(matrix, name)]:
         assert array.flags.c_contiguous and not np.shares_memory(array, data)  # a copy, not the file's pages
     assert matrix.scales.dtype == np.float16 and matrix.scales.shape == (shape[0], shape[1] // 32)
@@ -126,6 +225,13 @@ def test_q4_0_min_is_exactly_minus_8_d():
     matrix = repack(data, "Q4_0", shape, "m.gguf")
     assert np.array_equal(matrix.mins.astype(np.float64), -8 * matrix.scales.astype(np.float64))
     assert np.abs(matrix.scales.astype(np.float32)).max() == 8188  # the largest scale int4 holds is in there
+
+
+def test_q5_0_codes_are_the_five_bit_codes_minus_16():
+    _, data, shape = repack_cases("Q5_0")[1]
+    matrix = repack(data, "Q5_0", shape, "m.gguf")
+    assert matrix.codes[:, [0, 16, 1]].tolist() == [[-16, 15, 0]] * shape[0]  # EXTREME_CODE_BYTES' codes 0, 31, 16
+    assert matrix.codes.min() == -16 and matrix.codes.max() == 15
 
 
 def test_gguf_nibbles_are_reordered_into_int4_pairs():
@@ -142,6 +248,17 @@ def test_q4_0_scales_whose_min_is_no_fp16_are_refused():
     block = hand_made_blocks("Q4_0", [[8192.0]], np.random.default_rng(0))
     with pytest.raises(MinifdError, match="m.gguf: a Q4_0 block has scale 8192: int4 holds Q4_0 blocks of scales up to 8188"):
         repack(block, "Q4_0", (1, 32), "m.gguf")
+
+
+@pytest.mark.parametrize("field", ["d", "dmin"])
+def test_q4_k_scales_or_mins_that_round_past_fp16_are_refused(field):
+    fields = random_q4_k_fields(np.random.default_rng(0), 1, 0.01)
+    fields[field][0] = Q4_K_LARGEST_D + 1
+    fields["scales" if field == "d" else "mins"][0, 3] = 63  # 1040 * 63 = 65520: rounds to inf
+    with pytest.raises(MinifdError) as refusal:
+        repack(q4_k_blocks(**fields), "Q4_K", (1, 256), "m.gguf")
+    assert str(refusal.value) == ("m.gguf: a Q4_K sub-block's scale or min (d * sc or dmin * m) is 65520 in magnitude: "
+                                  "int4 holds them rounded to fp16, up to 65504")
 
 
 @pytest.fixture(scope="module")
@@ -291,12 +408,14 @@ def test_unpermute_rejects_odd_heads():
 # --- tiny written files ----------------------------------------------------------------------
 
 def write_gguf(path, config, tensors, architecture="llama", tokenizer_model="gpt2", tensor_types=None, skip=(),
-               reshape=None, extra_tensors=None):
+               reshape=None, extra_tensors=None, stored_blocks=None):
     """Write `tensors` (HF names, float32) as a Llama GGUF with the byte-level vocabulary of tiny_model
     (tokenizer_model "llama": the SentencePiece one above, without an add_bos_token flag).
     tensor_types: {HF name: GGMLQuantizationType} written as that type (F32 for the rest); skip: names
     left out; reshape: {HF name: shape} written in that shape instead; extra_tensors: {GGUF name: float32
-    array} written as they are."""
+    array} written as they are; stored_blocks: {HF name: (GGMLQuantizationType, [rows, bytes per row]
+    uint8)} written as those blocks, for types the gguf package does not quantize (rows in the file's
+    order: not for Q and K)."""
     writer = gguf.GGUFWriter(path, architecture)
     writer.add_block_count(config.n_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -333,7 +452,9 @@ def write_gguf(path, config, tensors, architecture="llama", tokenizer_model="gpt
         if reshape and name in reshape:
             value = value.reshape(reshape[name])
         tensor_type = (tensor_types or {}).get(name, gguf.GGMLQuantizationType.F32)
-        if tensor_type.name in BLOCK_FORMATS:
+        if stored_blocks and name in stored_blocks:
+            tensor_type, data = stored_blocks[name]
+        elif tensor_type.name in BLOCK_FORMATS:
             data = gguf.quants.quantize(value, tensor_type)
         else:  # a type minifd does not read: only its name matters
             data = np.zeros(gguf.quants.quant_shape_to_byte_shape(value.shape, tensor_type), dtype=np.uint8)
@@ -447,12 +568,14 @@ MIXED_TYPES = {  # HF name -> GGUF type: what stays quantized is what all of a p
     "model.layers.0.self_attn.o_proj.weight": gguf.GGMLQuantizationType.Q4_0,  # wo: int4
     "model.layers.0.mlp.gate_proj.weight": gguf.GGMLQuantizationType.Q4_1,  # w_gate_up: int4, of two types
     "model.layers.0.mlp.up_proj.weight": gguf.GGMLQuantizationType.Q4_0,
-    "model.layers.0.mlp.down_proj.weight": gguf.GGMLQuantizationType.Q5_0,  # no kernel format: plain
+    "model.layers.0.mlp.down_proj.weight": gguf.GGMLQuantizationType.Q5_1,  # no kernel format: plain
+    "model.layers.1.self_attn.o_proj.weight": gguf.GGMLQuantizationType.Q5_0,  # wo: int8
     "model.layers.1.mlp.gate_proj.weight": gguf.GGMLQuantizationType.Q8_0,  # int8 and int4: plain
     "model.layers.1.mlp.up_proj.weight": gguf.GGMLQuantizationType.Q4_1,
     "lm_head.weight": gguf.GGMLQuantizationType.Q8_0,  # int8
 }
-KEPT_FORMATS = {"layers.0.wqkv": "int8", "layers.0.wo": "int4", "layers.0.w_gate_up": "int4", "lm_head": "int8"}
+KEPT_FORMATS = {"layers.0.wqkv": "int8", "layers.0.wo": "int4", "layers.0.w_gate_up": "int4", "layers.1.wo": "int8",
+                "lm_head": "int8"}
 
 
 @pytest.fixture()
@@ -485,7 +608,7 @@ def test_on_the_gpu_the_layers_hold_the_repacked_matrices_as_the_kernels_read_th
         for name, array in vars(matrix).items():
             assert np.array_equal(getattr(held, name), array) and getattr(held, name).flags.c_contiguous, key
         assert held.scales.dtype == np.float16
-    assert weights.layers[0].w_down.dtype == np.float16  # Q5_0: dequantized
+    assert weights.layers[0].w_down.dtype == np.float16  # Q5_1: dequantized
     assert weights.layers[1].w_gate_up.dtype == np.float16  # Q8_0 and Q4_1: no one format
 
 
@@ -534,11 +657,39 @@ def test_info_names_each_projections_format_and_the_gguf_types_it_comes_from(cap
     assert line("  wo ", ": int4, 5 bits/weight", "the file's Q4_0 blocks, repacked")
     assert line("  w_gate_up ", ": int4", "the file's Q4_0, Q4_1 blocks, repacked")
     assert line("  w_gate_up ", ": float32", "dequantized from Q4_1, Q8_0, whose arithmetic no kernel format keeps")
-    assert line("  w_down ", ": float32", "dequantized from Q5_0")
+    assert line("  wo ", ": int8, 8.5 bits/weight", "the file's Q5_0 blocks, repacked")
+    assert line("  w_down ", ": float32", "dequantized from Q5_1")
     assert line("  lm_head ", ": int8", "Q8_0 blocks, repacked")
     rounded = info_lines(capsys, "--weights", str(mixed_gguf.path), "--quantize", "int4")
-    assert [text for text in rounded if "  w_down " in text and ": int4" in text and "rounded at load from Q5_0" in text]
+    assert [text for text in rounded if "  w_down " in text and ": int4" in text and "rounded at load from Q5_1" in text]
     assert [text for text in rounded if "  wqkv " in text and ": int8" in text]
+
+
+def write_q4_k_gguf(tmp_path, overflowing=False):
+    """-> (path, config) of a tiny model of hidden size 256 (a Q4_K row is whole super-blocks) whose
+    o_proj tensors are random Q4_K blocks. overflowing: layer 0's first sub-block has scale
+    d * sc = 1040 * 63, which rounds past fp16."""
+    _, config, tensors = tiny_model(tmp_path / "m", hidden_size=256)
+    rng = np.random.default_rng(5)
+    stored = {}
+    for layer in range(config.n_layers):
+        name = f"model.layers.{layer}.self_attn.o_proj.weight"
+        rows, k = tensors[name].shape
+        fields = random_q4_k_fields(rng, rows * k // 256, 1e-3)
+        if overflowing and layer == 0:
+            fields["d"][0], fields["scales"][0, 0] = Q4_K_LARGEST_D + 1, 63
+        stored[name] = (gguf.GGMLQuantizationType.Q4_K, q4_k_blocks(**fields).reshape(rows, -1))
+    return write_gguf(tmp_path / "m.gguf", config, tensors, stored_blocks=stored), config
+
+
+def test_q4_k_projections_load_as_int4_and_info_says_their_scales_are_rounded(capsys, tmp_path):
+    path, config = write_q4_k_gguf(tmp_path)
+    weights = load_weights(GGUFCheckpoint(path), config, np, np.float32)
+    assert {key: matrix.name for key, matrix in weights.quantized.items()} == {"layers.0.wo": "int4",
+                                                                                "layers.1.wo": "int4"}
+    lines = info_lines(capsys, "--weights", str(path))
+    assert [line for line in lines if line.startswith("  wo ") and ": int4, 5 bits/weight" in line
+            and "the file's Q4_K blocks, repacked, Q4_K's sub-block scales and mins rounded to fp16" in line]
 
 
 def test_the_shipped_q4_1_projections_load_as_int4_equal_to_the_cpu_weights(smollm2_gguf):
@@ -661,6 +812,12 @@ def test_a_q4_0_scale_beyond_what_int4_holds_is_one_line(capsys, tmp_path, tiny)
     path = write_gguf(tmp_path / "m.gguf", config, tensors, tensor_types={name: gguf.GGMLQuantizationType.Q4_0})
     assert_one_line_error(capsys, run_args(path), "(blk.0.attn_output.weight): a Q4_0 block has scale",
                           "scales up to 8188")
+
+
+def test_a_q4_k_scale_beyond_fp16_is_one_line(capsys, tmp_path):
+    path, _ = write_q4_k_gguf(tmp_path, overflowing=True)
+    assert_one_line_error(capsys, run_args(path), "(blk.0.attn_output.weight): a Q4_K sub-block's scale or min",
+                          "is 65520 in magnitude", "rounded to fp16, up to 65504")
 
 
 def test_a_file_that_is_neither_a_directory_nor_a_gguf(capsys, tmp_path):

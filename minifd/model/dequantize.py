@@ -72,7 +72,7 @@ def dequantize_q4_1(blocks):
     return _fp16(d) * nibbles(packed).astype(np.float32) + _fp16(m)
 
 
-def _five_bit_codes(high_bits, packed):
+def five_bit_codes(high_bits, packed):
     """high_bits: [n, 4] (a little-endian uint32 whose bit i is weight i's fifth bit); packed: [n, 16]
     low nibbles as in Q4_0 -> [n, 32] codes 0..31."""
     return nibbles(packed) | (_bits(high_bits) << 4)
@@ -82,17 +82,17 @@ def dequantize_q5_0(blocks):
     """Q5_0, 32 weights in 22 bytes: d (fp16), 4 bytes of fifth bits (bit i of the little-endian uint32
     belongs to weight i), then 16 bytes of low nibbles packed as in Q4_0. w = d * (q - 16)."""
     d, high_bits, packed = byte_fields(blocks, 2, 4, 16)
-    return _fp16(d) * (_five_bit_codes(high_bits, packed).astype(np.float32) - 16)
+    return _fp16(d) * (five_bit_codes(high_bits, packed).astype(np.float32) - 16)
 
 
 def dequantize_q5_1(blocks):
     """Q5_1, 32 weights in 24 bytes: d (fp16), m (fp16), then the fifth bits and low nibbles of Q5_0.
     w = d * q + m."""
     d, m, high_bits, packed = byte_fields(blocks, 2, 2, 4, 16)
-    return _fp16(d) * _five_bit_codes(high_bits, packed).astype(np.float32) + _fp16(m)
+    return _fp16(d) * five_bit_codes(high_bits, packed).astype(np.float32) + _fp16(m)
 
 
-def _k_scales_and_mins(packed):
+def k_scales_and_mins(packed):
     """packed: [n, 12], the 6-bit scales and mins of 8 sub-blocks (ggml's get_scale_min_k4) -> two [n, 8]
     float32. With the 12 bytes as three rows a, b, c of 4: for sub-block j < 4 the scale is a[j] & 63
     and the min b[j] & 63; for j = 4 + k the low 4 bits come from c[k] (scale: low nibble, min: high
@@ -103,7 +103,7 @@ def _k_scales_and_mins(packed):
     return scales.astype(np.float32), mins.astype(np.float32)
 
 
-def _k_four_bit_codes(packed):
+def k_four_bit_codes(packed):
     """packed: [n, 128] -> [n, 8, 32] codes of the 8 sub-blocks: each 32 bytes hold two sub-blocks,
     the first in the low nibbles, the second in the high nibbles."""
     return nibbles(packed.reshape(-1, 4, 32)).reshape(-1, 8, 32)
@@ -111,11 +111,11 @@ def _k_four_bit_codes(packed):
 
 def dequantize_q4_k(blocks):
     """Q4_K, 256 weights in 144 bytes: d (fp16), dmin (fp16), 12 bytes of 6-bit sub-block scales sc and
-    mins m (see _k_scales_and_mins), then 128 bytes of 4-bit codes q (see _k_four_bit_codes), 8
+    mins m (see k_scales_and_mins), then 128 bytes of 4-bit codes q (see k_four_bit_codes), 8
     sub-blocks of 32. w = (d * sc) * q - (dmin * m)."""
     d, dmin, packed_scales, packed = byte_fields(blocks, 2, 2, 12, 128)
-    scales, mins = _k_scales_and_mins(packed_scales)
-    codes = _k_four_bit_codes(packed).astype(np.float32)  # [n, 8, 32]
+    scales, mins = k_scales_and_mins(packed_scales)
+    codes = k_four_bit_codes(packed).astype(np.float32)  # [n, 8, 32]
     weights = (_fp16(d) * scales)[:, :, None] * codes - (_fp16(dmin) * mins)[:, :, None]
     return weights.reshape(-1, K_BLOCK)
 
@@ -125,9 +125,9 @@ def dequantize_q5_k(blocks):
     of byte l is the fifth bit of weight l of sub-block s), then the 128 bytes of low nibbles of Q4_K.
     w = (d * sc) * q - (dmin * m)."""
     d, dmin, packed_scales, high_bits, packed = byte_fields(blocks, 2, 2, 12, 32, 128)
-    scales, mins = _k_scales_and_mins(packed_scales)
+    scales, mins = k_scales_and_mins(packed_scales)
     fifth_bits = _bits(high_bits[:, :, None]).transpose(0, 2, 1)  # [n, 32 bytes, 8 bits] -> [n, 8, 32]
-    codes = (_k_four_bit_codes(packed) | (fifth_bits << 4)).astype(np.float32)
+    codes = (k_four_bit_codes(packed) | (fifth_bits << 4)).astype(np.float32)
     weights = (_fp16(d) * scales)[:, :, None] * codes - (_fp16(dmin) * mins)[:, :, None]
     return weights.reshape(-1, K_BLOCK)
 

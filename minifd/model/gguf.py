@@ -6,10 +6,10 @@ config and tensor names, a `tokenizers` tokenizer built from the file's vocabula
 float32 tensors in Hugging Face's layout. llama.cpp's converter reorders the rows of the Q and K
 projections for its RoPE; reading a tensor undoes that.
 
-A tensor of type Q8_0, Q4_0 or Q4_1 also comes as its blocks repacked into a kernel format
-(GGUFCheckpoint.repacked, minifd.model.repack), which load_weights keeps for the projections: on the
-GPU those stay quantized. Every other type (the K formats, Q5_0, Q5_1, F16, BF16, F32) is only read
-dequantized to float32, and becomes float16 on the GPU.
+A tensor of type Q8_0, Q5_0, Q4_0, Q4_1 or Q4_K also comes as its blocks repacked into a kernel
+format (GGUFCheckpoint.repacked, minifd.model.repack; Q4_K's sub-block scales rounded to fp16), which
+load_weights keeps for the projections: on the GPU those stay quantized. Every other type (Q5_1,
+Q5_K, Q6_K, F16, BF16, F32) is only read dequantized to float32, and becomes float16 on the GPU.
 """
 
 from functools import cached_property, partial
@@ -85,8 +85,8 @@ def unpermute_rope_rows(weight, num_heads):
 
 class GGUFCheckpoint:
     """A Llama-architecture .gguf file through the Checkpoint interface: HF tensor names, float32 tensors
-    dequantized as the GGUF format defines them, in HF's row order; Q8_0, Q4_0 and Q4_1 ones also
-    repacked into a kernel format (repacked)."""
+    dequantized as the GGUF format defines them, in HF's row order; Q8_0, Q5_0, Q4_0, Q4_1 and Q4_K
+    ones also repacked into a kernel format (repacked)."""
 
     def __init__(self, path):
         try:
@@ -238,8 +238,9 @@ class GGUFCheckpoint:
         return self._in_hf_row_order(name, dequantize(self.raw(name), self.type_name(name), self.shape(name)))
 
     def repacked(self, name):
-        """-> a Q8_0, Q4_0 or Q4_1 tensor's blocks as the Int8Groups or Int4Groups that holds the same
-        weights (minifd.model.repack), in HF layout like __getitem__'s."""
+        """-> a Q8_0, Q5_0, Q4_0, Q4_1 or Q4_K tensor's blocks as the Int8Groups or Int4Groups that holds
+        the same weights (Q4_K's to within its scales' fp16 rounding; minifd.model.repack), in HF layout
+        like __getitem__'s."""
         matrix = repack(self.raw(name), self.type_name(name), self.shape(name), self.location(name))
         return self._in_hf_row_order(name, matrix)
 

@@ -15,18 +15,25 @@ product a plain integer dot product scaled once per group. int4 is asymmetric: 1
 and a group's weights are rarely centred on zero, so a symmetric grid would leave levels unused on
 the side the group does not reach; spanning exactly [min, max] gives the finest step 16 levels
 allow. Their arithmetic is GGUF's Q8_0 (w = d * q) and Q4_1 (w = d * q + m), so those blocks, and
-Q4_0's (d * (q - 8) = d * q - 8d), map onto these formats without changing a weight's value
-(minifd.model.repack): a .gguf file's projections of those types stay quantized on the GPU:
+Q5_0's (d * (q - 16): codes q - 16) and Q4_0's (d * (q - 8) = d * q - 8d), map onto these formats
+without changing a weight's value, and Q4_K's sub-blocks of 32 ((d * sc) * q - dmin * mn) map onto
+int4 groups once their scale d * sc and min -dmin * mn are rounded to fp16 (minifd.model.repack):
+a .gguf file's projections of those types stay quantized on the GPU:
 
 | GGUF type | held as | how |
 | --- | --- | --- |
 | Q8_0 | int8 | codes q and scale d as they are |
+| Q5_0 | int8 | codes q - 16, scale d |
 | Q4_1 | int4 | d and m as they are, the nibbles reordered |
 | Q4_0 | int4 | d, m = -8d, the nibbles reordered |
-| Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, F16, BF16, F32 | float16 | dequantized: no format here keeps their arithmetic |
+| Q4_K | int4 | a group per sub-block, d = fp16(d * sc), m = fp16(-dmin * mn), the nibbles reordered; not exact: d * sc has up to 17 significant bits, fp16 11, so a weight moves by up to q half-ulps of d plus half an ulp of m (relative ~2^-11, as much as rounding the weight itself to fp16) |
+| Q5_1, Q5_K | float16 | dequantized: a min with 5-bit codes, which int8 has not (and int4 holds 4 bits) |
+| Q6_K | float16 | dequantized: a scale per 16 weights, finer than a group of 32 |
+| F16, BF16, F32 | float16 | not quantized in blocks |
 
 A projection fused from several tensors (q, k, v; gate, up) stays quantized only when all of them
-map to one format (a Q4_K_M file mixes Q4_K and Q6_K, which none holds).
+map to one format (a Q4_K_M file stores some layers' v in Q6_K: their wqkv is dequantized, its Q4_K
+q and k with it).
 
 quantize_int8(w) and quantize_int4(w) round to nearest, group by group. The fp16 scale (and min)
 are rounded outward, so every weight lies inside its group's grid (no code clips) and a weight

@@ -9,19 +9,20 @@ stays near one tensor however large the checkpoint.
 
 A projection matrix (wqkv after its row arrangement, wo, w_gate_up, w_down, and the LM head unless
 it is the embedding) is held in a quantized format (minifd.model.quantized) when
-- its tensors are all stored in blocks of one kernel format: a GGUF file's Q8_0 (int8), Q4_0 and
-  Q4_1 (int4) tensors, repacked without changing a weight (minifd.model.repack) and kept as they
-  are, the row arrangements moving codes, scales and mins together (minifd.model.quantized.rowwise);
+- its tensors are all stored in blocks of one kernel format: a GGUF file's Q8_0, Q5_0 (int8), Q4_0,
+  Q4_1 and Q4_K (int4) tensors, repacked without changing a weight (but for Q4_K's, moved by the
+  fp16 rounding of their sub-block scales and mins; minifd.model.repack) and kept as they are, the
+  row arrangements moving codes, scales and mins together (minifd.model.quantized.rowwise);
 - or else `quantize` ("int8" or "int4") names a format: the float32 weights are rounded group-wise
   at load.
-Any other projection (a safetensors one without `quantize`; a GGUF one in K, Q5 or float types, or
-mixing types of different formats, as Q4_K_M files do) is a plain `dtype` array, dequantized from
-the GGUF blocks. Norms and the embedding stay plain. On the GPU the layers hold the quantized
-matrices themselves (CuPy arrays), which the product kernels read as they are
+Any other projection (a safetensors one without `quantize`; a GGUF one in Q5_1, Q5_K, Q6_K or
+float types, or mixing types of different formats, as Q4_K_M files do) is a plain `dtype` array,
+dequantized from the GGUF blocks. Norms and the embedding stay plain. On the GPU the layers hold
+the quantized matrices themselves (CuPy arrays), which the product kernels read as they are
 (minifd.kernels.weight_formats). On the CPU they hold float32 weights, with the quantized matrices
 in Weights.quantized: a rounded projection's exact dequantization, the same weights the kernels'
 emulations would compute from the codes at every call; a kept one's GGUF dequantization
-(minifd.model.dequantize), which the repacked matrix equals.
+(minifd.model.dequantize), which the repacked matrix equals (Q4_K's to within its fp16 scales).
 """
 
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from minifd.kernels.rope import pair_rotary_rows
 from minifd.kernels.silu_mul import interleave_gate_up, padded_features
 from minifd.model.dequantize import BLOCK_FORMATS
 from minifd.model.quantized import FORMATS, QUANTIZERS, placed, rowwise, stack_rows
-from minifd.model.repack import REPACKED_FORMATS
+from minifd.model.repack import REPACKED_FORMATS, SCALES_ROUNDED_TO_FP16
 from minifd.progress import ProgressBar
 
 
@@ -84,8 +85,8 @@ def projection_shapes(config):
 
 def stored_kernel_format(checkpoint, names):
     """-> "int8" or "int4" when every one of these tensors is stored in blocks of that kernel format
-    (minifd.model.repack.REPACKED_FORMATS: a GGUF's Q8_0, Q4_0, Q4_1), which load_weights keeps;
-    None when any is stored otherwise, or they are of different formats."""
+    (minifd.model.repack.REPACKED_FORMATS: a GGUF's Q8_0, Q5_0, Q4_0, Q4_1, Q4_K), which load_weights
+    keeps; None when any is stored otherwise, or they are of different formats."""
     formats = {REPACKED_FORMATS.get(checkpoint.type_name(name)) for name in names}
     return formats.pop() if len(formats) == 1 else None
 
@@ -113,7 +114,9 @@ def held_format(checkpoint, names, quantize, dtype):
     stored = sorted({checkpoint.type_name(name) for name in names})
     types = ", ".join(stored)
     if kept is not None:
-        return kept, FORMATS[kept].bits_per_weight, f"{FORMATS[kept].layout}; the file's {types} blocks, repacked"
+        rounding = "".join(f", {t}'s sub-block scales and mins rounded to fp16" for t in stored
+                           if t in SCALES_ROUNDED_TO_FP16)
+        return kept, FORMATS[kept].bits_per_weight, f"{FORMATS[kept].layout}; the file's {types} blocks, repacked{rounding}"
     if quantize is not None:
         return quantize, FORMATS[quantize].bits_per_weight, f"{FORMATS[quantize].layout}; rounded at load from {types}"
     dense = np.dtype(dtype)
