@@ -17,7 +17,8 @@ from minifd.model.loader import open_checkpoint
 from minifd.kernels.rope import pair_rotary_rows
 from minifd.kernels.silu_mul import interleave_gate_up, padded_features
 from minifd.model.gguf import unpermute_rope_rows
-from minifd.model.quantized import GROUP, FORMATS, QUANTIZERS, quantize_int4, quantize_int8, rowwise, stack_rows
+from minifd.model.quantized import (GROUP, FORMATS, QUANTIZERS, pack_nibbles, quantize_int4, quantize_int8, rowwise,
+                                    stack_rows)
 from minifd.model.weights import pad_down_columns, projection_formats, streamed_bytes_per_step
 from agreement import TEXT, teacher_forced_argmax
 from tiny_model import tiny_model
@@ -64,6 +65,22 @@ def test_int4_packs_the_even_weights_of_a_word_in_its_low_nibbles_and_the_odd_on
     # word 0: weights 0, 2, 4, 6 in nibbles 0-3, 1, 3, 5, 7 in nibbles 4-7 (little-endian bytes); word 1 likewise
     assert quantized.packed[0, :8].tolist() == [0x20, 0x64, 0x31, 0x75, 0xA8, 0xEC, 0xB9, 0xFD]
     assert quantized.codes()[0].tolist() == w[0].tolist()
+
+
+def test_int4_words_give_consecutive_pairs_the_way_the_flat_gemm_lifts_them():
+    """weight_formats.cuh's row_piece_run_to_halves in NumPy: the 32-bit words of a row, shifted by 0 and
+    8 bits, masked with 0x000F000F (and 0x00F000F0) under the fp16 exponent bits 0x64006400, read as
+    halves 1024 + q (1024 + 16 q), give weights (8j + 4i, 8j + 4i + 1) and (8j + 4i + 2, 8j + 4i + 3)."""
+    codes = np.random.default_rng(0).integers(0, 16, (3, 64)).astype(np.uint8)  # [N, K]
+    words = np.ascontiguousarray(pack_nibbles(codes)).view("<u4")  # [N, K / 8]: 8 weights each
+    lifted = np.empty((3, 8, 4, 2))  # [N, word, pair, weight of the pair]
+    for i in range(2):
+        shifted = words >> np.uint32(8 * i)
+        low = ((shifted & 0x000F000F) | 0x64006400).astype("<u4").view(np.float16).reshape(3, 8, 2)
+        high = ((shifted & 0x00F000F0) | 0x64006400).astype("<u4").view(np.float16).reshape(3, 8, 2)
+        lifted[:, :, 2 * i] = low.astype(np.float64) - 1024
+        lifted[:, :, 2 * i + 1] = high.astype(np.float64) / 16 - 64
+    np.testing.assert_array_equal(lifted.reshape(3, 64), codes)
 
 
 ROW_OPERATIONS = {  # name -> (number of weights it takes, operation on [N, X] arrays); N = 24 rows each
