@@ -59,6 +59,14 @@ def test_bits_per_weight_and_bytes():
         assert quantized.nbytes * 8 == w.size * quantized.bits_per_weight, name
 
 
+def test_int4_grid_reaches_a_group_maximum_tiny_beside_its_minimum():
+    """max - min in float32 drops a max of 1e-13 beside a min of -7.5, and the rounded-up scale would
+    stop the grid at 0 (hypothesis found it)."""
+    w = np.array([[1.0506466e-13] + [-7.5] * 31], dtype=np.float32)  # [1, 32]
+    int4 = quantize_int4(w)
+    assert int4.mins.astype(np.float64)[0, 0] + 15 * int4.scales.astype(np.float64)[0, 0] >= w.max()
+
+
 def test_int4_packs_the_even_weights_of_a_word_in_its_low_nibbles_and_the_odd_ones_in_its_high():
     w = np.tile(np.arange(16, dtype=np.float32), 2)[None, :]  # [1, 32]: codes 0..15 with d = 1, m = 0
     quantized = quantize_int4(w)

@@ -69,8 +69,8 @@ def _groups(w):
 
 
 def _fp16_outward(value, xp, direction):
-    """float32 value -> the fp16 nearest to it, moved one fp16 step in `direction` (+1 or -1) where
-    rounding went the other way: fp16(value) >= value for +1, <= value for -1."""
+    """float32 or float64 value -> the fp16 nearest to it, moved one fp16 step in `direction` (+1 or -1)
+    where rounding went the other way: fp16(value) >= value for +1, <= value for -1."""
     rounded = value.astype(np.float16)
     if not bool(xp.isfinite(rounded).all()):
         raise MinifdError("weights beyond what fp16 scales hold (|w| up to about 1e6), or not finite: "
@@ -172,7 +172,10 @@ def quantize_int4(w):
     groups = _groups(w)  # [N, K / GROUP, GROUP]
     mins = _fp16_outward(groups.min(axis=-1), xp, -1)  # [N, K / GROUP]
     low = mins.astype(np.float32)[:, :, None]
-    scales = _fp16_outward((groups.max(axis=-1) - low[:, :, 0]) / 15, xp, +1)
+    # The span in float64: in float32, max - min drops a max tiny beside |min| (1e-13 - 7.5 = -7.5), and
+    # the grid would stop short of it.
+    span = groups.max(axis=-1).astype(np.float64) - low[:, :, 0].astype(np.float64)  # [N, K / GROUP]
+    scales = _fp16_outward(span / 15, xp, +1)
     step = scales.astype(np.float32)[:, :, None]
     codes = xp.where(step > 0, xp.rint((groups - low) / xp.where(step > 0, step, 1)), 0)
     return Int4Groups(pack_nibbles(xp.clip(codes, 0, 15).astype(np.uint8).reshape(w.shape)), scales, mins)
