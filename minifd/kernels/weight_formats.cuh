@@ -10,7 +10,7 @@
 // |               |                                      | and 8i + 2p + 1 in p + 4      |                     |             |
 //
 // These are minifd/model/quantized.py's Int8Groups and Int4Groups as they are (row-major, so a row
-// streams its codes in order); GGUF Q8_0, Q4_0 and Q4_1 load onto them unchanged. A kernel sees W
+// streams its codes in order); GGUF Q8_0, Q5_0, Q4_0, Q4_1 and Q4_K load onto them (minifd/model/repack.py). A kernel sees W
 // as three pointers (codes, scales, mins; the last two unread where the format has none) and reads
 // it in RowPieces, 16 bytes of codes of one row (8, 16 or 32 weights) with their group's scale and
 // min: load_row_piece issues the loads, and only where the arithmetic needs the values does

@@ -174,7 +174,7 @@ def quantize_int4(w):
     low = mins.astype(np.float32)[:, :, None]
     # The span in float64: in float32, max - min drops a max tiny beside |min| (1e-13 - 7.5 = -7.5), and
     # the grid would stop short of it.
-    span = groups.max(axis=-1).astype(np.float64) - low[:, :, 0].astype(np.float64)  # [N, K / GROUP]
+    span = groups.max(axis=-1).astype(np.float64) - mins.astype(np.float64)  # [N, K / GROUP]
     scales = _fp16_outward(span / 15, xp, +1)
     step = scales.astype(np.float32)[:, :, None]
     codes = xp.where(step > 0, xp.rint((groups - low) / xp.where(step > 0, step, 1)), 0)
