@@ -19,9 +19,9 @@ What a request may say, for POST /v1/completions (parse_completion_request) and 
 - top_k, min_p and repetition_penalty, which OpenAI lacks but vLLM accepts under these names with
   the meaning minifd gives them (the engine's generate() takes them as they are).
 Their limits are the engine's own (minifd.engine.check_sampling), named as the request names them.
-A field that OpenAI defines but minifd does not do (n > 1, logprobs, penalties...) is refused rather
-than ignored, so a client never reads text made under settings it did not get; at its neutral value
-(n = 1, frequency_penalty = 0, ...) it changes nothing and is accepted, as is null for any field.
+A field minifd does not do (n > 1, logprobs, presence_penalty, tools...) is refused rather than
+ignored, so a client never reads text made under settings it did not get; at its neutral value (n = 1,
+frequency_penalty = 0, ...) it changes nothing and is accepted, as is null for any field.
 """
 
 import hmac
@@ -89,7 +89,8 @@ def check_authorization(authorization, api_key):
     """Refuse (401) unless the Authorization header (None when absent) is `Bearer <api_key>`.
 
     The key is compared with hmac.compare_digest, whose time does not depend on where the two first
-    differ, so timing the answers cannot reveal the key a character at a time."""
+    differ, so timing the answers cannot reveal the key a character at a time (its length alone may
+    show)."""
     if authorization is None:
         raise ProtocolError(401, "no API key given; send the header Authorization: Bearer KEY", code="invalid_api_key")
     scheme, _, given = authorization.partition(" ")
