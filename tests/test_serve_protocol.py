@@ -61,6 +61,12 @@ def test_a_stop_string_alone_and_nulls_as_absent():
     assert (request.stop, request.max_tokens, request.temperature, request.seed) == ((), 16, 1.0, None)
 
 
+@pytest.mark.parametrize("parse", [completion, chat])
+def test_fields_at_their_neutral_value_are_accepted(parse):
+    neutral = parse(n=1, best_of=1, echo=False, logprobs=False, presence_penalty=0.0, frequency_penalty=0)
+    assert neutral == parse()
+
+
 def test_a_str_body_is_read_as_bytes_are():
     assert parse_completion_request('{"prompt": "x"}', SERVED).prompt == "x"
 
