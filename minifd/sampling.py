@@ -20,36 +20,64 @@ class SamplingParams:
 
 
 def sample(logits, params, uniforms, seen=None):
-    """logits: [batch, vocab] float32, uniforms: [batch] in [0, 1) -> token ids: [batch] int64.
-    seen: [batch, vocab] bool, the tokens each sequence holds so far (prompt and generated), which
-    the repetition penalty needs (and only it).
+    """logits: [batch, vocab] float32, params: one SamplingParams for every row, or a sequence of
+    batch of them (one per row: requests of different settings decoding together), uniforms: [batch]
+    in [0, 1) -> token ids: [batch] int64. seen: [batch, vocab] bool, the tokens each sequence holds
+    so far (prompt and generated), which the repetition penalty needs (and only it).
 
     Sampling draws by inverse CDF from the given uniforms, so a seeded host generator decides the
-    text on CPU and GPU alike.
+    text on CPU and GPU alike. A row's token is the same whether its params come alone or beside
+    other rows' (the same float32 operations on its values), and a setting every row shares runs as
+    one scalar, skipping the steps it turns off.
     """
     xp = module_of(logits)
-    if params.repetition_penalty != 1.0:
-        logits = penalize_repetition(logits, seen, params.repetition_penalty)
-    if params.temperature == 0:
+    rows = [params] * logits.shape[0] if isinstance(params, SamplingParams) else list(params)
+    temperature, top_k, top_p, min_p, penalty = (
+        _per_row([getattr(p, name) for p in rows], xp, dtype)
+        for name, dtype in (("temperature", np.float32), ("top_k", np.int64), ("top_p", np.float32),
+                            ("min_p", np.float32), ("repetition_penalty", np.float32)))
+    if not _everywhere(penalty, 1.0):
+        logits = penalize_repetition(logits, seen, penalty)
+    if _everywhere(temperature, 0.0):
         return logits.argmax(axis=-1)
     vocab = logits.shape[-1]
     order = xp.argsort(-logits, axis=-1)  # [batch, vocab], most likely first
-    ranked = xp.take_along_axis(logits, order, axis=-1) / params.temperature
+    divisor = xp.where(temperature == 0, np.float32(1), temperature) if _varies(temperature) else temperature
+    ranked = xp.take_along_axis(logits, order, axis=-1) / divisor
     probs = xp.exp(ranked - ranked[:, :1])
     probs /= probs.sum(axis=-1, keepdims=True)
     keep = xp.ones(probs.shape, dtype=bool)
-    if 0 < params.top_k < vocab:
-        keep[:, params.top_k:] = False
-    if params.top_p < 1.0:
+    if _varies(top_k):  # 0 = no limit
+        keep &= (top_k == 0) | (xp.arange(vocab)[None, :] < top_k)
+    elif 0 < top_k < vocab:
+        keep[:, top_k:] = False
+    if _varies(top_p) or top_p < 1.0:
         mass_before = xp.cumsum(probs, axis=-1) - probs  # [batch, vocab]
-        keep &= mass_before < params.top_p  # the smallest prefix whose mass reaches top_p
-    if params.min_p > 0:
-        keep &= probs >= params.min_p * probs[:, :1]  # probs[:, 0] is the likeliest token's
+        keep &= (mass_before < top_p) | (top_p >= 1.0)  # the smallest prefix whose mass reaches top_p
+    if _varies(min_p) or min_p > 0:
+        keep &= probs >= min_p * probs[:, :1]  # probs[:, 0] is the likeliest token's
     probs = xp.where(keep, probs, 0.0)
     cdf = xp.cumsum(probs, axis=-1)  # [batch, vocab]
     threshold = xp.asarray(uniforms, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
     picks = xp.minimum((cdf <= threshold).sum(axis=-1), vocab - 1)  # [batch]
-    return xp.take_along_axis(order, picks[:, None], axis=-1)[:, 0]
+    drawn = xp.take_along_axis(order, picks[:, None], axis=-1)[:, 0]
+    return xp.where(temperature[:, 0] == 0, logits.argmax(axis=-1), drawn) if _varies(temperature) else drawn
+
+
+def _per_row(values, xp, dtype):
+    """One setting's values, one per row -> the value itself when every row has it, else a [batch, 1]
+    `dtype` array that broadcasts against [batch, vocab]."""
+    if all(value == values[0] for value in values):
+        return values[0]
+    return xp.asarray(np.asarray(values, dtype=dtype)[:, None])
+
+
+def _varies(setting):
+    return not np.isscalar(setting) and getattr(setting, "ndim", 0) > 0
+
+
+def _everywhere(setting, value):
+    return not _varies(setting) and setting == value
 
 
 def penalize_repetition(logits, seen, penalty):

@@ -106,3 +106,24 @@ def test_min_p_samples_from_hfs_distribution(vocab, temperature, min_p, penalty,
     counts = np.bincount(picks, minlength=vocab)
     assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(expected))
     np.testing.assert_allclose(counts / draws, expected, atol=1.5 / draws + 1e-5)
+
+
+def test_rows_of_different_settings_sample_as_each_would_alone():
+    """One call over rows of different settings (what requests decoding together need) gives each row
+    the very token a call with its settings alone gives: greedy, temperature, top-k, top-p, min-p and
+    the repetition penalty mixed."""
+    rng = np.random.default_rng(3)
+    rows = [SamplingParams(0.0), SamplingParams(0.7), SamplingParams(1.3, top_k=5), SamplingParams(1.0, top_p=0.6),
+            SamplingParams(0.9, min_p=0.2), SamplingParams(0.0, repetition_penalty=1.5),
+            SamplingParams(1.1, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.2), SamplingParams(1.0)]
+    draws = 50
+    logits = rng.standard_normal((len(rows) * draws, 64)).astype(np.float32) * 3  # [rows x draws, vocab]
+    seen = rng.random(logits.shape) < 0.2
+    uniforms = rng.random(len(logits))
+    params = [p for p in rows for _ in range(draws)]
+    together = sample(logits, params, uniforms, seen)
+    alone = np.concatenate([sample(logits[i:i + 1], params[i], uniforms[i:i + 1], seen[i:i + 1])
+                            for i in range(len(logits))])
+    np.testing.assert_array_equal(together, alone)
+    greedy_rows = np.repeat([p.temperature == 0 for p in rows], draws)
+    assert not np.array_equal(together[~greedy_rows], logits[~greedy_rows].argmax(-1)), "the test draws nothing"
