@@ -4,7 +4,7 @@
                     -> decoded with the other slots, one token per step -> finished, slot free
 
 The scheduler owns a KV cache of `slots` rows (the pool) and, per step, does three things:
-  1. admit: waiting requests take free slots, in the order they came;
+  1. admit: waiting requests take free slots, in the order they came (cancel() frees one at once);
   2. prefill: one pass of at most `prefill_chunk` prompt positions over the slots still prefilling
      (engine.prefill_pass), so a long prompt delays the running sequences by one chunk per step, not
      by its whole length; a prompt whose last chunk ran chooses its first token;
@@ -22,7 +22,7 @@ positions and settings in its device buffers.
 """
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -53,7 +53,6 @@ class _Slot:
     held: int = 0  # prompt positions its cache row holds
     token: int = -1  # the token the next decode step feeds (once the prompt is held whole)
     position: int = 0  # where that token goes
-    draws: list = field(default_factory=list)
 
     @property
     def decoding(self):
@@ -89,6 +88,14 @@ class Scheduler:
             sequence.finish("length")
             return
         self.waiting.append(request)
+
+    def cancel(self, request):
+        """End a request where it stands (its client has gone): it leaves the queue, or its slot is free
+        for the next step."""
+        self.waiting = deque(waiting for waiting in self.waiting if waiting is not request)
+        self.slots = [None if slot is not None and slot.request is request else slot for slot in self.slots]
+        if request.sequence.running:
+            request.sequence.finish("cancelled")
 
     def run(self):
         """Step until every submitted request has finished."""

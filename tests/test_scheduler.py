@@ -54,6 +54,20 @@ def test_requests_joining_and_leaving_a_batch_get_the_tokens_they_get_alone(engi
         assert r.sequence.token_ids == alone(engine, p, s, n, seed), f"request {seed} ({s})"
 
 
+def test_a_cancelled_request_frees_its_slot_and_the_others_run_on(engine):
+    scheduler = Scheduler(engine.model, 2, 64, 4)
+    gone, waiting, stays = (request(engine, p, SamplingParams(0.9), 10, seed) for seed, p in enumerate(PROMPTS[:3]))
+    for r in (gone, stays, waiting):
+        scheduler.submit(r)
+    for _ in range(5):
+        scheduler.step()
+    scheduler.cancel(gone)
+    assert scheduler.slots.count(None) == 1 and gone.sequence.finish_reason == "cancelled"
+    scheduler.run()
+    assert stays.sequence.token_ids == alone(engine, PROMPTS[2], SamplingParams(0.9), 10, 2)
+    assert waiting.sequence.token_ids == alone(engine, PROMPTS[1], SamplingParams(0.9), 10, 1)
+
+
 def test_the_queue_and_the_slot_size_are_bounded(engine):
     scheduler = Scheduler(engine.model, 1, 16, 8, max_queue=1)
     scheduler.submit(request(engine, "hello", SamplingParams(), 4, 0))
