@@ -322,6 +322,46 @@ def bench(weights, shape, config_file, quantize, attention_method, prompt_length
 
 @main_group.command()
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Hugging Face Llama directory or .gguf file (default: the prepared SmolLM2 fixture).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@quantize_option(QUANTIZE_HELP)
+@click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
+              help="The most requests decoding together (slots of the KV pool).")
+@click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True,
+              help="The most requests waiting for a slot; more are answered 429.")
+@click.option("--max-context", type=click.IntRange(1), default=None,
+              help="Positions per request, prompt and completion (default: the model's window).")
+@click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on /v1 requests.")
+@click.option("--served-model-name", default=None, help="The model's id in the API (default: the checkpoint's name).")
+@click.option("--chat-template", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A Jinja chat template to use instead of the checkpoint's.")
+@click.option("--grace", type=float, default=10.0, show_default=True,
+              help="Seconds in-flight requests get to finish after SIGTERM before they are cancelled.")
+def serve(weights, host, port, device, quantize, max_batch, max_queue, max_context, api_key, served_model_name,
+          chat_template, grace):
+    """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health,
+    /metrics) with continuous batching. Needs the serve extra: pip install 'minifd[serve]'."""
+    import minifd
+
+    try:
+        import uvicorn
+
+        from minifd.serve.app import Server
+    except ImportError as error:
+        raise MinifdError(f"minifd serve needs {error.name}: pip install 'minifd[serve]'") from None
+    weights = resolve_weights(weights)
+    engine = minifd.load(weights, device=device, quantize=quantize, chat_template=chat_template, max_context=max_context)
+    name = served_model_name or Path(weights).name.removesuffix(".gguf")
+    server = Server(engine, name, slots=max_batch, max_queue=max_queue, context=max_context, api_key=api_key)
+    click.echo(f"minifd: serving {name} on http://{host}:{port}/v1 ({engine.device}, up to {max_batch} together)",
+               err=True)
+    uvicorn.run(server.app(), host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace)
+
+
+@main_group.command()
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Also report the calibration table and the weight formats this checkpoint would use.")
 @quantize_option("With --weights: report the formats and bytes --quantize would give.")
 def info(weights, quantize):

@@ -144,7 +144,7 @@ class Engine:
         params = check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
         prompt_ids = [self._prompt_ids(f"prompt {i + 1}", p, max_new_tokens) for i, p in enumerate(prompts)]
         cache = self._allocate_cache(len(prompt_ids), max(len(ids) for ids in prompt_ids) + max_new_tokens)
-        sequences = [self._sequence(ids, max_new_tokens, ignore_eos, stop, on_text and partial(on_text, i))
+        sequences = [self.sequence(ids, max_new_tokens, ignore_eos, stop, on_text and partial(on_text, i))
                      for i, ids in enumerate(prompt_ids)]
         stats = self._run(cache, sequences, params, draw_seed(seed), on_finish, cancel)
         completions = [Completion(s.prompt_ids, s.token_ids, s.text, s.finish_reason) for s in sequences]
@@ -179,7 +179,7 @@ class Engine:
         ids = self._prompt_ids("the conversation", self.apply_chat_template(messages), max_new_tokens)
         reused = common_prefix_length(self._chat_ids, ids[:-1])  # the last position is prefilled for its logits
         cache = self._chat_cache_for(len(ids) + max_new_tokens, reused)
-        sequence = self._sequence(ids, max_new_tokens, ignore_eos, stop, on_text, cached=reused)
+        sequence = self.sequence(ids, max_new_tokens, ignore_eos, stop, on_text, cached=reused)
         self._chat_ids = ids[:reused]  # all the cache is sure to hold should the run not end normally
         self._run(cache, [sequence], params, draw_seed(seed), cancel=cancel)
         self._chat_ids = sequence.ids_in_cache()
@@ -257,7 +257,9 @@ class Engine:
         stats.generated_tokens = sum(len(s.token_ids) for s in sequences)
         return stats
 
-    def _sequence(self, prompt_ids, max_new_tokens, ignore_eos, stop, on_text, cached=0):
+    def sequence(self, prompt_ids, max_new_tokens, ignore_eos=False, stop=(), on_text=None, cached=0):
+        """A Sequence (minifd.sequence) continuing these token ids with this checkpoint's stop tokens: what
+        a scheduler (minifd.scheduler) runs for a request."""
         if isinstance(stop, str):
             stop = [stop]
         stop_ids = frozenset() if ignore_eos else self.tokenizer.eos_ids

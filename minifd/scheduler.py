@@ -44,6 +44,7 @@ class Request:
     sequence: object
     params: SamplingParams
     seed: int
+    on_finish: object = None  # on_finish(request): called once the sequence has ended, whatever ended it
 
 
 @dataclass
@@ -74,6 +75,11 @@ class Scheduler:
     def busy(self):
         return bool(self.waiting) or any(slot is not None for slot in self.slots)
 
+    @property
+    def full(self):
+        """Whether max_queue requests wait already beyond those the free slots take at the next step."""
+        return self.max_queue is not None and len(self.waiting) >= self.max_queue + self.slots.count(None)
+
     def submit(self, request):
         """Queue a request; a MinifdError when the queue is full or the request cannot fit a slot."""
         sequence = request.sequence
@@ -82,10 +88,11 @@ class Scheduler:
             raise MinifdError(f"the prompt's {len(sequence.prompt_ids)} tokens and max_new_tokens "
                               f"{sequence.max_new_tokens} need {needed} positions, over the {self.cache.max_seq} "
                               "of a slot", parameter="max_new_tokens")
-        if self.max_queue is not None and len(self.waiting) >= self.max_queue:
+        if self.full:
             raise MinifdError(f"the queue is full ({self.max_queue} requests waiting)")
         if sequence.max_new_tokens == 0:  # nothing to generate: done without a slot
             sequence.finish("length")
+            _finished(request)
             return
         self.waiting.append(request)
 
@@ -96,6 +103,7 @@ class Scheduler:
         self.slots = [None if slot is not None and slot.request is request else slot for slot in self.slots]
         if request.sequence.running:
             request.sequence.finish("cancelled")
+            _finished(request)
 
     def run(self):
         """Step until every submitted request has finished."""
@@ -168,3 +176,9 @@ class Scheduler:
             slot.token = token
         else:
             self.slots[index] = None  # free for the next waiting request at the next step
+            _finished(slot.request)
+
+
+def _finished(request):
+    if request.on_finish is not None:
+        request.on_finish(request)

@@ -10,7 +10,6 @@ from minifd.errors import MinifdError
 from minifd.fixture import fixture_dir, fixture_ready
 from minifd.sampling import SamplingParams
 from minifd.scheduler import Request, Scheduler
-from minifd.sequence import Sequence
 
 PROMPTS = ["hello there", "a b c d e f g h i j", "x", "the quick brown fox jumps over", "zz top", "ok"]
 SETTINGS = [SamplingParams(0.0), SamplingParams(0.8, top_k=20), SamplingParams(1.2, top_p=0.9),
@@ -34,7 +33,7 @@ def alone(engine, prompt, params, max_new_tokens, seed):
 
 def request(engine, prompt, params, max_new_tokens, seed):
     ids = engine.tokenizer.encode(prompt)
-    return Request(Sequence(ids, engine.tokenizer, max_new_tokens), params, seed)
+    return Request(engine.sequence(ids, max_new_tokens, ignore_eos=True), params, seed)
 
 
 @pytest.mark.parametrize("slots, prefill_chunk", [(2, 3), (4, 512), (6, 5)])
@@ -70,7 +69,8 @@ def test_a_cancelled_request_frees_its_slot_and_the_others_run_on(engine):
 
 def test_the_queue_and_the_slot_size_are_bounded(engine):
     scheduler = Scheduler(engine.model, 1, 16, 8, max_queue=1)
-    scheduler.submit(request(engine, "hello", SamplingParams(), 4, 0))
+    scheduler.submit(request(engine, "hello", SamplingParams(), 4, 0))  # takes the free slot at the next step
+    scheduler.submit(request(engine, "hello", SamplingParams(), 4, 0))  # waits
     with pytest.raises(MinifdError, match="queue is full"):
         scheduler.submit(request(engine, "hello", SamplingParams(), 4, 0))
     with pytest.raises(MinifdError, match="over the 16"):

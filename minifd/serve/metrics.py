@@ -29,6 +29,8 @@ class Metrics:
                                      registry=self.registry)
         self.completion_tokens = Counter("minifd_completion_tokens", "Tokens generated for the completed requests.",
                                          registry=self.registry)
+        self.cancelled = Counter("minifd_cancelled_requests", "Requests whose client went away before the end.",
+                                 registry=self.registry)
         self.queue_depth = Gauge("minifd_queue_depth", "Requests waiting for a batch slot.", registry=self.registry)
         self.batch_size = Gauge("minifd_running_batch_size", "Sequences in the running batch.", registry=self.registry)
         self.decode_rate = Gauge("minifd_decode_tokens_per_second",
@@ -43,6 +45,10 @@ class Metrics:
         """The tokens of one completed request (a protocol.Usage)."""
         self.prompt_tokens.inc(usage.prompt_tokens)
         self.completion_tokens.inc(usage.completion_tokens)
+
+    def count_cancelled(self):
+        """One request given up because its client disconnected."""
+        self.cancelled.inc()
 
     def set_scheduler_state(self, queue_depth, batch_size, decode_tokens_per_second):
         """What the scheduler is doing now: requests waiting, sequences running, their decode rate."""
