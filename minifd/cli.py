@@ -357,6 +357,10 @@ def serve(weights, host, port, device, quantize, max_batch, max_queue, max_conte
     server = Server(engine, name, slots=max_batch, max_queue=max_queue, context=max_context, api_key=api_key)
     click.echo(f"minifd: serving {name} on http://{host}:{port}/v1 ({engine.device}, up to {max_batch} together)",
                err=True)
+    # uvicorn stops taking requests on SIGTERM, lets in-flight ones finish for `grace` seconds (the app's
+    # shutdown cancels the rest), then raises the signal again under the handler it found: this one, so
+    # that a requested stop exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(server.app(), host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace)
 
 

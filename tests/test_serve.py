@@ -163,3 +163,49 @@ def test_health_and_metrics(served):
     assert httpx.get(served[2] + "/health").json() == {"status": "ok"}
     text = httpx.get(served[2] + "/metrics").text
     assert 'minifd_requests_total{endpoint="/v1/completions",status="200"}' in text
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_minifd_serve_answers_and_exits_0_on_sigterm(served):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    directory = served[0].weights_dir
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "minifd", "serve", "--weights", str(directory), "--device", "cpu",
+                                "--port", str(port), "--served-model-name", "tiny", "--grace", "5"],
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert client.completions.create(model="tiny", prompt="hi", max_tokens=3).choices[0].text is not None
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    assert "serving tiny" in process.stderr.read()
+
+
+def test_minifd_serve_without_weights_or_fixture_is_one_line(monkeypatch, capsys):
+    from minifd.cli import main
+
+    monkeypatch.setattr("minifd.fixture.fixture_ready", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
