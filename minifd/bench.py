@@ -20,7 +20,8 @@ import numpy as np
 
 from minifd.backend import array_module
 from minifd.decode_step import DecodeStep
-from minifd.engine import PREFILL_CHUNK_TOKENS, prefill_prompts
+from minifd.engine import PREFILL_CHUNK_TOKENS
+from minifd.scheduler import prefill_prompts
 from minifd.errors import MinifdError
 from minifd.kernels.launch import overlap_supported, resolve_overlap
 from minifd.kernels.weight_formats import format_name
@@ -28,7 +29,6 @@ from minifd.model.config import LlamaConfig
 from minifd.model.llama import KVCache, Llama
 from minifd.model.quantized import QUANTIZERS
 from minifd.model.weights import LayerWeights, Weights
-from minifd.sampling import SamplingParams
 
 LLAMA2_7B = {
     "architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
@@ -127,14 +127,12 @@ def bench_minifd(model, config, prompt_tokens, batch, decode_steps, bandwidth, u
     xp.cuda.Device().synchronize()
     prefill_seconds = time.perf_counter() - start
 
-    lengths = np.full(batch, prompt_tokens, dtype=np.int32)
-    step = DecodeStep(model, cache, SamplingParams(), first, lengths, use_graph=use_graph, overlap=overlap)
-    draws = np.zeros(batch, dtype=np.float32)
-    for _ in range(2):  # the eager first step and the graph capture stay out of the timing
-        step(draws)
-    start = time.perf_counter()
-    for _ in range(decode_steps):
-        step(draws)
+    step = DecodeStep(model, cache, use_graph=use_graph, overlap=overlap)
+    tokens, draws = first, np.zeros(batch, dtype=np.float32)
+    for i in range(2 + decode_steps):  # the first two (the eager step, the graph capture) stay out of the timing
+        if i == 2:
+            start = time.perf_counter()
+        tokens = step(tokens, np.full(batch, prompt_tokens + i), draws)  # [batch]
     decode_seconds = time.perf_counter() - start
 
     mean_length = prompt_tokens + 2 + (decode_steps + 1) / 2

@@ -1,27 +1,27 @@
 """The engine: load a model (directory or .gguf file) once, then generate text for batches of prompts, or chat.
 
-Both go through one loop (Engine._run): sequences are prefilled from the first position their KV-cache
-slot does not hold yet, a chunk of every prompt per pass over the weights, then decoded together step
-by step until their stop rules end them."""
+Both go through the server's loop (minifd.scheduler): a call's prompts are requests submitted at once
+to a scheduler over a KV cache with a slot for each, prefilled from the first position their slot does
+not hold yet in passes of at most prefill_chunk positions, decoded together step by step, each leaving
+the batch when its stop rules end it."""
 
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from minifd.backend import array_module, free_memory_text, is_gpu, out_of_memory_errors, to_numpy
+from minifd.backend import array_module, free_memory_text, is_gpu, out_of_memory_errors
 from minifd.errors import MinifdError
 from minifd.kernels.softmax_range import load_softmax_ranges
 from minifd.model.chat_template import ChatTemplate
-from minifd.model.llama import KVCache, Llama, PrefillChunk
+from minifd.model.llama import KVCache, Llama
 from minifd.model.loader import open_checkpoint
 from minifd.model.quantized import QUANTIZERS
 from minifd.model.weights import held_bytes, load_weights
-from minifd.decode_step import NON_FINITE, DecodeStep
 from minifd.progress import ProgressBar
-from minifd.sampling import SamplingParams, draw_seed, mark_seen, sample, tokens_seen, uniform_source
+from minifd.sampling import SamplingParams, draw_seed
+from minifd.scheduler import Request, Scheduler
 from minifd.sequence import Sequence
 
 PREFILL_CHUNK_TOKENS = 512  # prompt positions per prefill pass, all prompts together: bounds the activations
@@ -198,64 +198,23 @@ class Engine:
         return self._chat_cache
 
     def _run(self, cache, sequences, params, seed, on_finish=None, cancel=None):
-        """Continue each sequence in its cache slot (sequence i in slot i) until all have finished: prefill
-        each prompt past the positions its slot already holds, choose the first tokens, then decode the
-        batch step by step. -> Stats"""
-        batch = len(sequences)
-        stats = Stats(prompt_tokens=sum(len(s.prompt_ids) for s in sequences),
-                      seed=seed if params.temperature > 0 else None)
-        uniforms = uniform_source(seed)
-
-        def accept(tokens):
-            """Record one token per running sequence; -> whether any still runs."""
-            cancelled = cancel is not None and cancel.is_set()
-            for b, (sequence, token) in enumerate(zip(sequences, tokens)):
-                if not sequence.running:
-                    continue
-                sequence.accept(token)
-                if sequence.running and cancelled:
-                    sequence.finish("cancelled")
-                if not sequence.running and on_finish is not None:
-                    on_finish(b)
-            return any(s.running for s in sequences)
-
-        start = time.perf_counter()
-        if sequences[0].max_new_tokens == 0:  # the same for every sequence of a run
-            for b, sequence in enumerate(sequences):
-                sequence.finish("length")
-                if on_finish is not None:
-                    on_finish(b)
-            any_running = False
-        else:
-            seen = None
-            if params.repetition_penalty != 1.0:  # the penalty reads every token a sequence holds
-                seen = tokens_seen([s.prompt_ids for s in sequences], self.config.vocab_size)
-            logits = self._prefill(cache, sequences)  # [batch, vocab]
-            tokens = self._choose(logits, params, uniforms, seen)
-            if NON_FINITE in tokens:
-                raise_non_finite(tokens, 0)
-            if seen is not None:
-                mark_seen(seen, np.asarray(tokens))
-            any_running = accept(tokens)
-        stats.first_tokens = sum(len(s.token_ids) for s in sequences)
-        stats.prefill_seconds = time.perf_counter() - start
-
-        lengths = np.array([len(s.prompt_ids) for s in sequences], dtype=np.int32)
-        weight_bytes = self.model.weights.nbytes_streamed_per_step()
-        start = time.perf_counter()
-        if any_running:
-            step = DecodeStep(self.model, cache, params, tokens, lengths, seen, use_graph=self.use_graph)
-        while any_running:
-            tokens = [int(t) for t in step(uniforms.random(batch))]
-            stats.bytes_read += weight_bytes + int((lengths + 1).sum()) * cache.nbytes_per_position()
-            lengths += 1
-            stats.decode_steps += 1
-            if NON_FINITE in tokens:
-                raise_non_finite(tokens, stats.decode_steps)
-            any_running = accept(tokens)
-        stats.decode_seconds = time.perf_counter() - start
-        stats.generated_tokens = sum(len(s.token_ids) for s in sequences)
-        return stats
+        """Continue each sequence in its cache slot (sequence i in slot i) until all have finished: its
+        requests (sequence i drawing from seed + i) submitted at once to a Scheduler over the cache and
+        drained, so generate and chat run the one loop the server runs. -> Stats"""
+        bar = ProgressBar("Prefill", sum(len(s.prompt_ids) - s.cached for s in sequences), unit="tokens",
+                          enabled=self.progress, delay=PREFILL_PROGRESS_DELAY)
+        scheduler = Scheduler(self.model, cache, self.prefill_chunk, use_graph=self.use_graph, on_prefill=bar.advance)
+        for i, sequence in enumerate(sequences):
+            scheduler.submit(Request(sequence, params, (seed + i) % 2**31, on_finish and (lambda _, i=i: on_finish(i)),
+                                     cancel, f"prompt {i + 1}"))
+        scheduler.run()
+        bar.close()
+        done = scheduler.stats
+        return Stats(prompt_tokens=sum(len(s.prompt_ids) for s in sequences),
+                     generated_tokens=sum(len(s.token_ids) for s in sequences),
+                     prefill_seconds=done.prefill_seconds, decode_seconds=done.decode_seconds,
+                     decode_steps=done.decode_steps, bytes_read=done.bytes_read, first_tokens=done.first_tokens,
+                     seed=seed if params.temperature > 0 else None)
 
     def sequence(self, prompt_ids, max_new_tokens, ignore_eos=False, stop=(), on_text=None, cached=0):
         """A Sequence (minifd.sequence) continuing these token ids with this checkpoint's stop tokens: what
@@ -264,6 +223,12 @@ class Engine:
             stop = [stop]
         stop_ids = frozenset() if ignore_eos else self.tokenizer.eos_ids
         return Sequence(prompt_ids, self.tokenizer, max_new_tokens, stop_ids, stop, cached, on_text)
+
+    def scheduler(self, slots, max_seq, max_queue=None):
+        """A Scheduler (minifd.scheduler) over a new KV pool of `slots` sequences of up to `max_seq`
+        positions each, prefilling in this engine's chunks: what a server submits requests to."""
+        return Scheduler(self.model, self._allocate_cache(slots, max_seq), self.prefill_chunk, max_queue,
+                         use_graph=self.use_graph)
 
     def _allocate_cache(self, batch, max_seq):
         try:
@@ -274,17 +239,6 @@ class Engine:
                               f"{needed / 2**30:.2f} GiB ({free_memory_text(self.xp) or 'host memory'}); "
                               "lower max_new_tokens, the prompt count or the prompt lengths",
                               parameter="max_new_tokens") from None
-
-    def _prefill(self, cache, sequences):
-        """Each prompt into its cache slot (sequence i in slot i) from the first position the slot does
-        not hold yet (prefill_prompts), with a progress bar once that takes a while -> logits of each
-        prompt's last position, [batch, vocab]."""
-        bar = ProgressBar("Prefill", sum(len(s.prompt_ids) - s.cached for s in sequences), unit="tokens",
-                          enabled=self.progress, delay=PREFILL_PROGRESS_DELAY)
-        logits = prefill_prompts(self.model, cache, [s.prompt_ids for s in sequences], [s.cached for s in sequences],
-                                 self.prefill_chunk, bar.advance)  # [batch, vocab]
-        bar.close()
-        return logits
 
     def _prompt_ids(self, what, prompt, max_new_tokens):
         """A prompt as text or token ids -> its token ids, once they are known to fit the context."""
@@ -299,47 +253,6 @@ class Engine:
             )
         return ids
 
-    def _choose(self, logits, params, uniforms, seen):
-        # logits: [batch, vocab]; seen: [batch, vocab] host bool or None -> list of batch token ids
-        # (NON_FINITE where a row's logits are not finite)
-        finite = self.xp.isfinite(logits).all(axis=-1)
-        seen = None if seen is None else self.xp.asarray(seen)
-        chosen = self.xp.where(finite, sample(logits, params, uniforms.random(logits.shape[0]), seen), NON_FINITE)
-        return [int(t) for t in to_numpy(chosen)]
-
-
-def prefill_prompts(model, cache, prompts, held, budget, advance=None):
-    """Prompt i (token ids) into cache slot i past the first held[i] positions it holds already, in
-    passes over the weights of at most `budget` positions that each take a chunk of every prompt with
-    positions left (prefill_pass). advance(positions): called after each pass -> logits of each
-    prompt's last position, [batch, vocab]."""
-    held = list(held)
-    last_logits = [None] * len(prompts)
-    while chunks := prefill_pass(prompts, held, budget):
-        logits = model.prefill_chunks(cache, chunks)  # [chunks, vocab]
-        for chunk, chunk_logits in zip(chunks, logits):
-            held[chunk.slot] = chunk.end
-            if chunk.end == len(prompts[chunk.slot]):
-                last_logits[chunk.slot] = chunk_logits  # [vocab]
-        if advance is not None:
-            advance(sum(len(chunk.token_ids) for chunk in chunks))
-    return model.xp.stack(last_logits)  # [batch, vocab]
-
-
-def prefill_pass(prompts, held, budget):
-    """The chunks of one prefill pass: prompt i (token ids) goes into slot i, whose first held[i]
-    positions are cached. Prompts with positions left take, in order, what is left of them up to what
-    remains of `budget` positions, so a pass has at most `budget` rows whatever the batch: the
-    activations (the MLP's [rows, intermediate] above all) stay as bounded as one prompt's chunk.
-    -> list of PrefillChunk, empty once every prompt is held whole."""
-    chunks = []
-    for slot, (ids, start) in enumerate(zip(prompts, held)):
-        taken = min(len(ids) - start, budget)
-        if taken > 0:
-            chunks.append(PrefillChunk(slot, ids[start:start + taken], start))
-            budget -= taken
-    return chunks
-
 
 def check_quantize(quantize):
     """quantize is None or a format's name. (A GGUF file's projections stored in a kernel format keep
@@ -352,13 +265,6 @@ def check_quantize(quantize):
 def weight_dtype(xp):
     """The dtype the weights are held in: float16 on the GPU, float32 on the CPU."""
     return np.float16 if is_gpu(xp) else np.float32
-
-
-def raise_non_finite(tokens, step):
-    bad = [b + 1 for b, token in enumerate(tokens) if token == NON_FINITE]
-    where = "the prefill" if step == 0 else f"decode step {step}"
-    raise MinifdError(f"NaN or Inf logits at {where} for prompt(s) {bad}; the weights may be corrupt "
-                      "or overflow float16")
 
 
 def common_prefix_length(a, b):

@@ -3,7 +3,7 @@ either after an optional repetition penalty. Each step means what it means in Hu
 (RepetitionPenaltyLogitsProcessor, then the Temperature, TopK, TopP and MinP warpers)."""
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -19,23 +19,44 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 = none; else the logits of tokens the sequence holds are discouraged
 
 
+SETTING_DTYPES = {f.name: np.int64 if f.name == "top_k" else np.float32 for f in fields(SamplingParams)}
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """The settings of a batch of rows, setting by setting: one value every row shares (a Python scalar),
+    or a [batch, 1] array of each row's, which broadcasts against [batch, vocab]."""
+
+    temperature: object
+    top_k: object
+    top_p: object
+    min_p: object
+    repetition_penalty: object
+
+    @classmethod
+    def of(cls, params, xp):
+        """params: one SamplingParams per row -> RowSettings, scalars for the settings all rows share."""
+        return cls(**{name: _per_row([getattr(p, name) for p in params], xp, dtype)
+                      for name, dtype in SETTING_DTYPES.items()})
+
+
 def sample(logits, params, uniforms, seen=None):
-    """logits: [batch, vocab] float32, params: one SamplingParams for every row, or a sequence of
-    batch of them (one per row: requests of different settings decoding together), uniforms: [batch]
-    in [0, 1) -> token ids: [batch] int64. seen: [batch, vocab] bool, the tokens each sequence holds
-    so far (prompt and generated), which the repetition penalty needs (and only it).
+    """logits: [batch, vocab] float32, params: one SamplingParams for every row, a sequence of batch of
+    them (one per row: requests of different settings decoding together) or RowSettings, uniforms:
+    [batch] in [0, 1) -> token ids: [batch] int64. seen: [batch, vocab] bool, the tokens each sequence
+    holds so far (prompt and generated), which the repetition penalty needs (and only it).
 
     Sampling draws by inverse CDF from the given uniforms, so a seeded host generator decides the
     text on CPU and GPU alike. A row's token is the same whether its params come alone or beside
     other rows' (the same float32 operations on its values), and a setting every row shares runs as
-    one scalar, skipping the steps it turns off.
+    one scalar, skipping the steps it turns off. With RowSettings of device arrays nothing is copied
+    from the host, so a captured CUDA graph can run it (minifd.decode_step).
     """
     xp = module_of(logits)
-    rows = [params] * logits.shape[0] if isinstance(params, SamplingParams) else list(params)
-    temperature, top_k, top_p, min_p, penalty = (
-        _per_row([getattr(p, name) for p in rows], xp, dtype)
-        for name, dtype in (("temperature", np.float32), ("top_k", np.int64), ("top_p", np.float32),
-                            ("min_p", np.float32), ("repetition_penalty", np.float32)))
+    if not isinstance(params, RowSettings):
+        params = RowSettings.of([params] * logits.shape[0] if isinstance(params, SamplingParams) else list(params), xp)
+    temperature, top_k, top_p, min_p, penalty = (params.temperature, params.top_k, params.top_p, params.min_p,
+                                                 params.repetition_penalty)
     if not _everywhere(penalty, 1.0):
         logits = penalize_repetition(logits, seen, penalty)
     if _everywhere(temperature, 0.0):

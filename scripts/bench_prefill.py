@@ -1,6 +1,6 @@
 """Benchmark the ragged prefill on one GPU (a script, not a test): the time to prefill a batch of
 prompts of different lengths, all of them in passes over the weights that each take a chunk of every
-prompt with positions left (engine.prefill_prompts, what the engine runs), against the former loop of
+prompt with positions left (scheduler.prefill_prompts, what minifd bench runs), against the former loop of
 one call per (prompt, chunk), which streams the weights once per prompt and chunk.
 
 Random fp16 weights at a Llama shape (minifd.bench's), 8 prompts of 16..1024 tokens spaced
@@ -21,7 +21,8 @@ import numpy as np
 
 from minifd.backend import cupy_or_none
 from minifd.bench import SHAPES, random_weights
-from minifd.engine import PREFILL_CHUNK_TOKENS, prefill_prompts
+from minifd.engine import PREFILL_CHUNK_TOKENS
+from minifd.scheduler import prefill_prompts
 from minifd.model.config import LlamaConfig
 from minifd.model.llama import KVCache, Llama
 

@@ -28,7 +28,6 @@ def profile(batch, prompt_tokens, steps):
     from minifd.decode_step import DecodeStep
     from minifd.model.config import LlamaConfig
     from minifd.model.llama import KVCache, Llama
-    from minifd.sampling import SamplingParams
 
     config = LlamaConfig.from_dict(dict(LLAMA2_7B, max_position_embeddings=prompt_tokens + steps + 8))
     model = Llama(config, random_weights(config, cupy, np.float16), cupy, max_seq=config.max_position_embeddings)
@@ -38,22 +37,22 @@ def profile(batch, prompt_tokens, steps):
     lengths = np.full(batch, prompt_tokens, dtype=np.int32)
     bandwidth = copy_bandwidth(cupy)
     step_bytes = model.weights.nbytes_streamed_per_step() + batch * (prompt_tokens + steps / 2) * cache.nbytes_per_position()
+    draws = np.zeros(batch, dtype=np.float32)
     for use_graph in (True, False):
-        step = DecodeStep(model, cache, SamplingParams(), first, lengths, use_graph=use_graph)
-        draws = np.zeros(batch, dtype=np.float32)
+        step = DecodeStep(model, cache, use_graph=use_graph)
         for _ in range(3):
-            step(draws)
+            step(first, lengths, draws)
         start = time.perf_counter()
         for _ in range(steps):
-            step(draws)
+            step(first, lengths, draws)
         seconds = (time.perf_counter() - start) / steps
         print(f"{'graph' if use_graph else 'eager'} step: {seconds * 1000:.3f} ms; roofline "
               f"{step_bytes / bandwidth * 1000:.3f} ms ({100 * step_bytes / bandwidth / seconds:.0f}%)", file=sys.stderr)
-    step = DecodeStep(model, cache, SamplingParams(), first, lengths, use_graph=False)
-    step(draws)
+    step = DecodeStep(model, cache, use_graph=False)
+    step(first, lengths, draws)
     cupy.cuda.Device().synchronize()
     cupy.cuda.profiler.start()
-    step(draws)
+    step(first, lengths, draws)
     cupy.cuda.Device().synchronize()
     cupy.cuda.profiler.stop()
 

@@ -4,12 +4,10 @@ import numpy as np
 import pytest
 
 import minifd
-from minifd.backend import cupy_or_none
 from minifd.fixture import fixture_dir, fixture_ready, shipped_gguf
 from minifd.kernels.weight_formats import format_name
 from minifd.decode_step import DecodeStep
 from minifd.model.llama import KVCache
-from minifd.sampling import SamplingParams
 from agreement import TEXT, teacher_forced_argmax
 
 pytestmark = [
@@ -53,13 +51,14 @@ def test_cuda_graph_replay_equals_eager_launches(engines):
         caches[1].k[layer][...] = caches[0].k[layer]
         caches[1].v[layer][...] = caches[0].v[layer]
     lengths = np.array([len(ids) for ids in prompts], dtype=np.int32)
-    replayed = DecodeStep(gpu.model, caches[0], SamplingParams(), first, lengths, use_graph=True)
-    launched = DecodeStep(gpu.model, caches[1], SamplingParams(), first, lengths, use_graph=False)
-    draws = np.zeros(len(prompts), dtype=np.float32)
-    for _ in range(steps):
-        expected = launched(draws)
-        np.testing.assert_array_equal(replayed(draws), expected)
-    assert replayed.graph is not None
+    replayed = DecodeStep(gpu.model, caches[0], use_graph=True)
+    launched = DecodeStep(gpu.model, caches[1], use_graph=False)
+    tokens = first
+    for i in range(steps):
+        expected = launched(tokens, lengths + i, np.zeros(len(prompts)))
+        tokens = replayed(tokens, lengths + i, np.zeros(len(prompts)))
+        np.testing.assert_array_equal(tokens, expected)
+    assert replayed.graphs
 
 
 def test_sampling_on_gpu_is_seeded(engines):

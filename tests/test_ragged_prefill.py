@@ -1,18 +1,18 @@
 """The ragged prefill: one pass over the weights for a chunk of every prompt of a batch
-(Llama.prefill_chunks, scheduled by engine.prefill_pass) gives each prompt the logits, the cache and
+(Llama.prefill_chunks, scheduled by scheduler.prefill_pass) gives each prompt the logits, the cache and
 the greedy tokens that prefilling it alone gives, for prompts of different lengths, chunked under a
 token budget, and after a cached prefix."""
 
 import numpy as np
 import pytest
 
-from minifd.engine import Engine, prefill_pass
+from minifd.engine import Engine
+from minifd.scheduler import prefill_pass, prefill_prompts
 from minifd.model.config import LlamaConfig
 from minifd.model.llama import KVCache, Llama
 from minifd.model.loader import InMemoryCheckpoint
 from minifd.model.weights import load_weights
 from minifd.properties.random_model import random_tensors, tiny_config_dict
-from minifd.sequence import Sequence
 from minifd.model.tokenizer import Tokenizer
 from tiny_model import byte_tokenizer
 
@@ -77,8 +77,7 @@ def test_the_ragged_pass_gives_each_prompt_what_prefilling_it_alone_gives(xp, le
     for slot, (ids, held) in enumerate(zip(prompts, cached)):
         if held:
             model.prefill(cache, slot, ids[:held])
-    sequences = [Sequence(ids, TOKENIZER, 4, cached=held) for ids, held in zip(prompts, cached)]
-    logits = engine_on(model, xp, chunk)._prefill(cache, sequences)  # [batch, vocab]
+    logits = prefill_prompts(model, cache, prompts, cached, chunk)  # [batch, vocab]
     logits = np.asarray(logits.get() if xp is not np else logits, np.float32)
     tolerance = TOLERANCE[backend(xp)]
     np.testing.assert_allclose(logits, expected, **tolerance)

@@ -8,6 +8,7 @@ import pytest
 import minifd
 from minifd.errors import MinifdError
 from minifd.fixture import fixture_dir, fixture_ready
+from minifd.model.llama import KVCache
 from minifd.sampling import SamplingParams
 from minifd.scheduler import Request, Scheduler
 
@@ -31,6 +32,11 @@ def alone(engine, prompt, params, max_new_tokens, seed):
     return result.completions[0].token_ids
 
 
+def scheduler_of(engine, slots, max_seq, prefill_chunk, max_queue=None):
+    cache = KVCache.allocate(engine.config, slots, max_seq, engine.xp, engine.model.dtype)
+    return Scheduler(engine.model, cache, prefill_chunk, max_queue)
+
+
 def request(engine, prompt, params, max_new_tokens, seed):
     ids = engine.tokenizer.encode(prompt)
     return Request(engine.sequence(ids, max_new_tokens, ignore_eos=True), params, seed)
@@ -39,7 +45,7 @@ def request(engine, prompt, params, max_new_tokens, seed):
 @pytest.mark.parametrize("slots, prefill_chunk", [(2, 3), (4, 512), (6, 5)])
 def test_requests_joining_and_leaving_a_batch_get_the_tokens_they_get_alone(engine, slots, prefill_chunk):
     lengths = [7, 3, 1, 12, 9, 5]  # requests of different lengths free their slots at different steps
-    scheduler = Scheduler(engine.model, slots, 64, prefill_chunk)
+    scheduler = scheduler_of(engine, slots, 64, prefill_chunk)
     requests = [request(engine, p, s, n, seed) for seed, (p, s, n) in enumerate(zip(PROMPTS, SETTINGS, lengths))]
     for r in requests[:3]:
         scheduler.submit(r)
@@ -54,7 +60,7 @@ def test_requests_joining_and_leaving_a_batch_get_the_tokens_they_get_alone(engi
 
 
 def test_a_cancelled_request_frees_its_slot_and_the_others_run_on(engine):
-    scheduler = Scheduler(engine.model, 2, 64, 4)
+    scheduler = scheduler_of(engine, 2, 64, 4)
     gone, waiting, stays = (request(engine, p, SamplingParams(0.9), 10, seed) for seed, p in enumerate(PROMPTS[:3]))
     for r in (gone, stays, waiting):
         scheduler.submit(r)
@@ -68,13 +74,13 @@ def test_a_cancelled_request_frees_its_slot_and_the_others_run_on(engine):
 
 
 def test_the_queue_and_the_slot_size_are_bounded(engine):
-    scheduler = Scheduler(engine.model, 1, 16, 8, max_queue=1)
+    scheduler = scheduler_of(engine, 1, 16, 8, max_queue=1)
     scheduler.submit(request(engine, "hello", SamplingParams(), 4, 0))  # takes the free slot at the next step
     scheduler.submit(request(engine, "hello", SamplingParams(), 4, 0))  # waits
     with pytest.raises(MinifdError, match="queue is full"):
         scheduler.submit(request(engine, "hello", SamplingParams(), 4, 0))
     with pytest.raises(MinifdError, match="over the 16"):
-        Scheduler(engine.model, 1, 16, 8).submit(request(engine, "hello", SamplingParams(), 16, 0))
+        scheduler_of(engine, 1, 16, 8).submit(request(engine, "hello", SamplingParams(), 16, 0))
 
 
 @pytest.mark.skipif(not fixture_ready() and not os.environ.get("MINIFD_REQUIRE_FIXTURE"),
@@ -86,7 +92,7 @@ def test_smollm2_greedy_text_is_the_same_alone_and_among_eight():
     prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at",
                "The quick brown fox", "In 1969, humans", "My favourite colour is", "A haiku about rain:"]
     greedy = SamplingParams()
-    scheduler = Scheduler(engine.model, 8, 128, 16)
+    scheduler = scheduler_of(engine, 8, 128, 16)
     requests = [request(engine, prompt, greedy, 16, 0) for prompt in prompts]
     for r in requests:
         scheduler.submit(r)

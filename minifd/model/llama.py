@@ -56,6 +56,10 @@ class KVCache:
     def max_seq(self):
         return self.k[0].shape[2]
 
+    def first_rows(self, rows):
+        """The cache of the first `rows` sequences: views sharing this cache's memory."""
+        return KVCache([k[:rows] for k in self.k], [v[:rows] for v in self.v])
+
     def nbytes_per_position(self):
         """Bytes of K and V one cached position holds across all layers."""
         batch, n_kv_heads, _, head_dim = self.k[0].shape

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from minifd.errors import MinifdError
 from minifd.sampling import SamplingParams, draw_seed
-from minifd.scheduler import Request, Scheduler
+from minifd.scheduler import Request
 from minifd.serve.metrics import Metrics
 from minifd.serve.protocol import (ProtocolError, Reply, Usage, check_authorization, error_body, invalid, model_list,
                                    parse_chat_request, parse_completion_request, queue_full, response_body,
@@ -39,7 +39,7 @@ class Server:
         self.engine, self.served_model, self.api_key = engine, served_model, api_key
         self.context = min(context or engine.model.max_seq, engine.model.max_seq)
         self.max_queue = max_queue
-        self.scheduler = Scheduler(engine.model, slots, self.context, engine.prefill_chunk, max_queue)
+        self.scheduler = engine.scheduler(slots, self.context, max_queue)
         self.metrics = Metrics()
         self.started = int(time.time())
         self._lock = threading.Lock()
