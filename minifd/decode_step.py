@@ -3,8 +3,10 @@
 Everything a step reads lives in buffers allocated once for the pool's rows: the newest token of each
 row (IDLE for a row with no sequence decoding: it runs on token 0 and what it yields is ignored), its
 position, its sampling draw, its sampling settings and the tokens it holds (what a repetition penalty
-reads), and the chosen tokens are written into one more. The host uploads tokens, positions and draws
-and fetches the chosen tokens; settings and held tokens are uploaded when a sequence takes a row.
+reads), and the chosen tokens are written into one more. A step also advances its own inputs (each
+decoding row feeds its choice at the next position), so the host fetches the chosen tokens and
+uploads only what changed: tokens and positions when rows join or leave, draws when some row samples,
+settings and held tokens when a sequence takes a row.
 
 So on a GPU a step can be captured once as a CUDA graph and replayed, one graph per key:
   - the bucket: a step over the first n rows runs the smallest of 1, 2, 4, ... (and the pool's size)
@@ -48,10 +50,12 @@ class DecodeStep:
         rows = cache.k[0].shape[0]
         self.buckets = buckets(rows)
         self.caches = {bucket: cache.first_rows(bucket) for bucket in self.buckets}
-        self.tokens = xp.zeros(rows, dtype=xp.int64)  # [rows]
+        self.tokens = xp.full(rows, IDLE, dtype=xp.int64)  # [rows]
         self.positions = xp.zeros(rows, dtype=xp.int32)  # [rows]
         self.uniforms = xp.zeros(rows, dtype=xp.float32)  # [rows]
         self.chosen = xp.zeros(rows, dtype=xp.int64)  # [rows], written by each step
+        self.fed_tokens = np.full(rows, IDLE, dtype=np.int64)  # what self.tokens holds, as the host knows it
+        self.fed_positions = np.zeros(rows, dtype=np.int32)  # what self.positions holds, likewise
         self.seen = xp.zeros((rows, model.config.vocab_size), dtype=bool)  # [rows, vocab]
         self.settings = {name: xp.full((rows, 1), getattr(NEUTRAL, name), dtype=dtype)  # [rows, 1] each
                          for name, dtype in SETTING_DTYPES.items()}
@@ -101,15 +105,17 @@ class DecodeStep:
         overwrite); uniforms: host floats in [0, 1) -> host token ids (NON_FINITE marks bad logits)."""
         rows = len(tokens)
         bucket = next(size for size in self.buckets if size >= rows)
-        pad = bucket - rows
         decoding = [row for row in range(rows) if tokens[row] != IDLE]
         sampling = frozenset(name for name in SETTING_DTYPES
                              if any(getattr(self.params[row], name) != getattr(NEUTRAL, name) for row in decoding))
         key = (bucket, sampling)
         with self.on_stream():
-            self._upload(self.tokens, tokens, IDLE, pad)
-            self._upload(self.positions, positions, 0, pad)
-            self._upload(self.uniforms, uniforms, 0.0, pad)
+            # A step advances its own inputs (each decoding row feeds its choice at the next position),
+            # so in the steady state nothing is uploaded; the host keeps the same account.
+            self._upload(self.tokens, self.fed_tokens, tokens, IDLE, bucket)
+            self._upload(self.positions, self.fed_positions, positions, 0, bucket)
+            if "temperature" in sampling:  # the only setting that reads the draws
+                self._upload(self.uniforms, None, uniforms, 0.0, bucket)
             if key not in self.graphs and self.use_graph and self.steps[key] >= 1:
                 self._capture(key)
             if key in self.graphs:
@@ -118,14 +124,25 @@ class DecodeStep:
                 with self._memory_of(key):
                     self._step(*key)
             self.steps[key] += 1
-            return to_numpy(self.chosen[:rows])
+            chosen = to_numpy(self.chosen[:bucket])  # [bucket]
+        live = self.fed_tokens[:bucket] != IDLE
+        self.fed_tokens[:bucket] = np.where(live, chosen, IDLE)
+        self.fed_positions[:bucket] += live
+        return chosen[:rows]
 
-    def _upload(self, buffer, values, padding, pad):
-        host = np.concatenate([np.asarray(values, dtype=buffer.dtype), np.full(pad, padding, dtype=buffer.dtype)])
+    def _upload(self, buffer, fed, values, padding, bucket):
+        """values (padded to the bucket) into buffer[:bucket], unless `fed`, the host's account of what
+        the buffer holds, says it holds them already."""
+        host = np.full(bucket, padding, dtype=buffer.dtype)
+        host[:len(values)] = values
+        if fed is not None:
+            if np.array_equal(fed[:bucket], host):
+                return
+            fed[:bucket] = host
         if self.stream is None:
-            buffer[:len(host)] = host
+            buffer[:bucket] = host
         else:
-            buffer[:len(host)].set(host, stream=self.stream)
+            buffer[:bucket].set(host, stream=self.stream)
 
     def _step(self, bucket, sampling):
         xp = self.xp
@@ -137,9 +154,12 @@ class DecodeStep:
         seen = self.seen[:bucket] if "repetition_penalty" in sampling else None  # [bucket, vocab]
         finite = xp.isfinite(logits).all(axis=-1)  # [bucket]
         chosen = xp.where(finite, sample(logits, settings, self.uniforms[:bucket], seen), NON_FINITE)  # [bucket]
+        live = tokens >= 0  # [bucket]
         if seen is not None:
-            mark_seen(seen, xp.where(tokens >= 0, chosen, IDLE))
+            mark_seen(seen, xp.where(live, chosen, IDLE))
         self.chosen[:bucket] = chosen
+        tokens[...] = xp.where(live, chosen, IDLE)  # the next step's inputs
+        self.positions[:bucket] += live
 
     def _memory_of(self, key):
         if self.stream is None:

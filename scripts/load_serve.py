@@ -123,7 +123,10 @@ def main():
     engine, name = engine_of(args)
     http, url = start_server(engine, name, args.max_batch)
     print(f"serving {name} at {url}, --max-batch {args.max_batch}, {args.max_tokens} tokens per stream")
-    asyncio.run(level(url, name, args.max_batch, 8))  # captures the decode graphs of every bucket
+    from minifd.decode_step import buckets
+
+    for streams in buckets(args.max_batch):  # captures the decode graph of every batch bucket
+        asyncio.run(level(url, name, streams, 8))
     alone = asyncio.run(one_by_one(url, name, PROMPTS, args.max_tokens))
     rows, one = [], None
     print("| streams | tokens/s | x 1 stream | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | x 1 stream ITL p50 | texts as alone |")

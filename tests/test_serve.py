@@ -138,7 +138,6 @@ def test_a_client_gone_mid_stream_frees_its_slot(served, monkeypatch):
 def test_a_full_queue_is_answered_429(served, monkeypatch):
     server = served[1]
     monkeypatch.setattr(server, "max_queue", 0)
-    monkeypatch.setattr(server.scheduler, "max_queue", 0)
     step = server.scheduler.step
     monkeypatch.setattr(server.scheduler, "step", lambda: (time.sleep(0.01), step()))
     headers = {"Authorization": "Bearer sesame"}

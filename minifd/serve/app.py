@@ -13,6 +13,7 @@ keeps serving.
 
 import asyncio
 import contextlib
+import queue
 import threading
 import time
 
@@ -38,13 +39,16 @@ class Server:
     def __init__(self, engine, served_model, slots=8, max_queue=64, context=None, api_key=None):
         self.engine, self.served_model, self.api_key = engine, served_model, api_key
         self.context = min(context or engine.model.max_seq, engine.model.max_seq)
-        self.max_queue = max_queue
-        self.scheduler = engine.scheduler(slots, self.context, max_queue)
+        self.slots, self.max_queue = slots, max_queue
+        self.scheduler = engine.scheduler(slots, self.context)
         self.metrics = Metrics()
         self.started = int(time.time())
-        self._lock = threading.Lock()
+        # Handlers never wait for a step: they post to the inbox, which the scheduler's thread empties
+        # between steps, and count what they let in under a lock no step holds.
+        self._inbox = queue.SimpleQueue()  # ("submit" | "cancel", Request) or ("stop", None)
+        self._admitted = 0  # requests submitted and not yet finished
+        self._admitted_lock = threading.Lock()
         self._work = threading.Event()
-        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="minifd-scheduler", daemon=True)
 
     # --- the scheduler's thread -----------------------------------------------------------------
@@ -54,41 +58,53 @@ class Server:
 
     def stop(self):
         """Cancel what is left and end the thread (after the server has stopped taking requests)."""
-        with self._lock:
-            for request in [slot.request for slot in self.scheduler.slots if slot is not None] + list(
-                    self.scheduler.waiting):
-                self.scheduler.cancel(request)
-        self._stopping.set()
-        self._work.set()
+        self._post("stop", None)
         self._thread.join()
 
     def _run(self):
-        while not self._stopping.is_set():
-            with self._lock:
-                busy = self.scheduler.busy
-                if busy:
-                    before = time.perf_counter()
-                    self.scheduler.step()
-                    running = sum(slot is not None for slot in self.scheduler.slots)
-                    self.metrics.set_scheduler_state(len(self.scheduler.waiting), running,
-                                                     running / max(time.perf_counter() - before, 1e-9))
-            if not busy:
+        while True:
+            while not self._inbox.empty():
+                kind, request = self._inbox.get()
+                if kind == "stop":
+                    for left in [slot.request for slot in self.scheduler.slots if slot is not None] + list(
+                            self.scheduler.waiting):
+                        self.scheduler.cancel(left)
+                    return
+                if kind == "submit":
+                    self.scheduler.submit(request)
+                elif request.sequence.running:  # "cancel": the client has gone
+                    self.metrics.count_cancelled()
+                    self.scheduler.cancel(request)
+            if self.scheduler.busy:
+                before = time.perf_counter()
+                self.scheduler.step()
+                running = sum(slot is not None for slot in self.scheduler.slots)
+                self.metrics.set_scheduler_state(len(self.scheduler.waiting), running,
+                                                 running / max(time.perf_counter() - before, 1e-9))
+            else:
                 self._work.wait(IDLE_WAIT_SECONDS)
                 self._work.clear()
 
-    def submit(self, request):
-        with self._lock:
-            if self.scheduler.full:
-                raise queue_full(self.max_queue)
-            self.scheduler.submit(request)
+    def _post(self, kind, request):
+        self._inbox.put((kind, request))
         self._work.set()
 
+    def submit(self, request):
+        """Queue a request (its on_finish must call release()); a 429 when max_queue wait already."""
+        with self._admitted_lock:
+            if self._admitted >= self.slots + self.max_queue:
+                raise queue_full(self.max_queue)
+            self._admitted += 1
+        self._post("submit", request)
+
+    def release(self):
+        """A submitted request has finished."""
+        with self._admitted_lock:
+            self._admitted -= 1
+
     def cancel(self, request):
-        """A request whose client has gone: it ends where it stands."""
-        with self._lock:
-            if request.sequence.running:
-                self.metrics.count_cancelled()
-            self.scheduler.cancel(request)
+        """A request whose client has gone: it ends where it stands, before the next step."""
+        self._post("cancel", request)
 
     # --- the app ---------------------------------------------------------------------------------
 
@@ -153,7 +169,8 @@ class Server:
             params = SamplingParams(request.temperature, request.top_k, request.top_p, request.min_p,
                                     request.repetition_penalty)
             submitted = Request(sequence, params, draw_seed(request.seed),
-                                on_finish=lambda _: loop.call_soon_threadsafe(pieces.put_nowait, ("end", None)))
+                                on_finish=lambda _: (self.release(),
+                                                     loop.call_soon_threadsafe(pieces.put_nowait, ("end", None))))
             self.submit(submitted)
         except ProtocolError as error:
             return self._error(endpoint, error)
