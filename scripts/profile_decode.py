@@ -1,4 +1,4 @@
-"""Where a decode step's time goes, at the Llama-2-7B shape with random fp16 weights.
+"""Where a decode step's time goes, at the Llama-2-7B shape with random fp16 weights (--quantize: int8/int4 projections).
 
 Run it under Nsight Compute, which times each kernel of one eager decode step in isolation:
 
@@ -21,7 +21,7 @@ from collections import defaultdict
 import numpy as np
 
 
-def profile(batch, prompt_tokens, steps):
+def profile(batch, prompt_tokens, steps, quantize=None):
     import cupy
 
     from minifd.bench import LLAMA2_7B, copy_bandwidth, random_weights
@@ -30,7 +30,7 @@ def profile(batch, prompt_tokens, steps):
     from minifd.model.llama import KVCache, Llama
 
     config = LlamaConfig.from_dict(dict(LLAMA2_7B, max_position_embeddings=prompt_tokens + steps + 8))
-    model = Llama(config, random_weights(config, cupy, np.float16), cupy, max_seq=config.max_position_embeddings)
+    model = Llama(config, random_weights(config, cupy, np.float16, quantize=quantize), cupy, max_seq=config.max_position_embeddings)
     cache = KVCache.allocate(config, batch, prompt_tokens + steps + 8, cupy, np.float16)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (batch, prompt_tokens))
     first = [int(model.prefill(cache, b, tokens[b]).argmax()) for b in range(batch)]
@@ -67,14 +67,14 @@ def summarize(path):
             continue
         value = float(row["Metric Value"].replace(",", ""))
         scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(row.get("Metric Unit", "nsecond"), 1e-3)
-        name = row["Kernel Name"].split("(")[0]
+        name = f'{row["Kernel Name"].split("(")[0]} {row.get("Grid Size", "")}'.strip()
         totals[name] += value * scale
         counts[name] += 1
     total = sum(totals.values())
-    print(f"{'kernel':48s} {'launches':>8s} {'total us':>10s} {'share':>6s}")
+    print(f"{'kernel grid':64s} {'launches':>8s} {'total us':>10s} {'share':>6s}")
     for name, micros in sorted(totals.items(), key=lambda item: -item[1]):
-        print(f"{name[:48]:48s} {counts[name]:8d} {micros:10.1f} {100 * micros / total:5.1f}%")
-    print(f"{'all kernels':48s} {sum(counts.values()):8d} {total:10.1f}")
+        print(f"{name[:64]:64s} {counts[name]:8d} {micros:10.1f} {100 * micros / total:5.1f}%")
+    print(f"{'all kernels':64s} {sum(counts.values()):8d} {total:10.1f}")
 
 
 if __name__ == "__main__":
@@ -82,9 +82,10 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="the projections in that format")
     parser.add_argument("--summarize", metavar="NCU_CSV")
     args = parser.parse_args()
     if args.summarize:
         summarize(args.summarize)
     else:
-        profile(args.batch, args.prompt, args.steps)
+        profile(args.batch, args.prompt, args.steps, args.quantize)
