@@ -204,11 +204,19 @@ class Engine:
         bar = ProgressBar("Prefill", sum(len(s.prompt_ids) - s.cached for s in sequences), unit="tokens",
                           enabled=self.progress, delay=PREFILL_PROGRESS_DELAY)
         scheduler = Scheduler(self.model, cache, self.prefill_chunk, use_graph=self.use_graph, on_prefill=bar.advance)
-        for i, sequence in enumerate(sequences):
-            scheduler.submit(Request(sequence, params, (seed + i) % 2**31, on_finish and (lambda _, i=i: on_finish(i)),
-                                     cancel, f"prompt {i + 1}"))
+        def finished(request, i):
+            if request.error is None and on_finish is not None:  # a failed prompt raises below instead
+                on_finish(i)
+
+        requests = [Request(sequence, params, (seed + i) % 2**31, partial(finished, i=i), cancel, f"prompt {i + 1}")
+                    for i, sequence in enumerate(sequences)]
+        for request in requests:
+            scheduler.submit(request)
         scheduler.run()
         bar.close()
+        failed = [request.error for request in requests if request.error is not None]
+        if failed:
+            raise failed[0]
         done = scheduler.stats
         return Stats(prompt_tokens=sum(len(s.prompt_ids) for s in sequences),
                      generated_tokens=sum(len(s.token_ids) for s in sequences),

@@ -42,6 +42,7 @@ class Request:
     on_finish: object = None  # on_finish(request): called once the sequence has ended, whatever ended it
     cancel: object = None  # an object whose is_set() (a threading.Event) ends the sequence after its current token
     name: str = "a request"  # what errors call it
+    error: object = None  # the MinifdError (or other exception) that ended it, when one did
 
 
 @dataclass
@@ -110,10 +111,18 @@ class Scheduler:
     def cancel(self, request):
         """End a request where it stands (its client has gone): it leaves the queue, or its slot is free
         for the next step."""
+        self._end(request, "cancelled")
+
+    def fail(self, request, error):
+        """End a request where it stands because of `error` (kept as request.error); the others go on."""
+        request.error = error
+        self._end(request, "error")
+
+    def _end(self, request, reason):
         self.waiting = deque(waiting for waiting in self.waiting if waiting is not request)
         self.slots = [None if slot is not None and slot.request is request else slot for slot in self.slots]
         if request.sequence.running:
-            request.sequence.finish("cancelled")
+            request.sequence.finish(reason)
             _finished(request)
 
     def run(self):
@@ -186,11 +195,12 @@ class Scheduler:
     def _accept(self, index, token):
         slot = self.slots[index]
         sequence = slot.request.sequence
-        if token == NON_FINITE:
+        if token == NON_FINITE:  # this request ends; the others go on
             steps = len(sequence.token_ids)  # the prefill chose its first token, decode step n its n+1-th
             where = "the prefill" if steps == 0 else f"decode step {steps}"
-            raise MinifdError(f"NaN or Inf logits at {where} for {slot.request.name}; the weights may be corrupt "
-                              "or overflow float16")
+            self.fail(slot.request, MinifdError(f"NaN or Inf logits at {where} for {slot.request.name}; the weights "
+                                                "may be corrupt or overflow float16"))
+            return
         sequence.accept(token)
         if sequence.running and slot.request.cancel is not None and slot.request.cancel.is_set():
             sequence.finish("cancelled")

@@ -53,7 +53,7 @@ class Sequence:
         self.chosen = []  # every token chosen for it, the stop id that ended it included
         self.token_ids = []  # the generated tokens, without that stop id or special-token stop string
         self.pieces = []  # the text streamed
-        self.finish_reason = None  # "eos", "stop", "length" or "cancelled" once it has ended
+        self.finish_reason = None  # "eos", "stop", "length", "cancelled" or "error" once it has ended
 
     @property
     def running(self):

@@ -3,6 +3,7 @@ through Engine.generate or joins and leaves a running batch of others."""
 
 import os
 
+import numpy as np
 import pytest
 
 import minifd
@@ -99,3 +100,26 @@ def test_smollm2_greedy_text_is_the_same_alone_and_among_eight():
         scheduler.step()  # each joins a step after the one before
     scheduler.run()
     assert [r.sequence.token_ids for r in requests] == [alone(engine, p, greedy, 16, 0) for p in prompts]
+
+
+def test_a_request_whose_logits_are_not_finite_ends_alone_with_the_error(engine, monkeypatch):
+    scheduler = scheduler_of(engine, 3, 64, 16)
+    poisoned, *healthy = (request(engine, p, SamplingParams(), 6, seed) for seed, p in enumerate(PROMPTS[:3]))
+    prefill_chunks = engine.model.prefill_chunks
+
+    def poisoning(cache, chunks):  # the poisoned request's prompt ends in NaN logits
+        logits = prefill_chunks(cache, chunks)
+        for row, chunk in enumerate(chunks):
+            if chunk.slot == 0:
+                logits[row, 3] = np.nan
+        return logits
+
+    monkeypatch.setattr(engine.model, "prefill_chunks", poisoning)
+    for r in (poisoned, *healthy):
+        scheduler.submit(r)
+    scheduler.run()
+    assert poisoned.sequence.finish_reason == "error" and poisoned.sequence.token_ids == []
+    assert "NaN or Inf logits at the prefill" in str(poisoned.error)
+    monkeypatch.undo()
+    for seed, r in enumerate(healthy, start=1):
+        assert r.error is None and r.sequence.token_ids == alone(engine, PROMPTS[seed], SamplingParams(), 6, seed)

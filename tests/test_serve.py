@@ -2,10 +2,12 @@
 openai client: models, completions and chat completions (streamed and not), concurrent requests,
 errors, a client that goes away mid-stream."""
 
+import json
 import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -208,3 +210,33 @@ def test_minifd_serve_without_weights_or_fixture_is_one_line(monkeypatch, capsys
         main(["serve", "--device", "cpu"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def poison_prefill(monkeypatch, model, failure):
+    """Every prefill pass of `model` gives NaN logits ("nan") or raises ("raise") until monkeypatch undoes it."""
+    prefill_chunks = model.prefill_chunks
+
+    def poisoned(cache, chunks):
+        if failure == "raise":
+            raise RuntimeError("the device went away")
+        logits = prefill_chunks(cache, chunks)
+        logits[:, 0] = np.nan
+        return logits
+
+    monkeypatch.setattr(model, "prefill_chunks", poisoned)
+
+
+@pytest.mark.parametrize("failure", ["nan", "raise"])
+def test_a_request_that_fails_is_answered_500_and_the_server_goes_on(served, client, monkeypatch, failure):
+    engine, server, base_url = served
+    poison_prefill(monkeypatch, server.scheduler.model, failure)
+    headers = {"Authorization": "Bearer sesame"}
+    body = {"model": "tiny", "prompt": "hello there", "max_tokens": 4, "temperature": 0}
+    whole = httpx.post(base_url + "/v1/completions", headers=headers, json=body)
+    assert whole.status_code == 500 and whole.json()["error"]["type"] == "server_error"
+    with httpx.stream("POST", base_url + "/v1/completions", headers=headers, json={**body, "stream": True}) as stream:
+        events = [line for line in stream.iter_lines() if line.startswith("data: ")]
+    assert "error" in json.loads(events[0][len("data: "):]) and events[-1] == "data: [DONE]"
+    monkeypatch.undo()
+    answer = client.completions.create(model="tiny", prompt="hello there", max_tokens=4, temperature=0)
+    assert answer.choices[0].text == engine.generate(["hello there"], max_new_tokens=4).completions[0].text

@@ -14,6 +14,7 @@ keeps serving.
 import asyncio
 import contextlib
 import queue
+import sys
 import threading
 import time
 
@@ -27,7 +28,8 @@ from minifd.scheduler import Request
 from minifd.serve.metrics import Metrics
 from minifd.serve.protocol import (ProtocolError, Reply, Usage, check_authorization, error_body, invalid, model_list,
                                    parse_chat_request, parse_completion_request, queue_full, response_body,
-                                   stream_end, stream_piece, stream_start, tokens_to_generate)
+                                   server_error, stream_end, stream_error, stream_piece, stream_start,
+                                   tokens_to_generate)
 
 IDLE_WAIT_SECONDS = 0.05  # how long the scheduler thread sleeps between looks at an empty queue
 
@@ -77,7 +79,13 @@ class Server:
                     self.scheduler.cancel(request)
             if self.scheduler.busy:
                 before = time.perf_counter()
-                self.scheduler.step()
+                try:
+                    self.scheduler.step()
+                except Exception as error:  # the device failed the step: its requests end with a 500, serving goes on
+                    print(f"minifd serve: a step failed ({type(error).__name__}: {error}); its requests end",
+                          file=sys.stderr)
+                    for left in [slot.request for slot in self.scheduler.slots if slot is not None]:
+                        self.scheduler.fail(left, error)
                 running = sum(slot is not None for slot in self.scheduler.slots)
                 self.metrics.set_scheduler_state(len(self.scheduler.waiting), running,
                                                  running / max(time.perf_counter() - before, 1e-9))
@@ -183,6 +191,8 @@ class Server:
         finally:
             if sequence.running:  # the client went away while it waited
                 self.cancel(submitted)
+        if submitted.error is not None:
+            return self._error(endpoint, server_error(submitted.error))
         usage = self._usage(submitted)
         self.metrics.count_request(endpoint, 200)
         return JSONResponse(response_body(reply, sequence.text, sequence.finish_reason, usage))
@@ -197,6 +207,11 @@ class Server:
                 kind, piece = await pieces.get()
                 if kind == "end":
                     ended = True
+                    if submitted.error is not None:  # the status line went out already: the error is an event
+                        error = server_error(submitted.error)
+                        self.metrics.count_request(endpoint, error.status)
+                        yield stream_error(error)
+                        return
                     yield stream_end(reply, submitted.sequence.finish_reason, self._usage(submitted))
                     self.metrics.count_request(endpoint, 200)
                     return

@@ -85,6 +85,12 @@ def queue_full(limit):
                          code="rate_limit_exceeded")
 
 
+def server_error(error):
+    """The error for a request the server took but could not finish (NaN logits, a failed device
+    step): 500, saying what happened."""
+    return ProtocolError(500, f"the request failed: {error}")
+
+
 def check_authorization(authorization, api_key):
     """Refuse (401) unless the Authorization header (None when absent) is `Bearer <api_key>`.
 
@@ -395,6 +401,12 @@ def stream_end(reply, finish_reason, usage):
     if reply.include_usage:
         events += chunk_event(reply, [], usage)
     return events + DONE_EVENT
+
+
+def stream_error(error):
+    """The events that end a stream that failed after it began: OpenAI's error object as a chunk of
+    its own, and [DONE]."""
+    return sse_event(error_body(error)) + DONE_EVENT
 
 
 def choice(content, finish_reason):
