@@ -60,6 +60,7 @@ class DecodeStep:
         self.settings = {name: xp.full((rows, 1), getattr(NEUTRAL, name), dtype=dtype)  # [rows, 1] each
                          for name, dtype in SETTING_DTYPES.items()}
         self.params = [NEUTRAL] * rows  # each row's settings, as the host knows them
+        self.sampling = [frozenset()] * rows  # each row's sampling steps on (its settings off neutral)
         self.use_graph = use_graph and is_gpu(xp)
         # Captured or not, the step runs the kernels a CUDA graph can record, so --no-graph changes
         # how the step is launched, not what it computes.
@@ -80,6 +81,7 @@ class DecodeStep:
     def assign(self, row, params, token_ids):
         """A sequence takes `row`: its SamplingParams and the token ids it holds (its prompt)."""
         self.params[row] = params
+        self.sampling[row] = frozenset(name for name in SETTING_DTYPES if getattr(params, name) != getattr(NEUTRAL, name))
         with self.on_stream():
             for name in SETTING_DTYPES:
                 self.settings[name][row, 0] = getattr(params, name)
@@ -106,8 +108,7 @@ class DecodeStep:
         rows = len(tokens)
         bucket = next(size for size in self.buckets if size >= rows)
         decoding = [row for row in range(rows) if tokens[row] != IDLE]
-        sampling = frozenset(name for name in SETTING_DTYPES
-                             if any(getattr(self.params[row], name) != getattr(NEUTRAL, name) for row in decoding))
+        sampling = frozenset().union(*(self.sampling[row] for row in decoding))
         key = (bucket, sampling)
         with self.on_stream():
             # A step advances its own inputs (each decoding row feeds its choice at the next position),
