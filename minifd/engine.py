@@ -40,7 +40,7 @@ class Completion:
 class Stats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    prefill_seconds: float = 0.0  # time to first token: every prompt prefilled and first tokens chosen
+    prefill_seconds: float = 0.0  # in prefill passes, first tokens chosen included (one prompt: its time to first token)
     decode_seconds: float = 0.0
     decode_steps: int = 0
     bytes_read: int = 0  # weights + KV cache read over all decode steps
@@ -133,7 +133,8 @@ class Engine:
 
         prompts: list of str (encoded with BOS where the model wants one) or of token-id lists (used as
         they are, e.g. a rendered chat); seed: the sampling seed, same seed same text (None or negative:
-        a fresh one, reported in the result's stats); stop: strings that end a continuation where they
+        a fresh one, reported in the result's stats; prompt i draws from seed + i, so a prompt's text
+        does not depend on the prompts beside it); stop: strings that end a continuation where they
         appear (its text is cut before them); on_text(prompt_index, text): called with each new piece
         of text as it is produced; on_finish(prompt_index): called once a prompt's continuation is
         complete; cancel: an object whose is_set() (a threading.Event) ends every continuation after
@@ -204,6 +205,7 @@ class Engine:
         bar = ProgressBar("Prefill", sum(len(s.prompt_ids) - s.cached for s in sequences), unit="tokens",
                           enabled=self.progress, delay=PREFILL_PROGRESS_DELAY)
         scheduler = Scheduler(self.model, cache, self.prefill_chunk, use_graph=self.use_graph, on_prefill=bar.advance)
+
         def finished(request, i):
             if request.error is None and on_finish is not None:  # a failed prompt raises below instead
                 on_finish(i)
