@@ -6,14 +6,16 @@ import json
 import threading
 import time
 
-import httpx
 import numpy as np
-import openai
 import pytest
-import uvicorn
 
 import minifd
-from minifd.serve.app import Server
+
+# The serve and test extras (pip install -e '.[test]'); CI has them, a bare GPU machine may not.
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+Server = pytest.importorskip("minifd.serve.app").Server
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
