@@ -90,7 +90,8 @@ class Scheduler:
     @property
     def full(self):
         """Whether max_queue requests wait already beyond those the free slots take at the next step."""
-        return self.max_queue is not None and len(self.waiting) >= self.max_queue + self.slots.count(None)
+        outstanding = len(self.waiting) + sum(slot is not None for slot in self.slots)
+        return self.max_queue is not None and queue_is_full(outstanding, len(self.slots), self.max_queue)
 
     def submit(self, request):
         """Queue a request; a MinifdError when the queue is full or the request cannot fit a slot."""
@@ -209,6 +210,12 @@ class Scheduler:
         else:
             self.slots[index] = None  # free for the next waiting request at the next step
             _finished(slot.request)
+
+
+def queue_is_full(outstanding, slots, max_queue):
+    """Whether a scheduler of `slots` slots, with `outstanding` requests submitted and not finished,
+    has max_queue of them waiting already (the free slots take the others at the next step)."""
+    return outstanding >= slots + max_queue
 
 
 def _finished(request):

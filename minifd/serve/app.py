@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from minifd.errors import MinifdError
 from minifd.sampling import SamplingParams, draw_seed
-from minifd.scheduler import Request
+from minifd.scheduler import Request, queue_is_full
 from minifd.serve.metrics import Metrics
 from minifd.serve.protocol import (ProtocolError, Reply, Usage, check_authorization, error_body, invalid, model_list,
                                    parse_chat_request, parse_completion_request, queue_full, response_body,
@@ -100,7 +100,7 @@ class Server:
     def submit(self, request):
         """Queue a request (its on_finish must call release()); a 429 when max_queue wait already."""
         with self._admitted_lock:
-            if self._admitted >= self.slots + self.max_queue:
+            if queue_is_full(self._admitted, self.slots, self.max_queue):  # the scheduler's own rule
                 raise queue_full(self.max_queue)
             self._admitted += 1
         self._post("submit", request)
