@@ -94,7 +94,7 @@ def cublas_graph_time(torch, x, weights, calls=16, repeats=5):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--geometries", nargs="+", default=["8,1,2,4"], help="warps,row_tiles,pieces[,min_blocks] per geometry")
+    parser.add_argument("--geometries", nargs="+", default=["8,1,2,4"], help="warps,row_tiles,pieces[,min_blocks[,stages]] per geometry")
     parser.add_argument("--ms", default="1,2,4,8,16,32,64")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--variant", default="store", choices=("store", "store_norm", "residual", "gated_norm"),
@@ -117,7 +117,8 @@ def main():
 
     results = []
     header = f"{'shape':>12} {'M':>3} | {'cuBLAS us':>9} {'%bw':>4} | {'gemv us':>8} {'%bw':>4} | " + " | ".join(
-        f"{'flat ' + ','.join(map(str, (g.warps, g.row_tiles, g.pieces, g.min_blocks))):>12} {'%bw':>4} {'xcuB':>5}" for g in geometries)
+        f"{'flat ' + ','.join(map(str, (g.warps, g.row_tiles, g.pieces, g.min_blocks, g.stages))):>14} {'%bw':>4} {'xcuB':>5}"
+        for g in geometries)
     print(header)
     print("-" * len(header))
     device_rng = cupy.random.default_rng(0)
@@ -139,7 +140,7 @@ def main():
             streamed = {key: own[0].nbytes for key in row if key not in ("shape", "n", "k", "m")}
             streamed["cublas"] = weights[0].nbytes
             percent = {key: 100 * streamed[key] / bandwidth / row[key] for key in streamed}
-            cells = [f"{row[str(g)] * 1e6:12.1f} {percent[str(g)]:4.0f} {row['cublas'] / row[str(g)]:5.2f}"
+            cells = [f"{row[str(g)] * 1e6:14.1f} {percent[str(g)]:4.0f} {row['cublas'] / row[str(g)]:5.2f}"
                      for g in geometries]
             print(f"{name:>12} {m:3d} | {row['cublas'] * 1e6:9.1f} {percent['cublas']:4.0f} | {row['gemv'] * 1e6:8.1f} "
                   f"{percent['gemv']:4.0f} | " + " | ".join(cells), flush=True)

@@ -273,11 +273,12 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
     }
 }
 
-// One kernel per (M_PAD, epilogue, norm): flat_gemm_m<M_PAD>_<store|store_norm|residual|gated_norm>.
+// One kernel per (M_PAD, epilogue, norm): flat_gemm_m<M_PAD>_<store|store_norm|residual|gated|gated_norm>.
 #define FLAT_GEMM_KERNELS(M_PAD)                                                                                   \
     MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_STORE, false>) \
     MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store_norm, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_STORE, true>) \
     MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_residual, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_RESIDUAL, false>) \
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_gated, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_GATED, false>) \
     MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_gated_norm, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_GATED, true>)
 
 FLAT_GEMM_KERNELS(8) FLAT_GEMM_KERNELS(16) FLAT_GEMM_KERNELS(32) FLAT_GEMM_KERNELS(64)

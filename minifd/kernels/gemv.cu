@@ -255,11 +255,12 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const vo
 }
 
 // One kernel per M_TILE (the accumulators live in registers, so the tile is a compile-time constant)
-// and fused steps: gemv_m<M_TILE>_<store|store_norm|residual|gated_norm|rotary_norm>.
+// and fused steps: gemv_m<M_TILE>_<store|store_norm|residual|gated|gated_norm|rotary_norm>.
 #define GEMV_KERNELS(M_TILE)                                                                                \
     MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_store, GEMV_THREADS, 1, gemv_rows<M_TILE, false, false, false>)     \
     MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_store_norm, GEMV_THREADS, 1, gemv_rows<M_TILE, true, false, false>) \
     MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_residual, GEMV_THREADS, 1, gemv_rows<M_TILE, false, true, false>)   \
+    MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_gated, GEMV_THREADS, 1, gemv_rows<M_TILE, false, false, true>)      \
     MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_gated_norm, GEMV_THREADS, 1, gemv_rows<M_TILE, true, false, true>)   \
     GEMV_ROTARY_KERNEL(gemv_m##M_TILE##_rotary_norm, M_TILE)
 

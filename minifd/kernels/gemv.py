@@ -27,7 +27,8 @@ GEMV_M_TILES = (1, 2, 4, 8)
 # The fused steps gemv.cu has kernels for, (gated, residual, norm, rotary) -> kernel name suffix;
 # flat_gemm.cu has all but the rotary one.
 FUSED_KERNELS = {(False, False, False, False): "store", (False, False, True, False): "store_norm",
-                 (False, True, False, False): "residual", (True, False, True, False): "gated_norm",
+                 (False, True, False, False): "residual", (True, False, False, False): "gated",
+                 (True, False, True, False): "gated_norm",
                  (False, False, True, True): "rotary_norm"}
 
 

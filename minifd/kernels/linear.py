@@ -7,7 +7,8 @@ minifd/kernels/dispatch.py: GEMV for the smallest M, the flat GEMM for decode-si
 GEMM beyond. GEMV and the flat GEMM fold the norm, the SwiGLU gate and the residual add into the
 product (gemv.cu, flat_gemm.cu) in the combinations the model uses (gemv.FUSED_KERNELS), and GEMV
 RoPE with the cache write too; the library GEMM, and any other combination, runs them around the
-product as kernels of their own.
+product as kernels of their own, and so does the flat GEMM the norm over quantized weights
+(norm_in_prologue).
 On GPU (CuPy) the kernels take float16 and accumulate in float32; on CPU (NumPy) the emulations of
 the same kernels run in float32, and the library path is plain `x @ W.T`.
 
@@ -21,7 +22,8 @@ import functools
 
 import numpy as np
 
-from minifd.kernels.dispatch import CPU_DEVICE_NAME, IMPLEMENTATIONS, choose_implementation, gpu_properties
+from minifd.kernels.dispatch import (CPU_DEVICE_NAME, IMPLEMENTATIONS, PLAIN_FORMAT, choose_implementation,
+                                     gpu_properties)
 from minifd.kernels.flat_gemm import flat_gemm_emulated, flat_gemm_gpu
 from minifd.kernels.gemv import fusable, gemv_emulated, gemv_gpu
 from minifd.kernels.launch import PLAIN
@@ -43,6 +45,15 @@ def _library_gpu(x, weight, launch=PLAIN):
 
 _CPU = {"gemv": gemv_emulated, "flat_gemm": flat_gemm_emulated, "library": _library_cpu}
 _GPU = {"gemv": gemv_gpu, "flat_gemm": flat_gemm_gpu, "library": _library_gpu}
+
+
+def norm_in_prologue(implementation, weight_format):
+    """Whether `implementation` folds the RMSNorm into its product's prologue for weights of this
+    format, rather than running it as a kernel of its own first. Not the flat GEMM over quantized
+    weights: its prologue converts, squares and scales every 8-column run of x beside the
+    dequantization, which cost the int4 products 28-38% at decode sizes, more than a norm kernel
+    (BENCHMARKS.md, 2026-12-03 second session); over fp16 weights it costs 0-4%."""
+    return not (implementation == "flat_gemm" and weight_format != PLAIN_FORMAT)
 
 
 def linear(x, weight, *, norm=None, residual=None, gated=False, rotary=None, impl=None, launch=PLAIN):
@@ -93,11 +104,14 @@ def linear(x, weight, *, norm=None, residual=None, gated=False, rotary=None, imp
 
     if chosen == "gemv" and rotary is not None and fusable(norm, residual, gated, rotary):
         return product(x, weight, norm=norm, rotary=rotary)  # [M, n_heads, head_dim]
+    if norm is not None and not (chosen != "library" and fusable(norm, residual, gated) and
+                                 norm_in_prologue(chosen, weight_format)):
+        x = rms_norm(x, norm.weight, norm.eps, launch=launch)  # [M, K]
+        norm = None
     if chosen != "library" and fusable(norm, residual, gated):
         y = product(x, weight, norm=norm, residual=residual, gated=gated)  # [M, N] or [M, N / 2]
     else:
-        a = x if norm is None else rms_norm(x, norm.weight, norm.eps)  # [M, K]
-        y = product(a, weight)  # [M, N]
+        y = product(x, weight)  # [M, N]
         if gated:
             y = silu_mul(y, launch=launch)  # [M, N / 2]
         if residual is not None:

@@ -1,5 +1,6 @@
 // rms_norm.cu: RMSNorm of each row, for the products that do not fold it into their prologue
-// (the library GEMM of a prefill; flat_gemm.cu fuses it for decode-sized products).
+// (the library GEMM of a prefill, and the flat GEMM over quantized weights: minifd/kernels/linear.py
+// says why). It starts once the previous kernel has finished (start_after_previous_kernel, launch.py).
 //
 // Math (fp16 storage, fp32 arithmetic):
 //     normed = x / sqrt(mean(x^2) + eps) * weight
@@ -55,10 +56,12 @@ __device__ __forceinline__ void rms_norm_row(const half_t* x, const half_t* weig
 // x, normed: [rows, hidden]; weight: [hidden]
 extern "C" __global__ void __launch_bounds__(kMaxThreads)
 rms_norm_vec8(const half_t* x, const half_t* weight, float eps, int hidden, half_t* normed) {
+    start_after_previous_kernel();
     rms_norm_row<8>(x, weight, eps, hidden, normed);
 }
 
 extern "C" __global__ void __launch_bounds__(kMaxThreads)
 rms_norm_scalar(const half_t* x, const half_t* weight, float eps, int hidden, half_t* normed) {
+    start_after_previous_kernel();
     rms_norm_row<1>(x, weight, eps, hidden, normed);
 }
