@@ -6,14 +6,17 @@
 //     NORM:     a[m, k] = x[m, k] g[k] / rms_m,  rms_m = sqrt(mean_k x[m, k]^2 + eps)   (RMSNorm prologue)
 //     RESIDUAL: y[m, n] = r[m, n] + s[m, n]                                            (residual epilogue)
 //     GATED:    y[m, j] = SiLU(s[m, gate row j]) s[m, up row j]                       (SwiGLU epilogue)
+//     ROTARY:   q, k = RoPE(s) and k, v into the KV cache                                (rotary_cache.cuh)
 // Why fused: at decode sizes every product is bound by streaming W, and the small steps around it
 // (the norm before QKV and gate/up, the residual add after O and down, SiLU * up) would each be a
 // kernel of its own that re-reads and re-writes activations and pays a launch and a ramp-up. Here
 // they cost nothing extra: the block reads all of x for its rows anyway (so it sums x^2 along the
 // way and scales its sums by 1/rms at the end; g multiplies x as it is loaded), and the epilogue
-// holds the sums in registers when it adds r or gates. GATED needs the gate and up rows of one
-// output in one block: the weight's rows are interleaved in 16-row tiles, rows 0-7 the gate rows
+// holds the sums in registers when it adds r, gates or rotates. GATED needs the gate and up rows of
+// one output in one block: the weight's rows are interleaved in 16-row tiles, rows 0-7 the gate rows
 // of features 8j..8j+7 and rows 8-15 their up rows (minifd/model/weights.py lays them out so).
+// ROTARY likewise: the QKV weight's q and k rows are paired in 16-row tiles (rotary_cache.cuh's
+// layout, pair tile 8), so the two rows of one rotation end in the same block.
 //
 // Flat in M: W is the MMA's 16-row A operand, x its 8-wide B operand (mma m16n8k16). Each warp
 // loads its fragments of W once per K piece and multiplies them by every 8-row tile of x, so W is
@@ -47,6 +50,7 @@
 // previous kernel (MINIFD_PRODUCT_KERNEL, launch.py).
 // vector_ok == 0 (K % 8 != 0 or a pointer not 16-byte aligned) loads the same pieces 2 bytes at a time:
 // the block picks its K loop (flat_gemm_k_loop<VECTOR>) once, so the 16-byte loads carry no branch.
+#include "rotary_cache.cuh"
 #include "weight_formats.cuh"
 
 #ifndef FLAT_WARPS
@@ -72,6 +76,7 @@
 #define EPILOGUE_STORE 0
 #define EPILOGUE_RESIDUAL 1
 #define EPILOGUE_GATED 2
+#define EPILOGUE_ROTARY 3
 
 template <int M_PAD>
 struct FlatChunk {
@@ -180,9 +185,10 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
                                                 const half_t* __restrict__ w_scales,
                                                 const half_t* __restrict__ w_mins, half_t* y, const half_t* __restrict__ norm_weight,
                                                 const half_t* residual, int M, int N, int K, float eps,
-                                                int vector_ok) {
+                                                int vector_ok, RotaryCache rotary = RotaryCache{}) {
     // x: [M, K], W: [N, K] as (w, w_scales, w_mins), norm_weight: [K] (NORM), residual: [M, N] (RESIDUAL, may be y itself)
-    // -> y: [M, N], or [M, N / 2] when GATED
+    // -> y: [M, N], or [M, N / 2] when GATED; ROTARY writes rotary.q [M, n_heads, head_dim] and the caches instead
+    constexpr bool PAIRED = EPILOGUE == EPILOGUE_GATED || EPILOGUE == EPILOGUE_ROTARY;  // rows r and r + 8 of a tile make one output
     constexpr int n_tiles = M_PAD / 8;
     __shared__ float partials[FLAT_WARPS * 16 * M_PAD];  // [warp][row of a tile][x row]
     __shared__ float square_parts[FLAT_WARPS * M_PAD];   // NORM: [warp][x row]
@@ -247,13 +253,13 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
         }
         __syncthreads();
         const int tile_n0 = n0 + 16 * r;
-        constexpr int outputs = EPILOGUE == EPILOGUE_GATED ? 8 : 16;  // features this row tile produces
+        constexpr int outputs = PAIRED ? 8 : 16;  // features (or rotary pairs) this row tile produces
         for (int i = threadIdx.x; i < outputs * rows_here; i += FLAT_THREADS) {
             const int row = i % outputs, m = i / outputs;
-            float sums[2] = {0.0f, 0.0f};  // the row's sum (and, GATED, its up row's)
+            float sums[2] = {0.0f, 0.0f};  // the row's sum (and, PAIRED, its partner row's: up, or the rotation's second)
             for (int v = 0; v < FLAT_WARPS; ++v) {
                 sums[0] += partials[(v * 16 + row) * M_PAD + m];
-                if (EPILOGUE == EPILOGUE_GATED) sums[1] += partials[(v * 16 + row + 8) * M_PAD + m];
+                if (PAIRED) sums[1] += partials[(v * 16 + row + 8) * M_PAD + m];
             }
             if (NORM) {
                 sums[0] *= row_scale[m];
@@ -263,6 +269,9 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
             if (EPILOGUE == EPILOGUE_GATED) {
                 const int feature = tile_n0 / 2 + row;  // N % 16 == 0 here
                 if (tile_n0 < N) y[out_row * (N / 2) + feature] = __float2half(silu(sums[0]) * sums[1]);
+            } else if (EPILOGUE == EPILOGUE_ROTARY) {
+                float first[1] = {sums[0]}, partner[1] = {sums[1]};  // N % head_dim == 0, head_dim % 16 == 0
+                if (tile_n0 < N) store_rotary_pairs<1>(rotary, m0 + m, tile_n0 + row, 8, first, partner);
             } else {
                 const int n = tile_n0 + row;
                 if (n >= N) continue;
@@ -273,12 +282,15 @@ __device__ __forceinline__ void flat_gemm_block(const half_t* __restrict__ x, co
     }
 }
 
-// One kernel per (M_PAD, epilogue, norm): flat_gemm_m<M_PAD>_<store|store_norm|residual|gated|gated_norm>.
+// One kernel per (M_PAD, epilogue, norm): flat_gemm_m<M_PAD>_<store|store_norm|residual|gated|gated_norm|rotary|
+// rotary_norm> (the rotary ones through rotary_cache.cuh's entry point).
 #define FLAT_GEMM_KERNELS(M_PAD)                                                                                   \
     MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_STORE, false>) \
     MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_store_norm, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_STORE, true>) \
     MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_residual, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_RESIDUAL, false>) \
     MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_gated, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_GATED, false>) \
-    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_gated_norm, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_GATED, true>)
+    MINIFD_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_gated_norm, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_GATED, true>) \
+    MINIFD_ROTARY_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_rotary, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_ROTARY, false>) \
+    MINIFD_ROTARY_PRODUCT_KERNEL(flat_gemm_m##M_PAD##_rotary_norm, FLAT_THREADS, FLAT_MIN_BLOCKS_AT(M_PAD), flat_gemm_block<M_PAD, EPILOGUE_ROTARY, true>)
 
 FLAT_GEMM_KERNELS(8) FLAT_GEMM_KERNELS(16) FLAT_GEMM_KERNELS(32) FLAT_GEMM_KERNELS(64)

@@ -65,10 +65,11 @@ def flat_m_pad(m):
     return next((pad for pad in FLAT_M_PADS if m <= pad), FLAT_M_PADS[-1])
 
 
-def flat_gemm_emulated(x, weight, norm=None, residual=None, gated=False, geometry=DEFAULT_GEOMETRY):
+def flat_gemm_emulated(x, weight, norm=None, residual=None, gated=False, geometry=DEFAULT_GEOMETRY, rotary=None):
     """x: [M, K], weight: [N, K] (NumPy, or a quantized weight of NumPy arrays), norm: None or an
-    RMSNorm, residual: None or [M, N] -> [M, N] float32 ([M, N / 2] when gated), summed by warp like
-    the kernel."""
+    RMSNorm, residual: None or [M, N], rotary: None or a minifd.kernels.rope.Rotary -> [M, N] float32
+    ([M, N / 2] when gated; with rotary q: [M, n_heads, head_dim], k and v written to its caches),
+    summed by warp like the kernel."""
     m, k = x.shape
     a = x.astype(np.float32)  # [M, K]
     if norm is not None:
@@ -89,34 +90,43 @@ def flat_gemm_emulated(x, weight, norm=None, residual=None, gated=False, geometr
         s = silu_mul(s)  # [M, N / 2]
     if residual is not None:
         s = s + residual.astype(np.float32)
-    return s
+    return s if rotary is None else rotary.apply(s)
 
 
-def flat_gemm_gpu(x, weight, norm=None, residual=None, gated=False, geometry=DEFAULT_GEOMETRY, launch=PLAIN):
+def flat_gemm_gpu(x, weight, norm=None, residual=None, gated=False, geometry=DEFAULT_GEOMETRY, launch=PLAIN,
+                  rotary=None):
     """x: [M, K] float16, weight: [N, K] float16 (CuPy, C-contiguous) or a quantized weight of CuPy
     arrays (minifd.kernels.weight_formats), norm: None or an RMSNorm of
-    float16 weights, residual: None or [M, N] float16 -> [M, N] float16 ([M, N / 2] when gated).
-    One launch (minifd.kernels.launch says how); no host sync. The combination of fused steps must be
-    in FUSED_KERNELS."""
+    float16 weights, residual: None or [M, N] float16, rotary: None or a minifd.kernels.rope.Rotary
+    (float16 caches, head_dim % 16 == 0) -> [M, N] float16 ([M, N / 2] when gated; with rotary q:
+    [M, n_heads, head_dim], k and v written to its caches). One launch (minifd.kernels.launch says
+    how); no host sync. The combination of fused steps must be in FUSED_KERNELS."""
     import cupy
 
     m, k = x.shape
     n = weight.shape[0]
-    if not fusable(norm, residual, gated):
+    if not fusable(norm, residual, gated, rotary):
         raise ValueError(f"flat_gemm: no kernel fuses norm={norm is not None}, residual={residual is not None}, "
-                         f"gated={gated}")
+                         f"gated={gated}, rotary={rotary is not None}")
     if gated and n % GATE_TILE:
         raise ValueError(f"flat_gemm: a gated weight has whole tiles of {GATE_TILE} rows, not {n}")
     m_pad = flat_m_pad(m)
-    y = cupy.empty((m, n // 2 if gated else n), dtype=cupy.float16)
     norm_weight = norm.weight if norm is not None else x  # unread without NORM
-    residual_in = cupy.ascontiguousarray(residual) if residual is not None else y  # unread without RESIDUAL
     vector_ok = vectorisable(x, weight) and (norm is None or norm_weight.data.ptr % 16 == 0)
     grid = (-(-n // geometry.rows_per_block), -(-m // m_pad))
-    kernel_name = f"flat_gemm_m{m_pad}_{FUSED_KERNELS[fused_steps(norm, residual, gated)]}"
-    launch(_kernel(cupy.cuda.runtime.getDevice(), kernel_name, geometry, format_name(weight)), grid,
-           (geometry.warps * 32,), (x, *kernel_operands(weight), y, norm_weight, residual_in, np.int32(m), np.int32(n),
-                                    np.int32(k), np.float32(norm.eps if norm is not None else 0.0), np.int32(vector_ok)))
+    kernel_name = f"flat_gemm_m{m_pad}_{FUSED_KERNELS[fused_steps(norm, residual, gated, rotary)]}"
+    kernel = _kernel(cupy.cuda.runtime.getDevice(), kernel_name, geometry, format_name(weight))
+    shape_arguments = (np.int32(m), np.int32(n), np.int32(k), np.float32(norm.eps if norm is not None else 0.0),
+                       np.int32(vector_ok))
+    if rotary is not None:
+        q, rotary_arguments = rotary.epilogue_arguments(m, n, "flat_gemm")
+        launch(kernel, grid, (geometry.warps * 32,), (x, *kernel_operands(weight), norm_weight) + shape_arguments +
+               rotary_arguments)
+        return q
+    y = cupy.empty((m, n // 2 if gated else n), dtype=cupy.float16)
+    residual_in = cupy.ascontiguousarray(residual) if residual is not None else y  # unread without RESIDUAL
+    launch(kernel, grid, (geometry.warps * 32,),
+           (x, *kernel_operands(weight), y, norm_weight, residual_in) + shape_arguments)
     return y
 
 

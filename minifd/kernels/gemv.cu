@@ -9,7 +9,7 @@
 // it), RESIDUAL, y = r + the product, and GATED, the SwiGLU y[m, j] = SiLU(s[m, gate row j])
 // s[m, up row j] on the gate/up interleaved weight (16-row tiles: 8 gate rows, then the same
 // features' up rows; minifd/model/weights.py), which saves the MLP a kernel and a round trip of the
-// [M, 2 features] product through memory. ROTARY (with NORM) ends the QKV projection with RoPE and
+// [M, 2 features] product through memory. ROTARY (with or without NORM) ends the QKV projection with RoPE and
 // the KV-cache write (rotary_cache.cuh: the weight's q and k rows are paired, so the two rows one
 // rotation needs are 8 apart in a 16-row tile), which saves attention a kernel and the round trip of
 // qkv.
@@ -255,28 +255,15 @@ __device__ __forceinline__ void gemv_rows(const half_t* __restrict__ x, const vo
 }
 
 // One kernel per M_TILE (the accumulators live in registers, so the tile is a compile-time constant)
-// and fused steps: gemv_m<M_TILE>_<store|store_norm|residual|gated|gated_norm|rotary_norm>.
+// and fused steps: gemv_m<M_TILE>_<store|store_norm|residual|gated|gated_norm|rotary|rotary_norm> (the
+// rotary ones with RoPE and the cache write: rotary_cache.cuh's entry point, pair tile 8, head_dim % 16 == 0).
 #define GEMV_KERNELS(M_TILE)                                                                                \
     MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_store, GEMV_THREADS, 1, gemv_rows<M_TILE, false, false, false>)     \
     MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_store_norm, GEMV_THREADS, 1, gemv_rows<M_TILE, true, false, false>) \
     MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_residual, GEMV_THREADS, 1, gemv_rows<M_TILE, false, true, false>)   \
     MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_gated, GEMV_THREADS, 1, gemv_rows<M_TILE, false, false, true>)      \
     MINIFD_PRODUCT_KERNEL(gemv_m##M_TILE##_gated_norm, GEMV_THREADS, 1, gemv_rows<M_TILE, true, false, true>)   \
-    GEMV_ROTARY_KERNEL(gemv_m##M_TILE##_rotary_norm, M_TILE)
-
-// The QKV projection with RoPE and the cache write: x [M, K], W [N, K] (q, k rows paired), the norm's
-// gain [K], then RotaryCache's fields (rotary_cache.cuh); pair tile 8 (head_dim % 16 == 0).
-#define GEMV_ROTARY_KERNEL(NAME, M_TILE)                                                                          \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                                    \
-        NAME(const half_t* x, const void* w, const half_t* w_scales, const half_t* w_mins, const half_t* gain,     \
-             int M, int N, int K, float eps, int vector_ok,                                                       \
-             const float* cos_table, const float* sin_table, const int* positions, const int* slots, half_t* q,   \
-             half_t* k_cache, half_t* v_cache, int n_heads, int n_kv_heads, int head_dim, int max_seq) {         \
-        start_after_previous_kernel();                                                                            \
-        const RotaryCache rotary{cos_table, sin_table, positions, slots, q, k_cache, v_cache,                    \
-                                 n_heads, n_kv_heads, head_dim, max_seq};                                         \
-        gemv_rows<M_TILE, true, false, false, true>(x, w, w_scales, w_mins, q, gain, nullptr, M, N, K, eps,       \
-                                                    vector_ok, rotary);                                           \
-    }
+    MINIFD_ROTARY_PRODUCT_KERNEL(gemv_m##M_TILE##_rotary, GEMV_THREADS, 1, gemv_rows<M_TILE, false, false, false, true>) \
+    MINIFD_ROTARY_PRODUCT_KERNEL(gemv_m##M_TILE##_rotary_norm, GEMV_THREADS, 1, gemv_rows<M_TILE, true, false, false, true>)
 
 GEMV_KERNELS(1) GEMV_KERNELS(2) GEMV_KERNELS(4) GEMV_KERNELS(8)

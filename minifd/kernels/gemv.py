@@ -18,18 +18,17 @@ import numpy as np
 from minifd.kernels.compile import load_module
 from minifd.kernels.dispatch import gpu_properties
 from minifd.kernels.launch import PLAIN
-from minifd.kernels.rope import pair_tile, rotary_kernel_arguments
 from minifd.kernels.silu_mul import GATE_TILE, silu_mul
 from minifd.kernels.weight_formats import (emulated_weight, format_name, format_option, kernel_operands,
                                            weights_aligned)
 
 GEMV_M_TILES = (1, 2, 4, 8)
-# The fused steps gemv.cu has kernels for, (gated, residual, norm, rotary) -> kernel name suffix;
-# flat_gemm.cu has all but the rotary one.
+# The fused steps gemv.cu and flat_gemm.cu have kernels for, (gated, residual, norm, rotary) -> kernel
+# name suffix.
 FUSED_KERNELS = {(False, False, False, False): "store", (False, False, True, False): "store_norm",
                  (False, True, False, False): "residual", (True, False, False, False): "gated",
                  (True, False, True, False): "gated_norm",
-                 (False, False, True, True): "rotary_norm"}
+                 (False, False, False, True): "rotary", (False, False, True, True): "rotary_norm"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def fused_steps(norm, residual, gated, rotary=None):
 
 
 def fusable(norm, residual, gated, rotary=None):
-    """Whether gemv.cu has a kernel for this combination of fused steps (flat_gemm.cu: without rotary)."""
+    """Whether gemv.cu and flat_gemm.cu have a kernel for this combination of fused steps."""
     return fused_steps(norm, residual, gated, rotary) in FUSED_KERNELS
 
 
@@ -122,13 +121,7 @@ def gemv_gpu(x, weight, geometry=None, *, norm=None, residual=None, gated=False,
     shape_arguments = (np.int32(m), np.int32(n), np.int32(k), np.float32(norm.eps if norm is not None else 0.0),
                        np.int32(vector_ok))
     if rotary is not None:
-        head_dim = rotary.k_cache.shape[3]
-        if pair_tile(head_dim) != 8 or n % head_dim:
-            raise ValueError(f"gemv: the rotary epilogue takes whole heads of a head_dim that is a multiple of 16, "
-                             f"not {n} rows of head_dim {head_dim}")
-        q, rotary_arguments = rotary_kernel_arguments(rotary.cos, rotary.sin, rotary.positions, rotary.slots,
-                                                      rotary.k_cache, rotary.v_cache, m,
-                                                      n // head_dim - 2 * rotary.k_cache.shape[1])
+        q, rotary_arguments = rotary.epilogue_arguments(m, n, "gemv")
         launch(kernel, grid, (geometry.threads,), (x, *weight_operands, gain) + shape_arguments + rotary_arguments)
         return q
     y = cupy.empty((m, n // 2 if gated else n), dtype=cupy.float16)

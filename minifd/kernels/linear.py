@@ -5,8 +5,8 @@ q = RoPE(W · RMSNorm(x)) with k and v written to the KV cache.
 Every projection of the model comes through `linear`, which runs the heuristic dataflow of
 minifd/kernels/dispatch.py: GEMV for the smallest M, the flat GEMM for decode-sized M, the library
 GEMM beyond. GEMV and the flat GEMM fold the norm, the SwiGLU gate and the residual add into the
-product (gemv.cu, flat_gemm.cu) in the combinations the model uses (gemv.FUSED_KERNELS), and GEMV
-RoPE with the cache write too; the library GEMM, and any other combination, runs them around the
+product (gemv.cu, flat_gemm.cu) in the combinations the model uses (gemv.FUSED_KERNELS), RoPE with
+the cache write too; the library GEMM, and any other combination, runs them around the
 product as kernels of their own, and so does the flat GEMM the norm over quantized weights
 (norm_in_prologue).
 On GPU (CuPy) the kernels take float16 and accumulate in float32; on CPU (NumPy) the emulations of
@@ -102,12 +102,12 @@ def linear(x, weight, *, norm=None, residual=None, gated=False, rotary=None, imp
                 weight = weight if quantized else cupy.ascontiguousarray(weight)  # quantized arrays are built so
         product = functools.partial(_GPU[chosen], launch=launch)
 
-    if chosen == "gemv" and rotary is not None and fusable(norm, residual, gated, rotary):
-        return product(x, weight, norm=norm, rotary=rotary)  # [M, n_heads, head_dim]
-    if norm is not None and not (chosen != "library" and fusable(norm, residual, gated) and
+    if norm is not None and not (chosen != "library" and fusable(norm, residual, gated, rotary) and
                                  norm_in_prologue(chosen, weight_format)):
         x = rms_norm(x, norm.weight, norm.eps, launch=launch)  # [M, K]
         norm = None
+    if chosen != "library" and rotary is not None and fusable(norm, residual, gated, rotary):
+        return product(x, weight, norm=norm, rotary=rotary)  # [M, n_heads, head_dim]
     if chosen != "library" and fusable(norm, residual, gated):
         y = product(x, weight, norm=norm, residual=residual, gated=gated)  # [M, N] or [M, N / 2]
     else:

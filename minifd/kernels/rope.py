@@ -65,6 +65,17 @@ class Rotary:
         return rope_and_cache(qkv, self.cos, self.sin, self.positions, self.slots, self.k_cache, self.v_cache,
                               launch=launch)
 
+    def epilogue_arguments(self, rows, n, product):
+        """For a GPU product of `rows` x rows and n output rows that ends in this step (rotary_cache.cuh's
+        MINIFD_ROTARY_PRODUCT_KERNEL) -> (q: [rows, n_heads, head_dim] to be written, the kernel's
+        arguments after the product's own). product names the kernel in the error."""
+        head_dim = self.k_cache.shape[3]
+        if pair_tile(head_dim) != 8 or n % head_dim:
+            raise ValueError(f"{product}: the rotary epilogue takes whole heads of a head_dim that is a multiple of "
+                             f"16, not {n} rows of head_dim {head_dim}")
+        return rotary_kernel_arguments(self.cos, self.sin, self.positions, self.slots, self.k_cache, self.v_cache, rows,
+                                       n // head_dim - 2 * self.k_cache.shape[1])
+
 
 def rope_and_cache(qkv, cos, sin, positions, slots, k_cache, v_cache, launch=PLAIN):
     """Rotate q and k of the fused QKV projection and store k and v in the KV cache.

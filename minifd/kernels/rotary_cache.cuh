@@ -1,5 +1,5 @@
 // rotary_cache.cuh: the last step of the QKV projection, shared by rope.cu (a kernel of its own) and
-// the RoPE epilogue of gemv.cu: rotate q and k, write q out and k, v into the KV cache.
+// the RoPE epilogues of gemv.cu and flat_gemm.cu: rotate q and k, write q out and k, v into the KV cache.
 //
 // Math (HF "rotate half": dimension i pairs with i + head_dim/2; angle = position * inv_freq[i]):
 //     out[i]              = x[i] cos - x[i + head_dim/2] sin
@@ -65,3 +65,19 @@ __device__ __forceinline__ void store_rotary_pairs(const RotaryCache& rc, int ro
     store_halves(dst + d_first, first);
     store_halves(dst + d_partner, partner);
 }
+
+// The entry point of a product kernel that ends in this epilogue (gemv.cu, flat_gemm.cu): x [M, K],
+// W [N, K] (q, k rows paired) as (w, w_scales, w_mins), the norm's gain [K], then RotaryCache's
+// fields. The last argument names the device function, called as MINIFD_PRODUCT_KERNEL's are with
+// y = q and no residual, and the RotaryCache last.
+#define MINIFD_ROTARY_PRODUCT_KERNEL(NAME, THREADS, MIN_BLOCKS, ...)                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)                                             \
+        NAME(const half_t* x, const void* w, const half_t* w_scales, const half_t* w_mins, const half_t* gain,     \
+             int M, int N, int K, float eps, int vector_ok,                                                       \
+             const float* cos_table, const float* sin_table, const int* positions, const int* slots, half_t* q,   \
+             half_t* k_cache, half_t* v_cache, int n_heads, int n_kv_heads, int head_dim, int max_seq) {         \
+        start_after_previous_kernel();                                                                            \
+        const RotaryCache rotary{cos_table, sin_table, positions, slots, q, k_cache, v_cache,                    \
+                                 n_heads, n_kv_heads, head_dim, max_seq};                                         \
+        __VA_ARGS__(x, w, w_scales, w_mins, q, gain, nullptr, M, N, K, eps, vector_ok, rotary);                   \
+    }

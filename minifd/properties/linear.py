@@ -163,7 +163,7 @@ def check_flat_gemm(case, xp):
 # codes, d q + m; the kernels rebuild each weight with one float32 rounding (GEMV, u32 |w|) or that
 # and a float16 one (the flat GEMM's MMA operand, u16 |w| more), which adds u_w T to e_s.
 
-FUSED_STEPS = {"flat_gemm": ("norm", "residual", "gated_norm"), "gemv": ("norm", "residual", "gated_norm")}
+FUSED_STEPS = {"flat_gemm": ("norm", "residual", "gated", "gated_norm"), "gemv": ("norm", "residual", "gated", "gated_norm")}
 
 
 def fused_product_cases(backend):
@@ -207,7 +207,7 @@ def check_fused_product(case, xp):
     their emulations (float32), against the same steps in float64; with a "format" in the case, of
     the weight quantized to it."""
     dtype = storage_dtype(xp)
-    norm_in, gated = case["steps"] in ("norm", "gated_norm"), case["steps"] == "gated_norm"
+    norm_in, gated = case["steps"] in ("norm", "gated_norm"), case["steps"] in ("gated", "gated_norm")
     m, k = case["m"], case["k"]
     n = -(-case["n"] // 16) * 16 if gated else case["n"]
     rng = np.random.default_rng(case["seed"])
@@ -250,23 +250,29 @@ def check_fused_product(case, xp):
 
 
 # ----------------------------------------------------------------------------------------------
-# The QKV projection with RoPE and the KV-cache write in its epilogue (gemv.cu, rotary_norm)
+# The QKV projection with RoPE and the KV-cache write in its epilogue (gemv.cu and flat_gemm.cu)
 # ----------------------------------------------------------------------------------------------
 # Tolerance: the product s = RMSNorm(x) W^T carries fused_product's e_s per element (its norm
 # prologue included). A rotary pair (a, b) -> (a cos - b sin, b cos + a sin) with |cos|, |sin| <= 1
 # carries e_a + e_b from its inputs and, from the float32 tables (u32 each), two rounded products
 # and the add, 4 u32 (|a| + |b|): the rope property's bound. v is stored unrotated (e_s). Then the
 # store rounds to the output dtype: u_out |r64| + floor_out. Cache entries the call does not write
-# must stay exactly as they were.
+# must stay exactly as they were. The projection goes through linear(), which decides whether the
+# norm rides in the product's prologue (rotary_norm) or runs first (rotary: the flat GEMM over
+# quantized weights); either rounds the normed x once, to float16, before the MMA or the FMAs.
 
 @st.composite
 def rotary_product_cases(draw, backend):
-    """-> a decode-shaped QKV projection: rows m (one per cache slot), K, the heads and head_dim
-    (a multiple of 16: the epilogue's pair tile is 8), every slot's position, and the seed."""
+    """-> a decode-shaped QKV projection: the product (GEMV or flat GEMM) and weight format, rows m
+    (one per cache slot), K (whole groups of 32 when quantized), the heads and head_dim (a multiple of
+    16: the epilogue's pair tile is 8), every slot's position, and the seed."""
+    impl, weight_format = draw(st.sampled_from(tuple(FUSED_STEPS))), draw(st.sampled_from((None,) + tuple(QUANTIZERS)))
     m = draw(st.integers(1, 8 if backend == "gpu" else 4))
     max_seq = draw(st.integers(1, 40))
     n_kv_heads = draw(st.integers(1, 2))
-    return dict(m=m, k=draw(st.integers(1, SIZES[backend]["k"])), head_dim=draw(st.sampled_from([16, 64, 128])),
+    k = draw(st.integers(1, SIZES[backend]["k"]))
+    k = k if weight_format is None else -(-k // GROUP) * GROUP
+    return dict(impl=impl, format=weight_format, m=m, k=k, head_dim=draw(st.sampled_from([16, 64, 128])),
                 n_kv_heads=n_kv_heads, n_heads=n_kv_heads * draw(st.integers(1, 3)), max_seq=max_seq,
                 positions=draw(st.lists(st.integers(0, max_seq - 1), min_size=m, max_size=m)), seed=draw(SEEDS))
 
@@ -308,8 +314,8 @@ def check_rotary_product(case, xp):
     device_k, device_v = xp.asarray(k_cache), xp.asarray(v_cache)
     rotary = Rotary(xp.asarray(np.cos(angles).astype(np.float32)), xp.asarray(np.sin(angles).astype(np.float32)),
                     xp.asarray(positions), xp.asarray(slots), device_k, device_v)
-    kernel = gemv_gpu if is_gpu(xp) else gemv_emulated
-    q = kernel(xp.asarray(x), xp.asarray(paired_w), norm=RMSNorm(xp.asarray(gain), EPS), rotary=rotary)
+    paired_weight = product_weight(paired_w, case, xp)[0]
+    q = linear_seam.linear(xp.asarray(x), paired_weight, norm=RMSNorm(xp.asarray(gain), EPS), rotary=rotary, impl=c["impl"])
     expect_layout("q", q, dtype, (m, n_heads, head_dim))
 
     expected_q = rotated[:, :n_heads]
@@ -414,7 +420,8 @@ PROPERTIES = (
              fused_product_cases, check_fused_product),
     Property("quantized_product", "flat GEMM and GEMV reading int8 / int4 weights, fused steps and all, "
              "vs float64 on the dequantized weights", quantized_product_cases, check_fused_product),
-    Property("rotary_product", "the QKV GEMV with RoPE and the KV-cache write in its epilogue vs float64",
+    Property("rotary_product", "the QKV product (GEMV, flat GEMM; fp16, int8, int4) with RoPE and the KV-cache write "
+             "in its epilogue vs float64",
              rotary_product_cases, check_rotary_product),
     Property("dispatch", "the seam runs what a temporary dispatch table says (or the forced implementation)",
              dispatch_cases, check_dispatch),
